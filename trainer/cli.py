@@ -1,0 +1,230 @@
+"""`python -m trainer <command>`: train, class-images, generate, demo, worker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import DreamLoomError
+
+GRID_CONTEXTS = [
+    ("dress", "a dress made of {s}"),
+    ("wallpaper", "a wallpaper with {s}"),
+    ("watercolor", "a watercolor painting of {s}"),
+    ("handbag", "a handbag made of {s}"),
+    ("vase", "a ceramic vase painted with {s}"),
+    ("pillow", "a throw pillow covered in {s}"),
+    ("sneakers", "a pair of sneakers with {s}"),
+    ("umbrella", "an umbrella printed with {s}"),
+    ("book cover", "a book cover featuring {s}"),
+]
+
+HELP = {
+    "method": "lora (DreamBooth LoRA) or ti (textual inversion)",
+    "base_model": "'tiny', an SD1.5 .safetensors checkpoint, or a diffusers folder",
+    "instance_dir": "folder of 5-20 instance images (.jpg/.png/.webp, optional .txt captions)",
+    "instance_prompt": "prompt for the instance images; must contain the token",
+    "token": "the rare word that stands for the subject",
+    "class_dir": "folder for class images (default: a cache folder keyed by the settings)",
+    "alpha": "LoRA alpha; the LoRA scale is alpha/rank and is stored in the file",
+    "max_train_steps": "number of optimizer updates",
+    "sample_every": "make a sample grid every N steps (0: only at start and end)",
+    "checkpoint_every": "write a resumable checkpoint every N steps (0: only at the end)",
+    "snr_gamma": "min-SNR gamma loss weighting (0 = off, 5 is typical)",
+    "mixed_precision": "no, fp16 (CUDA) or bf16",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training settings (also accepted in a TOML file via --config)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{HELP.get(f.name, '')} (default: {default!r})".strip()
+        group.add_argument(flag, dest=f.name, default=None, metavar=str(f.type).upper().replace("LIST[STR]", "A,B"), help=help_text)
+
+
+def _config_from_args(args) -> TrainConfig:
+    data = {}
+    if getattr(args, "config", None):
+        data.update(TrainConfig.from_toml(args.config).to_dict())
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            data[f.name] = value
+    return TrainConfig.from_dict(data)
+
+
+def cmd_train(args) -> int:
+    from .events import Events, TqdmListener
+    from .train import train
+
+    cfg = _config_from_args(args).validate()
+    if not cfg.instance_dir:
+        raise DreamLoomError("No instance images given.", "Pass --instance-dir FOLDER with 5-20 images of your subject.")
+    run_dir = Path(args.output_dir)
+    events = Events(run_dir)
+    listener = TqdmListener("train")
+    events.listeners.append(listener)
+    try:
+        result = train(cfg, run_dir, events=events, cache_root=args.cache_dir)
+    finally:
+        listener.close()
+    print(json.dumps(result.outputs, indent=2))
+    return 0
+
+
+def cmd_class_images(args) -> int:
+    import torch
+
+    from .class_images import ClassImageSpec, class_dir_for, generate_class_images
+    from .events import Events, TqdmListener
+    from .models import load_base_model
+
+    comps = load_base_model(args.base_model)
+    spec = ClassImageSpec(comps.fingerprint, args.class_prompt, args.negative_prompt, args.sampler, args.steps,
+                          args.guidance, args.resolution, args.seed)
+    folder = Path(args.output_dir) if args.output_dir else class_dir_for(args.cache_dir, spec)
+    events = Events(None)
+    listener = TqdmListener("class images")
+    events.listeners.append(listener)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        paths = generate_class_images(comps, spec, args.count, folder, args.batch_size, device=device, events=events)
+    finally:
+        listener.close()
+    print(f"{len(paths)} class images in {folder}")
+    return 0
+
+
+def load_lora_into_pipeline(pipe, lora_path: str, scale: float = 1.0) -> None:
+    path = Path(lora_path)
+    if not path.exists():
+        raise DreamLoomError(f"LoRA file not found: {lora_path}", "Give the .safetensors file written by training (result/<name>.safetensors).")
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="dreamloom")
+    pipe.set_adapters(["dreamloom"], adapter_weights=[scale])
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .fsutil import atomic_save
+    from .models import load_base_model
+    from .sampling import generate, labelled_grid, make_pipeline
+
+    comps = load_base_model(args.base_model)
+    pipe = make_pipeline(comps, args.sampler)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(device)
+    if args.lora:
+        load_lora_into_pipeline(pipe, args.lora, args.lora_scale)
+    if args.embedding:
+        from .ti import load_embedding_into_pipeline
+
+        load_embedding_into_pipeline(pipe, args.embedding, args.embedding_token)
+    subject = args.subject
+    if args.prompt:
+        prompts, labels = list(args.prompt), list(args.prompt)
+    else:
+        prompts = [tpl.format(s=subject) for _, tpl in GRID_CONTEXTS]
+        labels = [f"{name}: {p}" for (name, _), p in zip(GRID_CONTEXTS, prompts)]
+    seeds = [args.seed] * len(prompts)
+    resolution = args.resolution or comps.native_resolution
+    images = generate(pipe, prompts, seeds, args.steps, args.guidance, resolution, negative_prompt=args.negative_prompt,
+                      batch_size=args.batch_size)
+    grid = labelled_grid(images, labels, cols=3, tile=max(resolution, 160), title=args.title)
+    atomic_save(args.out, lambda tmp: grid.save(tmp, format="PNG"))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.output_dir), steps=args.steps, quick=args.quick)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from .worker import main as worker_main
+
+    return worker_main(args.job)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="DreamLoom: DreamBooth LoRA and Textual Inversion for SD1.5.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a DreamBooth LoRA or a textual inversion embedding")
+    p.add_argument("--config", help="TOML file with settings (flags override it)")
+    p.add_argument("--output-dir", required=True, help="run folder: checkpoints, samples, loss, result/")
+    p.add_argument("--cache-dir", default=None, help="where class images are cached (default ~/.cache/dreamloom)")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("class-images", help="generate (or complete) a cached set of class images")
+    p.add_argument("--base-model", default="tiny")
+    p.add_argument("--class-prompt", default="a fabric pattern")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--count", type=int, default=100)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--output-dir", default=None, help="folder (default: cache folder keyed by the settings)")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "dreamloom"))
+    p.set_defaults(func=cmd_class_images)
+
+    p = sub.add_parser("generate", help="a labelled prompt grid, with a LoRA and/or embedding applied")
+    p.add_argument("--base-model", default="tiny")
+    p.add_argument("--lora", help="LoRA .safetensors (kohya or diffusers format)")
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--embedding", help="textual inversion .safetensors")
+    p.add_argument("--embedding-token", default="<sks-fabric>", help="token the embedding is used as in prompts")
+    p.add_argument("--subject", default="sks african fabric pattern", help="fills {s} in the nine default contexts")
+    p.add_argument("--prompt", action="append", help="explicit prompt (repeatable); replaces the nine contexts")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--resolution", type=int, default=0, help="default: the model's native size")
+    p.add_argument("--batch-size", type=int, default=3)
+    p.add_argument("--title", default=None)
+    p.add_argument("--out", default="grid.png")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="the whole fabric pipeline on the built-in tiny model")
+    p.add_argument("--output-dir", default="demo_output")
+    p.add_argument("--steps", type=int, default=None, help="override the demo's training steps")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster demo (used by the tests)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("worker", help=argparse.SUPPRESS)
+    p.add_argument("job")
+    p.set_defaults(func=cmd_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .models import set_offline
+
+    set_offline()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DreamLoomError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"fix: {err.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,308 @@
+"""TrainConfig: every training option in one dataclass, checked before anything runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import DreamLoomError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+METHODS = ("lora", "ti")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SAMPLERS = ("dpmpp_2m", "euler", "euler_a", "ddim", "pndm")
+TI_TEMPLATES = ("style", "object", "captions")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class TrainConfig:
+    """A DreamBooth-LoRA or Textual-Inversion run. Defaults follow the fabric tutorial."""
+
+    # What to train on
+    method: str = "lora"
+    base_model: str = "tiny"
+    instance_dir: str = ""
+    instance_prompt: str = "a sks african fabric pattern"
+    token: str = "sks"
+    use_captions: bool = False
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+
+    # Prior preservation
+    with_prior_preservation: bool = True
+    class_prompt: str = "a fabric pattern"
+    class_negative_prompt: str = ""
+    class_dir: str = ""
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    class_sampler: str = "dpmpp_2m"
+    class_steps: int = 25
+    class_guidance: float = 7.5
+    class_batch_size: int = 4
+
+    # LoRA
+    rank: int = 4
+    alpha: float = 4.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    train_text_encoder: bool = False
+    text_encoder_lr: float = 5e-5
+
+    # Textual inversion
+    placeholder_token: str = "<sks-fabric>"
+    initializer_token: str = "pattern"
+    num_vectors: int = 1
+    ti_templates: str = "style"
+    clamp_norm: bool = False
+
+    # Optimisation
+    learning_rate: float = 1e-4
+    max_train_steps: int = 800
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    seed: int = 42
+
+    # Samples, checkpoints, logging
+    sample_every: int = 100
+    sample_steps: int = 25
+    sample_guidance: float = 7.5
+    sample_seed: int = 1234
+    sample_prompts: list[str] = field(default_factory=list)
+    checkpoint_every: int = 100
+    checkpoints_keep: int = 2
+    output_name: str = "sks_fabric"
+
+    @property
+    def lora_scale(self) -> float:
+        return self.alpha / self.rank
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> "TrainConfig":
+        """Check every field; raise DreamLoomError naming the field, the value and the fix."""
+
+        def bad(name: str, fix: str) -> DreamLoomError:
+            return DreamLoomError(f"Invalid setting {name} = {getattr(self, name)!r}.", fix)
+
+        def choice(name: str, options: tuple[str, ...]) -> None:
+            if getattr(self, name) not in options:
+                raise bad(name, f"Use one of: {', '.join(options)}.")
+
+        def positive_int(name: str, minimum: int = 1, maximum: int | None = None) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum and value > maximum):
+                rng = f"between {minimum} and {maximum}" if maximum else f"{minimum} or more"
+                raise bad(name, f"Use a whole number {rng}.")
+
+        def number(name: str, low: float, high: float, low_open: bool = False) -> None:
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok and (value > low if low_open else value >= low) and value <= high
+            if not ok:
+                lo = f"more than {low}" if low_open else f"at least {low}"
+                raise bad(name, f"Use a number {lo} and at most {high}.")
+
+        choice("method", METHODS)
+        choice("mixed_precision", MIXED_PRECISION)
+        choice("lr_scheduler", LR_SCHEDULERS)
+        choice("class_sampler", SAMPLERS)
+        choice("ti_templates", TI_TEMPLATES)
+        if not isinstance(self.base_model, str) or not self.base_model.strip():
+            raise bad("base_model", "Give 'tiny', a .safetensors SD1.5 checkpoint, or a diffusers folder.")
+        positive_int("resolution", 64, 2048)
+        if self.resolution % 8:
+            raise bad("resolution", f"Use a multiple of 8, for example {self.resolution // 8 * 8 or 64}.")
+        positive_int("max_train_steps", 1, 1_000_000)
+        positive_int("train_batch_size", 1, 64)
+        positive_int("gradient_accumulation_steps", 1, 1024)
+        positive_int("rank", 1, 1024)
+        number("alpha", 0.0, 1e6, low_open=True)
+        number("learning_rate", 0.0, 1.0, low_open=True)
+        number("text_encoder_lr", 0.0, 1.0, low_open=True)
+        positive_int("lr_warmup_steps", 0, 1_000_000)
+        number("max_grad_norm", 0.0, 1e6)
+        number("adam_beta1", 0.0, 0.999999)
+        number("adam_beta2", 0.0, 0.999999)
+        number("adam_weight_decay", 0.0, 10.0)
+        number("adam_epsilon", 0.0, 1.0, low_open=True)
+        number("snr_gamma", 0.0, 100.0)
+        number("noise_offset", 0.0, 1.0)
+        number("prior_loss_weight", 0.0, 100.0)
+        number("class_guidance", 0.0, 50.0)
+        number("sample_guidance", 0.0, 50.0)
+        positive_int("class_steps", 1, 1000)
+        positive_int("sample_steps", 1, 1000)
+        positive_int("class_batch_size", 1, 256)
+        positive_int("num_class_images", 0, 100_000)
+        positive_int("sample_every", 0, 1_000_000)
+        positive_int("checkpoint_every", 0, 1_000_000)
+        positive_int("checkpoints_keep", 1, 1000)
+        positive_int("num_vectors", 1, 16)
+        for name in ("seed", "sample_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+                raise bad(name, "Use a whole number from 0 to 2**63-1.")
+        if not isinstance(self.lora_targets, list) or not self.lora_targets or not all(
+            isinstance(t, str) and t for t in self.lora_targets
+        ):
+            raise bad("lora_targets", f"Give a non-empty list of module names, for example {list(LORA_TARGETS)}.")
+        if not isinstance(self.sample_prompts, list) or not all(isinstance(p, str) for p in self.sample_prompts):
+            raise bad("sample_prompts", "Give a list of prompt strings.")
+        from .fsutil import safe_name
+
+        try:
+            safe_name(self.output_name, "output_name")
+        except DreamLoomError as err:
+            raise DreamLoomError(f"Invalid setting output_name = {self.output_name!r}: {err.message}", err.hint) from None
+
+        if self.method == "lora":
+            if not self.token.strip():
+                raise bad("token", "Give the rare word that stands for your subject, for example 'sks'.")
+            if not self.use_captions and not _has_word(self.instance_prompt, self.token):
+                raise bad(
+                    "instance_prompt",
+                    f"The instance prompt must contain the token {self.token!r}, for example "
+                    f"'a {self.token} {self.class_prompt.removeprefix('a ').strip() or 'fabric pattern'}'.",
+                )
+        else:
+            tok = self.placeholder_token
+            if not tok or any(c.isspace() for c in tok):
+                raise bad("placeholder_token", "Use one word with no spaces, for example '<sks-fabric>'.")
+            if not self.initializer_token.strip() or any(c.isspace() for c in self.initializer_token.strip()):
+                raise bad("initializer_token", "Use one existing word, for example 'pattern'.")
+        if self.with_prior_preservation:
+            if self.prior_loss_weight > 0 and self.num_class_images == 0 and not self.class_dir:
+                raise bad(
+                    "num_class_images",
+                    "Prior preservation needs class images: set num_class_images above 0 (100 is typical), "
+                    "give class_dir, or turn off with_prior_preservation.",
+                )
+            if not self.class_prompt.strip():
+                raise bad("class_prompt", "Give the class your subject belongs to, for example 'a fabric pattern'.")
+        if self.lr_warmup_steps >= self.max_train_steps and self.lr_scheduler != "constant":
+            raise bad("lr_warmup_steps", f"Use fewer warm-up steps than max_train_steps ({self.max_train_steps}).")
+        return self
+
+    def check_device(self, device_type: str) -> None:
+        """Options that depend on the device the run will use."""
+        if self.use_8bit_adam and device_type != "cuda":
+            raise DreamLoomError(
+                f"Invalid setting use_8bit_adam = True: 8-bit AdamW (bitsandbytes) needs a CUDA GPU, and this run is on {device_type}.",
+                "Turn use_8bit_adam off (plain AdamW is used), or run on an NVIDIA GPU with bitsandbytes installed.",
+            )
+        if self.mixed_precision == "fp16" and device_type == "cpu":
+            raise DreamLoomError(
+                "Invalid setting mixed_precision = 'fp16': fp16 training is not supported on the CPU.",
+                "Use mixed_precision 'no' (or 'bf16') on the CPU; fp16 is for CUDA GPUs.",
+            )
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            close = {u: _closest(u, known) for u in unknown}
+            hints = ", ".join(f"{u!r} (did you mean {c!r}?)" if c else repr(u) for u, c in close.items())
+            raise DreamLoomError(f"Unknown setting(s): {hints}.", "Check the spelling; `python -m trainer train --help` lists every setting.")
+        kwargs = {}
+        for name, value in data.items():
+            kwargs[name] = _coerce(name, known[name], value)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DreamLoomError(f"Config file not found: {path}", "Check the path passed to --config.") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise DreamLoomError(f"Config file {path} is not valid TOML: {err}", "Fix the syntax at the position shown.") from None
+        # Allow an optional [train] table.
+        if set(data) == {"train"} and isinstance(data["train"], dict):
+            data = data["train"]
+        return cls.from_dict(data)
+
+
+def _has_word(text: str, word: str) -> bool:
+    import re
+
+    return re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", text) is not None
+
+
+def _closest(name: str, options: dict) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(name, list(options), n=1)
+    return match[0] if match else None
+
+
+def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
+    """Convert TOML/CLI values to the field's type; wrong types are a DreamLoomError."""
+    type_name = str(f.type)
+    try:
+        if type_name == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            raise ValueError
+        if type_name == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if type_name == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if type_name == "str":
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if type_name == "list[str]":
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()] if name != "sample_prompts" else [value]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return list(value)
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        pass
+    else:
+        return value
+    raise DreamLoomError(f"Invalid setting {name} = {value!r}: expected {type_name}.", f"Give {name} as a {type_name}.")
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(fields(TrainConfig))

@@ -1,0 +1,22 @@
+"""The one exception type a user sees."""
+
+
+class DreamLoomError(Exception):
+    """An error the user can act on: `message` says what is wrong, `hint` how to fix it."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\nFix: {self.hint}" if self.hint else self.message
+
+
+class StopRequested(Exception):
+    """Raised inside the training loop when a stop was requested; a checkpoint has been written."""
+
+    def __init__(self, step: int, checkpoint: str | None):
+        super().__init__(f"stopped at step {step}")
+        self.step = step
+        self.checkpoint = checkpoint
