@@ -166,7 +166,7 @@ class Trainer:
                  cache_root: str | Path | None = None, class_dir: str | Path | None = None):
         self.cfg = cfg.validate()
         self.run_dir = Path(run_dir)
-        self.events = events or Events(None)
+        self.events = events or Events(self.run_dir)
         self.should_stop = should_stop or (lambda: False)
         self.comps = comps
         self.instance_set = instance_set

@@ -1,0 +1,97 @@
+import pytest
+
+from trainer.config import TrainConfig
+from trainer.errors import DreamLoomError
+
+
+def test_defaults_follow_the_tutorial():
+    cfg = TrainConfig().validate()
+    assert (cfg.rank, cfg.learning_rate, cfg.max_train_steps, cfg.num_class_images) == (4, 1e-4, 800, 100)
+    assert cfg.prior_loss_weight == 1.0 and cfg.with_prior_preservation
+    assert cfg.instance_prompt == "a sks african fabric pattern" and cfg.class_prompt == "a fabric pattern"
+    assert cfg.resolution == 512 and isinstance(cfg.seed, int)
+    assert cfg.alpha == 4.0 and cfg.lora_scale == 1.0
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("max_train_steps", 0, "max_train_steps"),
+        ("rank", 0, "rank"),
+        ("learning_rate", -1e-4, "learning_rate"),
+        ("learning_rate", float("nan"), "learning_rate"),
+        ("resolution", 500, "multiple of 8"),
+        ("resolution", 32, "resolution"),
+        ("alpha", 0.0, "alpha"),
+        ("method", "dreambooth-full", "method"),
+        ("mixed_precision", "fp8", "mixed_precision"),
+        ("lr_scheduler", "warmup", "lr_scheduler"),
+        ("class_sampler", "plms", "class_sampler"),
+        ("num_vectors", 17, "num_vectors"),
+        ("snr_gamma", -1.0, "snr_gamma"),
+        ("noise_offset", 2.0, "noise_offset"),
+        ("train_batch_size", 0, "train_batch_size"),
+        ("gradient_accumulation_steps", 0, "gradient_accumulation_steps"),
+        ("seed", -1, "seed"),
+        ("lora_targets", [], "lora_targets"),
+        ("output_name", "../../x", "output_name"),
+        ("output_name", "/etc/passwd", "output_name"),
+        ("output_name", "a\x00b", "output_name"),
+        ("output_name", "CON", "output_name"),
+        ("base_model", "", "base_model"),
+    ],
+)
+def test_each_bad_field_gets_its_own_error(field, value, needle):
+    cfg = TrainConfig(**{field: value})
+    with pytest.raises(DreamLoomError) as info:
+        cfg.validate()
+    text = str(info.value)
+    assert needle in text and field in text
+    assert info.value.hint  # says how to fix it
+
+
+def test_instance_prompt_must_contain_the_token():
+    with pytest.raises(DreamLoomError, match="(?s)instance_prompt.*token 'sks'"):
+        TrainConfig(instance_prompt="an african fabric pattern").validate()
+    # A token that only appears inside another word does not count.
+    with pytest.raises(DreamLoomError):
+        TrainConfig(instance_prompt="a asks fabric").validate()
+
+
+def test_prior_weight_without_class_images_is_refused():
+    with pytest.raises(DreamLoomError, match="num_class_images"):
+        TrainConfig(num_class_images=0).validate()
+    TrainConfig(num_class_images=0, with_prior_preservation=False).validate()
+
+
+def test_device_dependent_options():
+    cfg = TrainConfig(use_8bit_adam=True).validate()
+    with pytest.raises(DreamLoomError, match="8-bit AdamW.*cpu"):
+        cfg.check_device("cpu")
+    cfg.check_device("cuda")
+    with pytest.raises(DreamLoomError, match="fp16"):
+        TrainConfig(mixed_precision="fp16").validate().check_device("cpu")
+
+
+def test_toml_round_trip_and_coercion(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[train]\nrank = 8\nalpha = 8\nlearning_rate = "2e-4"\nrandom_flip = "yes"\nlora_targets = ["to_q", "to_v"]\n')
+    cfg = TrainConfig.from_toml(path).validate()
+    assert cfg.rank == 8 and cfg.alpha == 8.0 and cfg.learning_rate == 2e-4 and cfg.random_flip is True
+    assert cfg.lora_targets == ["to_q", "to_v"]
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_unknown_and_mistyped_settings(tmp_path):
+    with pytest.raises(DreamLoomError, match="did you mean 'learning_rate'"):
+        TrainConfig.from_dict({"learning_rte": 1e-4})
+    with pytest.raises(DreamLoomError, match="rank = 'four'"):
+        TrainConfig.from_dict({"rank": "four"})
+    with pytest.raises(DreamLoomError, match="rank"):
+        TrainConfig.from_dict({"rank": 2.5})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rank = = 4")
+    with pytest.raises(DreamLoomError, match="not valid TOML"):
+        TrainConfig.from_toml(bad)
+    with pytest.raises(DreamLoomError, match="not found"):
+        TrainConfig.from_toml(tmp_path / "missing.toml")

@@ -1,0 +1,113 @@
+import json
+import struct
+
+import pytest
+import torch
+
+from trainer.errors import DreamLoomError
+from trainer.models import build_tiny, detect_family, load_base_model, read_safetensors_header
+
+
+def test_tiny_is_deterministic_and_small():
+    a, b = build_tiny(), build_tiny()
+    assert a.fingerprint == b.fingerprint
+    for (k, va), (_, vb) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
+        assert torch.equal(va, vb), k
+    assert sum(p.numel() for p in a.unet.parameters()) < 2_000_000
+    ids = a.tokenizer("a sks african fabric pattern").input_ids
+    assert ids == [49406, 320, 48136, 4736, 10033, 7447, 49407]  # the real CLIP BPE
+    attn = [n for n, _ in a.unet.named_modules() if n.endswith("attn1.to_q")]
+    assert attn, "tiny UNet must have attention modules for LoRA"
+
+
+def _header_file(path, header: dict, data: bytes = b""):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _fake_ckpt(tmp_path, keys: dict, name="m.safetensors"):
+    header, offset = {}, 0
+    for k, shape in keys.items():
+        n = 2
+        for s in shape:
+            n *= s
+        header[k] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    return _header_file(tmp_path / name, header, b"\0" * offset)
+
+
+SD15_KEYS = {
+    "model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3],
+    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": [320, 768],
+    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": [4, 4],
+}
+
+
+@pytest.mark.parametrize(
+    "keys,family",
+    [
+        (SD15_KEYS, "SD1.5"),
+        ({**SD15_KEYS, "conditioner.embedders.1.model.ln_final.weight": [2]}, "SDXL"),
+        ({"model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3], "cond_stage_model.model.ln_final.weight": [2]}, "SD2"),
+        ({**SD15_KEYS, "model.diffusion_model.input_blocks.0.0.weight": [320, 9, 3, 3]}, "SD1.5 inpainting"),
+        ({"lora_unet_down_blocks_0.alpha": [1]}, "not a full checkpoint"),
+    ],
+)
+def test_family_detection_and_refusal(tmp_path, keys, family):
+    path = _fake_ckpt(tmp_path, keys)
+    assert detect_family(read_safetensors_header(path)).startswith(family)
+    if family != "SD1.5":
+        with pytest.raises(DreamLoomError, match="not Stable Diffusion 1.5") as info:
+            load_base_model(str(path))
+        assert family.split()[0] in str(info.value)
+
+
+def test_bad_model_files(tmp_path):
+    with pytest.raises(DreamLoomError, match="not found"):
+        load_base_model(str(tmp_path / "missing.safetensors"))
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04 pickle")
+    with pytest.raises(DreamLoomError, match="pickle"):
+        load_base_model(str(ckpt))
+    huge = _header_file(tmp_path / "huge.safetensors", {})
+    huge.write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    with pytest.raises(DreamLoomError, match="corrupt or malicious safetensors header"):
+        load_base_model(str(huge))
+    full = _fake_ckpt(tmp_path, SD15_KEYS, "trunc.safetensors")
+    full.write_bytes(full.read_bytes()[:-100])
+    with pytest.raises(DreamLoomError, match="truncated"):
+        load_base_model(str(full))
+    (tmp_path / "short.safetensors").write_bytes(b"abc")
+    with pytest.raises(DreamLoomError, match="not a valid safetensors"):
+        load_base_model(str(tmp_path / "short.safetensors"))
+    garbage = _header_file(tmp_path / "garbage.safetensors", {})
+    garbage.write_bytes(struct.pack("<Q", 5) + b"\xff\xfe{[x")
+    with pytest.raises(DreamLoomError, match="unreadable"):
+        load_base_model(str(garbage))
+
+
+@pytest.mark.slow
+def test_single_file_round_trip_tensor_by_tensor(sd15_parts, sd15_components):
+    comps = sd15_components
+    assert comps.kind == "single_file" and comps.fingerprint.startswith("sd15-")
+    for source, module in ((sd15_parts["unet"], comps.unet), (sd15_parts["vae"], comps.vae), (sd15_parts["text"], comps.text_encoder)):
+        loaded = module.state_dict()
+        assert set(source) == set(loaded)
+        for key, tensor in source.items():
+            assert torch.equal(loaded[key].to(torch.float16).reshape(tensor.shape), tensor), key
+
+
+@pytest.mark.slow
+def test_diffusers_folder_loads(sd15_components, tmp_path):
+    from trainer.models import load_base_model
+
+    tiny = build_tiny()
+    folder = tmp_path / "tiny_diffusers"
+    from trainer.sampling import make_pipeline
+
+    make_pipeline(tiny).save_pretrained(folder)
+    with pytest.raises(DreamLoomError, match="not an SD1.5 model"):
+        load_base_model(str(folder))
+    with pytest.raises(DreamLoomError, match="not a diffusers model folder"):
+        load_base_model(str(tmp_path))

@@ -1,0 +1,170 @@
+import torch
+import pytest
+
+from conftest import tiny_config
+from trainer.errors import DreamLoomError, StopRequested
+from trainer.methods import LoRAMethod
+from trainer.train import Trainer, diffusion_loss, stream_indices
+
+
+def _random_batch(comps, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn((n, 4, 8, 8), generator=g)
+    noise = torch.randn((n, 4, 8, 8), generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    enc = torch.randn((n, 77, comps.unet.config.cross_attention_dim), generator=g)
+    return latents, noise, t, enc
+
+
+def test_prior_preservation_concat_equals_two_pass_reference(tiny):
+    import torch.nn.functional as F
+
+    sched = tiny.noise_scheduler()
+    lat, noise, t, enc = _random_batch(tiny, 4)
+    with torch.no_grad():
+        loss, inst, prior = diffusion_loss(tiny.unet, sched, lat, noise, t, enc, n_instance=2, prior_weight=0.7)
+        # Reference: two separate UNet passes, like the tutorial's script, on the same tensors.
+        ref_parts = []
+        for rows in (slice(0, 2), slice(2, 4)):
+            noisy = sched.add_noise(lat[rows], noise[rows], t[rows])
+            pred = tiny.unet(noisy, t[rows], enc[rows]).sample
+            ref_parts.append(F.mse_loss(pred, noise[rows]))
+    assert torch.allclose(inst, ref_parts[0], atol=1e-6)
+    assert torch.allclose(prior, ref_parts[1], atol=1e-6)
+    assert torch.allclose(loss, ref_parts[0] + 0.7 * ref_parts[1], atol=1e-6)
+
+
+def test_min_snr_weighting_changes_loss_but_not_at_gamma_infinity(tiny):
+    sched = tiny.noise_scheduler()
+    lat, noise, _, enc = _random_batch(tiny, 2)
+    t = torch.tensor([10, 900])  # high SNR at t=10, so gamma=5 must clip it
+    with torch.no_grad():
+        plain = diffusion_loss(tiny.unet, sched, lat, noise, t, enc, 2)[0]
+        huge = diffusion_loss(tiny.unet, sched, lat, noise, t, enc, 2, snr_gamma=1e9)[0]
+        five = diffusion_loss(tiny.unet, sched, lat, noise, t, enc, 2, snr_gamma=5.0)[0]
+    assert torch.allclose(plain, huge, rtol=1e-5)
+    assert not torch.allclose(plain, five)
+
+
+def test_loss_falls_on_a_fixed_batch_and_only_lora_changes(tiny, fabric_dir):
+    cfg = tiny_config(fabric_dir, rank=8, alpha=8)
+    method = LoRAMethod(cfg)
+    before = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
+    method.setup(tiny)
+    tiny.unet.train()
+    lora_before = {k: v.clone() for k, v in tiny.unet.state_dict().items() if "lora_" in k}
+    params = [p for p in tiny.unet.parameters() if p.requires_grad]
+    assert params and all(n.count("lora_") for n, p in tiny.unet.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    sched = tiny.noise_scheduler()
+    lat, noise, t, enc = _random_batch(tiny, 4, seed=3)
+    losses = []
+    for _ in range(50):
+        loss = diffusion_loss(tiny.unet, sched, lat, noise, t, enc, 2)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    after = tiny.unet.state_dict()
+    changed = {k for k in lora_before if not torch.equal(after[k], lora_before[k])}
+    for key, value in before.items():
+        peft_key = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        current = after.get(key, after.get(peft_key))
+        assert torch.equal(current, value), f"frozen weight {key} changed"
+    assert changed == set(lora_before)  # every LoRA tensor moved
+
+
+def test_stream_indices_cover_each_epoch_once():
+    picks = stream_indices(7, 10, 0, 30)
+    for epoch in range(3):
+        assert sorted(i for i, _ in picks[epoch * 10 : (epoch + 1) * 10]) == list(range(10))
+    assert stream_indices(7, 10, 5, 3) == picks[5:8]
+    assert stream_indices(8, 10, 0, 10) != picks[:10]
+
+
+def _lora(result_trainer):
+    return {k: v.clone() for k, v in result_trainer.method.trainable_state(result_trainer.comps).items()}
+
+
+def test_trainer_writes_outputs_and_freezes_base(tiny, fabric_dir, tmp_path):
+    from trainer.models import build_tiny
+
+    base = build_tiny()
+    cfg = tiny_config(fabric_dir, max_train_steps=6, sample_every=3, checkpoint_every=3)
+    trainer = Trainer(cfg, tmp_path / "run", comps=tiny, cache_root=tmp_path / "cache")
+    result = trainer.run()
+    run = tmp_path / "run"
+    for name in ("job.json", "loss.csv", "loss.png", "events.jsonl", "result/sks_fabric.safetensors",
+                 "result/pytorch_lora_weights.safetensors", "samples/step_00000.png", "samples/step_00003.png",
+                 "samples/step_00006.png"):
+        assert (run / name).exists(), name
+    assert [r["step"] for r in result.losses] == list(range(1, 7))
+    assert all("prior_loss" in r for r in result.losses)
+    # VAE and text encoder untouched; UNet base weights untouched.
+    for a, b in ((tiny.vae, base.vae), (tiny.text_encoder, base.text_encoder)):
+        for (ka, va), (kb, vb) in zip(sorted(a.state_dict().items()), sorted(b.state_dict().items())):
+            assert torch.equal(va, vb), ka
+    base_sd = base.unet.state_dict()
+    for k, v in tiny.unet.state_dict().items():
+        if "lora_" in k:
+            continue
+        assert torch.equal(v, base_sd[k.replace(".base_layer", "")]), k
+    events = (run / "events.jsonl").read_text().splitlines()
+    assert '"event": "done"' in events[-1]
+
+
+def test_resume_matches_uninterrupted_run(fabric_dir, tmp_path):
+    from trainer.models import build_tiny
+
+    cfg = tiny_config(fabric_dir, max_train_steps=8, checkpoint_every=0, random_flip=True, gradient_accumulation_steps=2)
+    full = Trainer(cfg, tmp_path / "full", comps=build_tiny(), cache_root=tmp_path / "cache")
+    full.run()
+    expected = _lora(full)
+
+    calls = {"n": 0}
+
+    def stop_after_3():
+        calls["n"] += 1
+        return calls["n"] == 3
+
+    first = Trainer(cfg, tmp_path / "resumed", comps=build_tiny(), cache_root=tmp_path / "cache", should_stop=stop_after_3)
+    with pytest.raises(StopRequested) as info:
+        first.run()
+    assert info.value.step == 3 and (tmp_path / "resumed" / "checkpoints" / "step_00003").is_dir()
+    second = Trainer(cfg, tmp_path / "resumed", comps=build_tiny(), cache_root=tmp_path / "cache")
+    result = second.run()
+    assert result.resumed_from == 3
+    got = _lora(second)
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    assert [r["step"] for r in result.losses] == list(range(1, 9))
+
+
+def test_checkpoint_of_another_run_is_refused(fabric_dir, tmp_path):
+    from trainer.models import build_tiny
+
+    cfg = tiny_config(fabric_dir, max_train_steps=2, with_prior_preservation=False)
+    Trainer(cfg, tmp_path / "run", comps=build_tiny()).run()
+    other = tiny_config(fabric_dir, max_train_steps=2, with_prior_preservation=False, rank=8, alpha=8)
+    with pytest.raises(DreamLoomError, match="different run"):
+        Trainer(other, tmp_path / "run", comps=build_tiny()).run()
+
+
+def test_nan_loss_stops_with_a_clear_error(fabric_dir, tmp_path, monkeypatch):
+    from trainer import train as train_mod
+    from trainer.models import build_tiny
+
+    real = train_mod.diffusion_loss
+
+    def poisoned(*args, **kwargs):
+        loss, inst, prior = real(*args, **kwargs)
+        return loss * float("nan"), inst, prior
+
+    monkeypatch.setattr(train_mod, "diffusion_loss", poisoned)
+    cfg = tiny_config(fabric_dir, max_train_steps=3, with_prior_preservation=False)
+    with pytest.raises(DreamLoomError, match="loss became nan at step 1") as info:
+        Trainer(cfg, tmp_path / "run", comps=build_tiny()).run()
+    assert "learning_rate" in info.value.hint
+    assert not (tmp_path / "run" / "result").exists()
