@@ -59,11 +59,10 @@ class TqdmListener:
             if self.bar is None or self.bar.total != record["total"] or self.bar.desc != phase:
                 if self.bar is not None:
                     self.bar.close()
-                self.bar = tqdm(total=record["total"], desc=phase, file=self.file, dynamic_ncols=True)
-            self.bar.n = record["step"]
+                self.bar = tqdm(total=record["total"], desc=phase, file=self.file, dynamic_ncols=True, mininterval=0.5)
             postfix = {k: f"{record[k]:.4g}" for k in ("loss", "lr") if isinstance(record.get(k), (int, float))}
             self.bar.set_postfix(postfix, refresh=False)
-            self.bar.refresh()
+            self.bar.update(record["step"] - self.bar.n)  # redraws at most every mininterval
         elif kind in ("log", "error", "done"):
             msg = record.get("message") or (f"done: {record.get('outputs')}" if kind == "done" else "")
             if kind == "error" and record.get("hint"):

@@ -107,7 +107,10 @@ def labelled_grid(images, labels: Sequence[str] | None = None, cols: int = 3, ti
         raise ValueError("no images for the grid")
     tile = tile or max(images[0].size[0], 128)
     rows = (len(images) + cols - 1) // cols
-    font = ImageFont.load_default()
+    try:
+        font = ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1 has only the bitmap font
+        font = ImageFont.load_default()
     label_h = 14 * max(1, max((len(_wrap(lbl, tile)) for lbl in labels), default=1)) + 6 if labels else 0
     title_h = 22 if title else 0
     pad = 4
@@ -127,7 +130,7 @@ def labelled_grid(images, labels: Sequence[str] | None = None, cols: int = 3, ti
 
 
 def _wrap(text: str, width_px: int) -> list[str]:
-    per_line = max(8, width_px // 6)
+    per_line = max(8, width_px // 7)
     words, lines, cur = text.split(), [], ""
     for w in words:
         if len(cur) + len(w) + 1 > per_line and cur:

@@ -1,0 +1,55 @@
+import pytest
+
+from trainer.class_images import ClassImageSpec, class_dir_for, generate_class_images
+from trainer.errors import DreamLoomError
+
+
+def _spec(tiny, **kw):
+    base = dict(model_fingerprint=tiny.fingerprint, prompt="a fabric pattern", negative_prompt="", sampler="dpmpp_2m",
+                steps=2, guidance=7.5, resolution=64, seed=3)
+    base.update(kw)
+    return ClassImageSpec(**base)
+
+
+def test_cache_key_covers_every_setting(tiny):
+    a = _spec(tiny)
+    keys = {a.key()}
+    for change in (dict(prompt="a cloth"), dict(negative_prompt="blurry"), dict(sampler="ddim"), dict(steps=3),
+                   dict(guidance=5.0), dict(resolution=128), dict(seed=4), dict(model_fingerprint="other")):
+        keys.add(_spec(tiny, **change).key())
+    assert len(keys) == 9
+    assert class_dir_for("/c", a) == class_dir_for("/c", _spec(tiny))
+
+
+def test_partial_set_resumes_and_batching_does_not_change_images(tiny, tmp_path):
+    spec = _spec(tiny)
+    calls = {"n": 0}
+
+    def stop_after_one_batch():
+        calls["n"] += 1
+        return calls["n"] > 1
+
+    folder = tmp_path / "cls"
+    with pytest.raises(InterruptedError):
+        generate_class_images(tiny, spec, 6, folder, batch_size=2, should_stop=stop_after_one_batch)
+    kept = sorted(p.name for p in folder.glob("class_*.png"))
+    assert kept == ["class_00000.png", "class_00001.png"]
+    first_bytes = (folder / "class_00000.png").read_bytes()
+    paths = generate_class_images(tiny, spec, 6, folder, batch_size=4)
+    assert len(paths) == 6 and all(p.exists() for p in paths)
+    assert (folder / "class_00000.png").read_bytes() == first_bytes  # kept, not regenerated
+    # A different batch size gives the same images: each depends only on (seed, index).
+    other = tmp_path / "other"
+    generate_class_images(tiny, spec, 6, other, batch_size=3)
+    for i in range(6):
+        assert (other / f"class_{i:05d}.png").read_bytes() == (folder / f"class_{i:05d}.png").read_bytes()
+    # A finished set is reused without generating.
+    mtime = (folder / "class_00005.png").stat().st_mtime_ns
+    generate_class_images(tiny, spec, 6, folder)
+    assert (folder / "class_00005.png").stat().st_mtime_ns == mtime
+
+
+def test_folder_of_other_settings_is_refused(tiny, tmp_path):
+    generate_class_images(tiny, _spec(tiny), 1, tmp_path / "c")
+    with pytest.raises(DreamLoomError, match="different settings"):
+        generate_class_images(tiny, _spec(tiny, prompt="a cloth"), 1, tmp_path / "c")

@@ -1,0 +1,52 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=ROOT, timeout=900):
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli("train", "--output-dir", str(tmp_path / "run"), "--instance-dir", str(empty), "--resolution", "64")
+    assert r.returncode == 2
+    assert "error: No images" in r.stderr and "fix:" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train", "--output-dir", str(tmp_path / "run"), "--instance-dir", str(empty), "--rank", "0")
+    assert r.returncode == 2 and "rank = 0" in r.stderr
+
+
+def test_cli_train_then_generate(fabric_dir, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("train", "--output-dir", str(run), "--instance-dir", str(fabric_dir), "--resolution", "64",
+                "--max-train-steps", "4", "--num-class-images", "2", "--class-steps", "2", "--sample-steps", "2",
+                "--cache-dir", str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr
+    outputs = json.loads(r.stdout)
+    assert Path(outputs["lora"]).exists() and Path(outputs["lora_diffusers"]).exists()
+    r = run_cli("generate", "--lora", outputs["lora"], "--steps", "2", "--out", str(tmp_path / "grid.png"))
+    assert r.returncode == 0, r.stderr
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.width > 3 * 160 and grid.height > 3 * 160  # a labelled 3x3 grid
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo_output"
+    r = run_cli("demo", "--output-dir", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("sks_fabric.safetensors", "pytorch_lora_weights.safetensors", "loss.png", "grid_lora.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert len(list((out / "class_images").glob("class_*.png"))) == 100
+    assert len(list((out / "fabric_samples").glob("*.png"))) == 10
+    assert summary["lora_steps"] == 800
+    samples = [Path(p).name for p in summary["samples"]]
+    assert samples[0] == "step_00000.png" and samples[-1] == "step_00800.png"

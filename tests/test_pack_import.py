@@ -1,0 +1,29 @@
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = r"""
+import importlib.util, sys, time, json
+root = sys.argv[1]
+t = time.perf_counter()
+spec = importlib.util.spec_from_file_location("custom_nodes_x_dreamloom", root + "/__init__.py", submodule_search_locations=[root])
+m = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = m
+spec.loader.exec_module(m)
+dt = time.perf_counter() - t
+heavy = [n for n in ("torch", "diffusers", "peft", "transformers", "accelerate", "numpy", "PIL") if n in sys.modules]
+print(json.dumps({"seconds": dt, "heavy": heavy, "nodes": len(m.NODE_CLASS_MAPPINGS)}))
+"""
+
+
+def test_pack_imports_by_path_without_heavy_modules():
+    import json
+
+    r = subprocess.run([sys.executable, "-c", PROBE, str(ROOT)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["heavy"] == []
+    assert info["seconds"] < 0.1
