@@ -43,7 +43,8 @@ def test_demo_end_to_end(tmp_path):
     r = run_cli("demo", "--output-dir", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    for name in ("sks_fabric.safetensors", "pytorch_lora_weights.safetensors", "loss.png", "grid_lora.png"):
+    for name in ("sks_fabric.safetensors", "pytorch_lora_weights.safetensors", "loss.png", "grid_lora.png",
+                 "sks_fabric_ti.safetensors", "ti_vs_lora.png"):
         assert (out / name).stat().st_size > 0, name
     assert len(list((out / "class_images").glob("class_*.png"))) == 100
     assert len(list((out / "fabric_samples").glob("*.png"))) == 10

@@ -23,6 +23,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 SAMPLERS = ("dpmpp_2m", "euler", "euler_a", "ddim", "pndm")
 TI_TEMPLATES = ("style", "object", "captions")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_LR = {"lora": 1e-4, "ti": 5e-4}
 
 
 @dataclass
@@ -67,7 +68,7 @@ class TrainConfig:
     clamp_norm: bool = False
 
     # Optimisation
-    learning_rate: float = 1e-4
+    learning_rate: float | None = None  # None: the method's default (LoRA 1e-4, TI 5e-4)
     max_train_steps: int = 800
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -126,6 +127,8 @@ class TrainConfig:
                 raise bad(name, f"Use a number {lo} and at most {high}.")
 
         choice("method", METHODS)
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LR[self.method]
         choice("mixed_precision", MIXED_PRECISION)
         choice("lr_scheduler", LR_SCHEDULERS)
         choice("class_sampler", SAMPLERS)
@@ -193,7 +196,7 @@ class TrainConfig:
                 raise bad("placeholder_token", "Use one word with no spaces, for example '<sks-fabric>'.")
             if not self.initializer_token.strip() or any(c.isspace() for c in self.initializer_token.strip()):
                 raise bad("initializer_token", "Use one existing word, for example 'pattern'.")
-        if self.with_prior_preservation:
+        if self.with_prior_preservation and self.method == "lora":
             if self.prior_loss_weight > 0 and self.num_class_images == 0 and not self.class_dir:
                 raise bad(
                     "num_class_images",
@@ -283,7 +286,9 @@ def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
-        if type_name == "float":
+        if type_name in ("float", "float | None"):
+            if value is None and type_name.endswith("None"):
+                return None
             if isinstance(value, bool):
                 raise ValueError
             return float(value)

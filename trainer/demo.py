@@ -74,6 +74,46 @@ def run_demo(out: Path, steps: int | None = None, quick: bool = False, base_mode
     grid = labelled_grid(images, [name for name, _ in GRID_CONTEXTS], cols=3, tile=160, title="sks african fabric pattern, 9 contexts (LoRA)")
     atomic_save(out / "grid_lora.png", lambda tmp: grid.save(tmp, format="PNG"))
     summary["grid"] = str(out / "grid_lora.png")
+
+    # Textual inversion on the same images, then the tutorial's step 4: TI next to LoRA, same prompts and seeds.
+    ti_steps = steps or (30 if quick else 600)
+    ti_cfg = TrainConfig(
+        method="ti",
+        base_model=base_model,
+        instance_dir=str(samples_dir),
+        resolution=resolution,
+        placeholder_token="<sks-fabric>",
+        initializer_token="pattern",
+        learning_rate=5e-3,
+        max_train_steps=ti_steps,
+        with_prior_preservation=False,
+        sample_steps=8,
+        sample_every=max(1, ti_steps // 3),
+        checkpoint_every=max(1, ti_steps // 3),
+        output_name="sks_fabric_ti",
+    ).validate()
+    ti_events = Events(out / "ti_run")
+    listener = TqdmListener("demo ti")
+    ti_events.listeners.append(listener)
+    try:
+        ti_result = train(ti_cfg, out / "ti_run", events=ti_events)
+    finally:
+        listener.close()
+    summary["ti_steps"] = ti_steps
+    summary["embedding"] = str(_copy(ti_result.outputs["embedding"], out / "sks_fabric_ti.safetensors"))
+    print(f"[demo] TI embedding: {summary['embedding']}")
+    from .ti import load_embedding_into_pipeline
+
+    ti_pipe = make_pipeline(load_base_model(base_model))
+    load_embedding_into_pipeline(ti_pipe, summary["embedding"], "<sks-fabric>")
+    compare = [("a fabric pattern in the style of {}", "fabric"), ("a dress made of {}", "dress"),
+               ("a watercolor painting of {}", "watercolor"), ("a ceramic vase painted with {}", "vase")]
+    lora_imgs = generate(pipe, [t.format(subject) for t, _ in compare], [7] * len(compare), 10, 7.5, resolution)
+    ti_imgs = generate(ti_pipe, [t.format("<sks-fabric>") for t, _ in compare], [7] * len(compare), 10, 7.5, resolution)
+    labels = [f"LoRA: {n}" for _, n in compare] + [f"TI: {n}" for _, n in compare]
+    cmp_grid = labelled_grid(lora_imgs + ti_imgs, labels, cols=len(compare), tile=160, title="LoRA (top) vs textual inversion (bottom), same seeds")
+    atomic_save(out / "ti_vs_lora.png", lambda tmp: cmp_grid.save(tmp, format="PNG"))
+    summary["ti_vs_lora"] = str(out / "ti_vs_lora.png")
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(f"[demo] done in {summary['wall_s']} s; outputs in {out}")

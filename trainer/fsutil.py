@@ -13,6 +13,11 @@ from typing import Callable, Iterator
 
 from .errors import DreamLoomError
 
+# mkstemp makes 0600 files; published files get the usual permissions instead.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 _UNSAFE = re.compile(r"[\x00-\x1f<>:\"/\\|?*]")
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 
@@ -66,6 +71,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or (dest.suffix + ".tmp"), dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, _FILE_MODE)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -116,6 +122,7 @@ def publish(src: str | os.PathLike, folder: str | os.PathLike, name: str, suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, _FILE_MODE)
     try:
         shutil.copyfile(src, tmp_path)
         with open(tmp_path, "rb+") as fh:

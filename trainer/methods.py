@@ -29,6 +29,7 @@ class Method:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.n_images = 1
 
     def setup(self, comps) -> None:
         raise NotImplementedError

@@ -246,11 +246,13 @@ class Trainer:
         data_fp = dataset_fingerprint(instance.paths, instance.images, instance.captions)
 
         class_images, class_folder = [], None
-        use_prior = cfg.with_prior_preservation and cfg.prior_loss_weight > 0
+        # TI leaves the model unchanged for prompts without its token, so a prior loss would teach nothing.
+        use_prior = cfg.with_prior_preservation and cfg.prior_loss_weight > 0 and cfg.method == "lora"
         if use_prior:
             class_images, class_folder = self._class_images(acc, comps, weight_dtype)
 
         method = make_method(cfg)
+        method.n_images = len(instance)
         torch.manual_seed(cfg.seed)  # LoRA init is seeded
         method.setup(comps)
         if cfg.gradient_checkpointing:
