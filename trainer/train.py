@@ -176,8 +176,12 @@ class Trainer:
     # -- setup -------------------------------------------------------------
     def _accelerator(self):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import ProjectConfiguration
 
+        # accelerate keeps a process-wide singleton; a second run in the same process (tests, API
+        # callers) may use another precision. The distributed part (PartialState) is kept.
+        AcceleratorState._reset_state()
         return Accelerator(
             mixed_precision=self.cfg.mixed_precision,
             gradient_accumulation_steps=self.cfg.gradient_accumulation_steps,
@@ -301,13 +305,13 @@ class Trainer:
         model_fp = comps.fingerprint
         job = {"config": cfg.to_dict(), "dataset_fingerprint": data_fp, "base_fingerprint": model_fp,
                "base_source": comps.source, "instance_images": instance.paths, "class_dir": str(class_folder) if class_folder else None,
-               "trainable_parameters": n_trainable, "versions": _versions(), "run_id": run_id_for(cfg, data_fp, model_fp)}
+               "trainable_parameters": n_trainable, "versions": _versions(), "train_id": run_id_for(cfg, data_fp, model_fp)}
         start_step, resumed_from, losses = 0, None, []
         gen = torch.Generator().manual_seed(cfg.seed)
         ckpt_path = latest_checkpoint(self.run_dir)
         if ckpt_path is not None:
             ckpt = load_checkpoint(ckpt_path)
-            if ckpt["meta"].get("run_id") != job["run_id"]:
+            if ckpt["meta"].get("train_id") != job["train_id"]:
                 raise DreamLoomError(
                     f"{self.run_dir} holds checkpoints of a different run (other settings, images or base model).",
                     "Use a new output folder, or delete its checkpoints/ folder to start over.",
@@ -327,7 +331,9 @@ class Trainer:
         if acc.is_main_process:
             from .fsutil import atomic_write_text
 
-            atomic_write_text(self.run_dir / "job.json", json.dumps(job, indent=2, default=str))
+            job_file = self.run_dir / "job.json"
+            existing = json.loads(job_file.read_text()) if job_file.exists() else {}
+            atomic_write_text(job_file, json.dumps({**existing, **job}, indent=2, default=str))
         events.log(f"training {method.name} on {len(instance)} images"
                    f"{f' + {len(class_images)} class images' if use_prior else ''}; {n_trainable:,} trainable parameters; "
                    f"device {device.type}, precision {acc.mixed_precision}")
@@ -474,7 +480,7 @@ class Trainer:
         if self.acc.scaler is not None:
             rng["scaler"] = self.acc.scaler.state_dict()
         path = save_checkpoint(self.run_dir, step, self.method.trainable_state(self.comps), self.optimizer.state_dict(),
-                               self.lr_scheduler.state_dict(), rng, {"run_id": self.job["run_id"]}, self.cfg.checkpoints_keep)
+                               self.lr_scheduler.state_dict(), rng, {"train_id": self.job["train_id"]}, self.cfg.checkpoints_keep)
         self.events.emit("checkpoint", step=step, path=str(path))
         return path
 

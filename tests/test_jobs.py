@@ -1,0 +1,127 @@
+import json
+import os
+import signal
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from trainer.errors import DreamLoomError
+from trainer.jobs import JobInterrupted, RunLock, finished_outputs, folder_fingerprint, prepare_run_dir, run_job
+
+
+def _train_request(fabric_dir, **kw):
+    cfg = tiny_config(fabric_dir, max_train_steps=8, checkpoint_every=2, sample_every=4, **kw).validate()
+    return {"kind": "train", "config": cfg.to_dict()}
+
+
+def _run_dir(tmp_path, fabric_dir, **kw):
+    req = _train_request(fabric_dir, **kw)
+    req["cache_root"] = str(tmp_path / "cache")
+    return prepare_run_dir(tmp_path / "runs", req, {"data": folder_fingerprint(fabric_dir)})
+
+
+def _lora(outputs):
+    return load_file(outputs["lora"])
+
+
+@pytest.mark.slow
+def test_job_runs_reports_progress_in_order_and_is_reused(fabric_dir, tmp_path):
+    run_dir = _run_dir(tmp_path, fabric_dir)
+    seen = []
+    outputs = run_job(run_dir, on_event=seen.append)
+    steps = [e["step"] for e in seen if e["event"] == "progress" and e.get("phase") == "training"]
+    assert steps == sorted(steps) and steps[-1] == 8
+    kinds = [e["event"] for e in seen]
+    assert kinds[-1] == "done" and "sample" in kinds and "checkpoint" in kinds
+    assert (run_dir / "log.txt").exists()
+    assert load_file(outputs["lora"])  # readable
+    # Same request -> same run dir -> finished result returned without a new worker.
+    again = _run_dir(tmp_path, fabric_dir)
+    assert again == run_dir
+    seen2 = []
+    assert run_job(again, on_event=seen2.append) == outputs and seen2 == []
+
+
+@pytest.mark.slow
+def test_interrupt_keeps_checkpoint_and_resume_matches(fabric_dir, tmp_path):
+    reference = run_job(_run_dir(tmp_path / "ref", fabric_dir))
+    run_dir = _run_dir(tmp_path, fabric_dir)
+    state = {"stop": False}
+
+    def on_event(e):
+        if e["event"] == "progress" and e.get("phase") == "training" and e["step"] >= 3:
+            state["stop"] = True
+
+    with pytest.raises(JobInterrupted) as info:
+        run_job(run_dir, on_event=on_event, should_interrupt=lambda: state["stop"])
+    assert info.value.checkpoint and os.path.isdir(info.value.checkpoint)
+    assert finished_outputs(run_dir) is None
+    seen = []
+    outputs = run_job(run_dir, on_event=seen.append)
+    assert any(e["event"] == "log" and "resumed from checkpoint" in e["message"] for e in seen)
+    a, b = _lora(reference), _lora(outputs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sigkill_gives_clear_error_and_next_run_resumes(fabric_dir, tmp_path):
+    run_dir = _run_dir(tmp_path, fabric_dir)
+
+    def on_event(e):
+        if e["event"] == "checkpoint" and e["step"] == 4:
+            os.kill(int((run_dir / "worker.pid").read_text()), signal.SIGKILL)
+
+    with pytest.raises(DreamLoomError) as info:
+        run_job(run_dir, on_event=on_event)
+    assert "killed by signal 9" in str(info.value) and "resume" in info.value.hint and "log.txt" in info.value.hint
+    seen = []
+    outputs = run_job(run_dir, on_event=seen.append)
+    resumed = [e for e in seen if e["event"] == "log" and "resumed from checkpoint" in e["message"]]
+    assert resumed and "step 4" in resumed[0]["message"]
+    assert os.path.exists(outputs["lora"])
+
+
+def test_worker_user_error_is_reported_with_hint(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_dir = _run_dir(tmp_path, empty, with_prior_preservation=False)
+    with pytest.raises(DreamLoomError) as info:
+        run_job(run_dir)
+    assert "No images" in info.value.message and "jpg" in info.value.hint and "log.txt" in info.value.hint
+
+
+def test_busy_run_dir_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").write_text(str(os.getppid()))  # a live process that is not us
+    with pytest.raises(DreamLoomError, match="already running"):
+        with RunLock(run_dir):
+            pass
+    (run_dir / ".lock").write_text("999999999")  # stale lock: taken over
+    with RunLock(run_dir):
+        assert (run_dir / ".lock").read_text() == str(os.getpid())
+    assert not (run_dir / ".lock").exists()
+
+
+def test_offline_guard_blocks_remote_connections():
+    import subprocess
+    import sys
+
+    code = (
+        "import socket\n"
+        "from trainer.worker import install_offline_guard\n"
+        "install_offline_guard()\n"
+        "try:\n"
+        "    socket.create_connection(('93.184.216.34', 80), timeout=2)\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+        "s = socket.socket(); s.settimeout(1)\n"
+        "print('loopback', s.connect_ex(('127.0.0.1', 9)))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert "DreamLoomError Blocked a network connection" in r.stdout
+    assert "loopback" in r.stdout
