@@ -1,4 +1,23 @@
 """ComfyUI node classes (V1 API). Only nodes/comfy.py touches ComfyUI, and only inside functions."""
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from .datasets import GenerateClassImages, LoadTrainingImages
+from .loader import LoadDreamLoomLoRA
+from .training import TrainDreamBoothLoRA, TrainingSettings, TrainTextualInversion
+
+NODE_CLASS_MAPPINGS = {
+    "DreamLoomLoadTrainingImages": LoadTrainingImages,
+    "DreamLoomGenerateClassImages": GenerateClassImages,
+    "DreamLoomTrainingSettings": TrainingSettings,
+    "DreamLoomTrainLoRA": TrainDreamBoothLoRA,
+    "DreamLoomTrainTextualInversion": TrainTextualInversion,
+    "DreamLoomLoadLoRA": LoadDreamLoomLoRA,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DreamLoomLoadTrainingImages": "Load Training Images (DreamLoom)",
+    "DreamLoomGenerateClassImages": "Generate Class Images (DreamLoom)",
+    "DreamLoomTrainingSettings": "Training Settings (DreamLoom)",
+    "DreamLoomTrainLoRA": "Train DreamBooth LoRA (DreamLoom)",
+    "DreamLoomTrainTextualInversion": "Train Textual Inversion (DreamLoom)",
+    "DreamLoomLoadLoRA": "Load DreamLoom LoRA",
+}

@@ -91,3 +91,99 @@ def sd15_components(sd15_checkpoint):
     from trainer.models import load_base_model
 
     return load_base_model(str(sd15_checkpoint))
+
+
+def load_pack():
+    """Import the repository as ComfyUI does: a package loaded by path (relative imports work)."""
+    import importlib.util
+
+    name = "dreamloom_pack"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeInterrupt(Exception):
+    """Stands in for comfy.model_management.InterruptProcessingException."""
+
+
+class FakeComfy:
+    """A stand-in for nodes/comfy.py: folders under a temp dir, a recording progress bar, an interrupt flag."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.models = root / "models"
+        for kind in ("checkpoints", "loras", "embeddings"):
+            (self.models / kind).mkdir(parents=True, exist_ok=True)
+        (root / "input").mkdir(exist_ok=True)
+        (root / "output").mkdir(exist_ok=True)
+        self.progress: list[tuple] = []
+        self.interrupt_flag = False
+        self.interrupt_at_step: int | None = None
+        self.freed = 0
+        self.applied = None
+        self.key_map: dict = {}
+
+    # folder_paths
+    def filename_list(self, kind):
+        folder = self.models / kind
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+    def full_path(self, kind, name):
+        p = self.models / kind / name
+        return str(p) if p.exists() else None
+
+    def folder_paths_for(self, kind):
+        return [str(self.models / kind)]
+
+    def input_directory(self):
+        return str(self.root / "input")
+
+    def output_directory(self):
+        return str(self.root / "output")
+
+    # progress / interrupt
+    def progress_bar(self, total, node_id=None):
+        fake = self
+
+        class Bar:
+            def update_absolute(self, value, total=None, preview=None):
+                fake.progress.append((value, total, preview is not None))
+                if fake.interrupt_at_step is not None and value >= fake.interrupt_at_step:
+                    fake.interrupt_at_step = None
+                    raise FakeInterrupt()
+
+        return Bar()
+
+    def interrupt_requested(self):
+        return self.interrupt_flag
+
+    def raise_interrupt(self):
+        self.interrupt_flag = False
+        raise FakeInterrupt()
+
+    def free_memory(self):
+        self.freed += 1
+
+    def lora_key_map(self, model, clip):
+        return self.key_map
+
+    def apply_lora(self, model, clip, lora, sm, sc):
+        self.applied = (lora, sm, sc)
+        return ("patched-model", "patched-clip")
+
+
+@pytest.fixture
+def fake_comfy(tmp_path, monkeypatch):
+    pack = load_pack()
+    comfy_mod = sys.modules["dreamloom_pack.nodes.comfy"]
+    fake = FakeComfy(tmp_path / "comfy")
+    for name in ("filename_list", "full_path", "folder_paths_for", "input_directory", "output_directory", "progress_bar",
+                 "interrupt_requested", "raise_interrupt", "free_memory", "lora_key_map", "apply_lora"):
+        monkeypatch.setattr(comfy_mod, name, getattr(fake, name))
+    fake.pack = pack
+    return fake

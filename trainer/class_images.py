@@ -70,7 +70,7 @@ def generate_class_images(
             old = json.loads(manifest_path.read_text())
         except json.JSONDecodeError:
             old = None
-        if old is not None and old.get("spec") != asdict(spec):
+        if old is not None and old.get("spec") != asdict(spec) and existing_class_images(folder, count):
             raise DreamLoomError(
                 f"The class-image folder {folder} was made with different settings.",
                 "Use an empty folder, or leave class_dir unset so DreamLoom picks a cached folder for these settings.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -210,14 +211,19 @@ class Trainer:
         return torch.optim.AdamW(groups, foreach=device_type == "cuda", **kw)
 
     def _class_images(self, acc, comps, weight_dtype):
-        from .class_images import ClassImageSpec, class_dir_for, generate_class_images
-        from .data import load_image_folder
+        """Class images: an explicit folder of existing images is used as it is; otherwise the cached set
+        for these settings is generated (or completed) first."""
+        from .class_images import MANIFEST, ClassImageSpec, class_dir_for, generate_class_images
+        from .data import list_image_files, load_image_folder
 
         cfg = self.cfg
         spec = ClassImageSpec(comps.fingerprint, cfg.class_prompt, cfg.class_negative_prompt, cfg.class_sampler,
                               cfg.class_steps, cfg.class_guidance, cfg.resolution, cfg.seed)
         folder = self.class_dir or class_dir_for(self.cache_root, spec)
-        if acc.is_main_process:
+        manifest = folder / MANIFEST
+        ours = manifest.exists() and json.loads(manifest.read_text()).get("spec") == dataclasses.asdict(spec)
+        given = self.class_dir is not None and folder.is_dir() and bool(list_image_files(folder)) and not ours
+        if not given and acc.is_main_process:
             generate_class_images(comps, spec, cfg.num_class_images, folder, cfg.class_batch_size, device=acc.device,
                                   events=self.events, should_stop=self.should_stop)
         acc.wait_for_everyone()

@@ -1,0 +1,181 @@
+"""Node-contract tests with a stand-in for nodes/comfy.py (no ComfyUI needed)."""
+
+import os
+import shutil
+import signal
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FakeInterrupt, load_pack
+
+TINY = "tiny (built-in test model)"
+
+
+def _node(name):
+    return load_pack().NODE_CLASS_MAPPINGS[name]
+
+
+def _errors():
+    return sys.modules["dreamloom_pack.trainer.errors"]
+
+
+def test_every_node_is_well_formed(fake_comfy):
+    pack = fake_comfy.pack
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert cls.CATEGORY.startswith("DreamLoom/"), node_id
+        assert len(cls.DESCRIPTION) > 40, node_id
+        assert callable(getattr(cls(), cls.FUNCTION)), node_id
+        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS), node_id
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, entry in spec.get(section, {}).items():
+                kind, opts = entry[0], entry[1] if len(entry) > 1 else {}
+                assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
+                if isinstance(kind, list):
+                    assert kind, f"{node_id}.{name}: empty combo"
+                    if "default" in opts:
+                        assert opts["default"] in kind, f"{node_id}.{name}: default not in combo"
+                elif kind in ("INT", "FLOAT"):
+                    d = opts["default"]
+                    assert opts.get("min", d) <= d <= opts.get("max", d), f"{node_id}.{name}: default out of range"
+                    assert isinstance(d, int if kind == "INT" else (int, float))
+                elif kind in ("STRING", "BOOLEAN"):
+                    if "default" in opts:
+                        assert isinstance(opts["default"], str if kind == "STRING" else bool)
+
+
+def _dataset(fake, fabric_dir, resolution=64):
+    (ds, preview), = [_node("DreamLoomLoadTrainingImages")().load(str(fabric_dir), resolution, "center", False, False)]
+    assert preview.shape[0] == 10 and preview.shape[-1] == 3
+    return ds
+
+
+def _train_lora(fake, ds, **kw):
+    args = dict(ckpt_name=TINY, instance_images=ds, instance_prompt="a sks african fabric pattern", token="sks",
+                class_prompt="a fabric pattern", prior_preservation=True, prior_loss_weight=1.0, num_class_images=2,
+                rank=4, alpha=4.0, learning_rate=1e-3, max_train_steps=6, seed=1, sample_every=3, output_name="node_lora")
+    args.update(kw)
+    settings = _node("DreamLoomTrainingSettings")().build(
+        **{k: v[1].get("default", v[0][0] if isinstance(v[0], list) else None)
+           for k, v in _node("DreamLoomTrainingSettings").INPUT_TYPES()["required"].items()})[0]
+    settings.update(checkpoint_every=2, class_steps=2, sample_steps=2)
+    return _node("DreamLoomTrainLoRA")().train(settings=settings, unique_id="7", **args)
+
+
+@pytest.mark.slow
+def test_lora_node_end_to_end_progress_and_loadable_file(fake_comfy, fabric_dir):
+    ds = _dataset(fake_comfy, fabric_dir)
+    out = _train_lora(fake_comfy, ds)
+    name, loss_plot, samples = out["result"]
+    assert name == "node_lora.safetensors"
+    path = fake_comfy.models / "loras" / name
+    sd = load_file(str(path))
+    assert any(k.endswith(".alpha") for k in sd) and all(k.startswith("lora_unet_") for k in sd)
+    assert loss_plot.ndim == 4 and samples.shape[0] == 3  # steps 0, 3, 6
+    assert fake_comfy.freed == 1
+    training = [p for p in fake_comfy.progress if p[1] == 6]
+    values = [v for v, _, _ in training]
+    assert values == sorted(values) and values[-1] == 6
+    assert any(has_preview for _, _, has_preview in training)
+    assert out["ui"]["images"] and all(i["type"] == "output" for i in out["ui"]["images"])
+    # The loader reads it back and maps every module (with ComfyUI's key map stood in by our own names).
+    fake_comfy.key_map = {k.rsplit(".", 2)[0]: None for k in sd if k.endswith("lora_down.weight")}
+    model, clip = _node("DreamLoomLoadLoRA")().load("m", "c", "(use lora_path input)", 0.8, 1.0, lora_path=name)
+    assert (model, clip) == ("patched-model", "patched-clip")
+    lora, sm, sc = fake_comfy.applied
+    assert sm == 0.8 and set(lora) == set(sd)
+    # Same inputs: reused, no retraining, same name.
+    fake_comfy.progress.clear()
+    again = _train_lora(fake_comfy, ds)
+    assert again["result"][0] == name and fake_comfy.progress == []
+
+
+@pytest.mark.slow
+def test_interrupt_keeps_checkpoint_and_resumes_to_same_weights(fake_comfy, fabric_dir, tmp_path):
+    ds = _dataset(fake_comfy, fabric_dir)
+    reference = load_file(str(fake_comfy.models / "loras" / _train_lora(fake_comfy, ds, output_name="ref")["result"][0]))
+    fake_comfy.interrupt_at_step = 3
+    with pytest.raises(FakeInterrupt):
+        _train_lora(fake_comfy, ds, output_name="cut")
+    runs = fake_comfy.root / "output" / "dreamloom" / "runs"
+    cut_run = next(p for p in runs.iterdir() if p.name.startswith("cut-"))
+    assert list((cut_run / "checkpoints").glob("step_*")), "a checkpoint is kept"
+    assert not (fake_comfy.models / "loras" / "cut.safetensors").exists()
+    out = _train_lora(fake_comfy, ds, output_name="cut")
+    resumed = load_file(str(fake_comfy.models / "loras" / out["result"][0]))
+    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert "resumed from checkpoint" in (cut_run / "events.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_killed_worker_gives_clear_node_error_then_resumes(fake_comfy, fabric_dir, monkeypatch):
+    ds = _dataset(fake_comfy, fabric_dir)
+    runner = sys.modules["dreamloom_pack.nodes.runner"]
+    jobs = sys.modules["dreamloom_pack.trainer.jobs"]
+    real_run_job = jobs.run_job
+
+    def killing_run_job(run_dir, on_event=None, **kw):
+        def hook(e):
+            on_event(e)
+            if e["event"] == "checkpoint" and e.get("step") == 4:
+                os.kill(int((run_dir / "worker.pid").read_text()), signal.SIGKILL)
+        return real_run_job(run_dir, on_event=hook, **kw)
+
+    monkeypatch.setattr(runner.jobs, "run_job", killing_run_job)
+    with pytest.raises(_errors().DreamLoomError) as info:
+        _train_lora(fake_comfy, ds, output_name="killed")
+    assert "killed by signal 9" in str(info.value) and "log.txt" in info.value.hint
+    monkeypatch.setattr(runner.jobs, "run_job", real_run_job)
+    out = _train_lora(fake_comfy, ds, output_name="killed")
+    assert (fake_comfy.models / "loras" / out["result"][0]).exists()
+
+
+@pytest.mark.slow
+def test_ti_node_publishes_embedding(fake_comfy, fabric_dir):
+    ds = _dataset(fake_comfy, fabric_dir)
+    out = _node("DreamLoomTrainTextualInversion")().train(TINY, ds, "<sks-fabric>", "pattern", 5e-3, 4, 1, 2, "fab_ti", unique_id="3")
+    name, prompt, loss, samples = out["result"]
+    assert name == "fab_ti" and prompt == "embedding:fab_ti"
+    sd = load_file(str(fake_comfy.models / "embeddings" / "fab_ti.safetensors"))
+    assert list(sd) == ["emb_params"] and sd["emb_params"].shape == (1, 64)
+
+
+def test_bad_inputs_give_clear_errors(fake_comfy, fabric_dir, tmp_path):
+    Err = _errors().DreamLoomError
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Err, match="No images"):
+        _node("DreamLoomLoadTrainingImages")().load(str(empty), 64, "center", False, False)
+    ds = _dataset(fake_comfy, fabric_dir)
+    with pytest.raises(Err, match="not found in ComfyUI's checkpoints"):
+        _train_lora(fake_comfy, ds, ckpt_name="missing.safetensors")
+    for bad in ("../../x", "/etc/passwd", "a\x00b", "CON"):
+        with pytest.raises(Err, match="output_name"):
+            _train_lora(fake_comfy, ds, output_name=bad)
+    with pytest.raises(Err, match="No LoRA chosen"):
+        _node("DreamLoomLoadLoRA")().load("m", "c", "(use lora_path input)", 1.0, 1.0)
+    with pytest.raises(Err, match="not found"):
+        _node("DreamLoomLoadLoRA")().load("m", "c", "(use lora_path input)", 1.0, 1.0, lora_path="nope.safetensors")
+
+
+def test_sample_set_is_created_in_input_folder_and_batches_are_saved(fake_comfy):
+    import numpy as np
+
+    node = _node("DreamLoomLoadTrainingImages")()
+    ds, preview = node.load("dreamloom_fabric", 64, "center", True, False)
+    assert ds.count == 10 and ds.folder.endswith("dreamloom_fabric") and ds.random_flip
+    first = node.IS_CHANGED("dreamloom_fabric")
+    img = os.path.join(ds.folder, "fabric_01.png")
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(img)
+    assert node.IS_CHANGED("dreamloom_fabric") != first  # edited images retrain
+    batch = torch.from_numpy(np.random.rand(6, 48, 48, 3).astype(np.float32))
+    ds2, _ = node.load("ignored", 64, "center", False, False, images=batch, captions="one\ntwo")
+    files = sorted(os.listdir(ds2.folder))
+    assert files.count("image_000.txt") == 1 and len([f for f in files if f.endswith(".png")]) == 6
+    assert ds2.use_captions
