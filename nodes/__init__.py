@@ -2,6 +2,7 @@
 
 from .datasets import GenerateClassImages, LoadTrainingImages
 from .loader import LoadDreamLoomLoRA
+from .morph import RenderMorph, SaveAnimation, SlerpConditioning, SlerpNoise
 from .training import TrainDreamBoothLoRA, TrainingSettings, TrainTextualInversion
 
 NODE_CLASS_MAPPINGS = {
@@ -11,6 +12,10 @@ NODE_CLASS_MAPPINGS = {
     "DreamLoomTrainLoRA": TrainDreamBoothLoRA,
     "DreamLoomTrainTextualInversion": TrainTextualInversion,
     "DreamLoomLoadLoRA": LoadDreamLoomLoRA,
+    "DreamLoomSlerpNoise": SlerpNoise,
+    "DreamLoomSlerpConditioning": SlerpConditioning,
+    "DreamLoomRenderMorph": RenderMorph,
+    "DreamLoomSaveAnimation": SaveAnimation,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -20,4 +25,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamLoomTrainLoRA": "Train DreamBooth LoRA (DreamLoom)",
     "DreamLoomTrainTextualInversion": "Train Textual Inversion (DreamLoom)",
     "DreamLoomLoadLoRA": "Load DreamLoom LoRA",
+    "DreamLoomSlerpNoise": "SLERP Noise (DreamLoom)",
+    "DreamLoomSlerpConditioning": "SLERP Conditioning (DreamLoom)",
+    "DreamLoomRenderMorph": "Render Morph (DreamLoom)",
+    "DreamLoomSaveAnimation": "Save Animation (DreamLoom)",
 }

@@ -95,3 +95,30 @@ def apply_lora(model, clip, lora: dict, strength_model: float, strength_clip: fl
     import comfy.sd
 
     return comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
+
+
+# --------------------------------------------------------------------------- sampling and saving
+def sample_with_noise(model, positive, negative, cfg: float, sampler, sigmas, noise, latent_samples, seed: int):
+    """One SamplerCustomAdvanced-style run (CFG guider) on a given noise batch; returns latent samples."""
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    latent_samples = comfy.sample.fix_empty_latent_channels(model, latent_samples)
+    out = guider.sample(noise, latent_samples, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=True, seed=seed)
+    return out.to(comfy.model_management.intermediate_device())
+
+
+def vae_decode(vae, samples):
+    return vae.decode(samples)
+
+
+def save_path(prefix: str, width: int, height: int):
+    """(folder, file stem, subfolder) for a new output file, as ComfyUI's save nodes pick them."""
+    import folder_paths
+
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory(), width, height)
+    return folder, f"{filename}_{counter:05}_", subfolder

@@ -127,6 +127,7 @@ class FakeComfy:
         self.freed = 0
         self.applied = None
         self.key_map: dict = {}
+        self.sample_calls: list = []
 
     # folder_paths
     def filename_list(self, kind):
@@ -169,6 +170,22 @@ class FakeComfy:
     def free_memory(self):
         self.freed += 1
 
+    def save_path(self, prefix, width, height):
+        folder = self.root / "output" / os.path.dirname(prefix)
+        folder.mkdir(parents=True, exist_ok=True)
+        n = len(list(folder.glob(os.path.basename(prefix) + "_*"))) + 1
+        return str(folder), f"{os.path.basename(prefix)}_{n:05}_", os.path.dirname(prefix)
+
+    def sample_with_noise(self, model, positive, negative, cfg, sampler, sigmas, noise, latent_samples, seed):
+        self.sample_calls.append((noise.shape[0], positive[0][0].shape[0]))
+        return noise * 0.5
+
+    def vae_decode(self, vae, samples):
+        import torch
+
+        grey = torch.sigmoid(samples.mean(1)).repeat_interleave(8, 1).repeat_interleave(8, 2)  # [n, 8h, 8w]
+        return grey[..., None].expand(*grey.shape, 3).contiguous()
+
     def lora_key_map(self, model, clip):
         return self.key_map
 
@@ -183,7 +200,8 @@ def fake_comfy(tmp_path, monkeypatch):
     comfy_mod = sys.modules["dreamloom_pack.nodes.comfy"]
     fake = FakeComfy(tmp_path / "comfy")
     for name in ("filename_list", "full_path", "folder_paths_for", "input_directory", "output_directory", "progress_bar",
-                 "interrupt_requested", "raise_interrupt", "free_memory", "lora_key_map", "apply_lora"):
+                 "interrupt_requested", "raise_interrupt", "free_memory", "lora_key_map", "apply_lora", "save_path",
+                 "sample_with_noise", "vae_decode"):
         monkeypatch.setattr(comfy_mod, name, getattr(fake, name))
     fake.pack = pack
     return fake

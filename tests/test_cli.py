@@ -44,10 +44,20 @@ def test_demo_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     for name in ("sks_fabric.safetensors", "pytorch_lora_weights.safetensors", "loss.png", "grid_lora.png",
-                 "sks_fabric_ti.safetensors", "ti_vs_lora.png"):
+                 "sks_fabric_ti.safetensors", "ti_vs_lora.png", "morph.gif"):
         assert (out / name).stat().st_size > 0, name
     assert len(list((out / "class_images").glob("class_*.png"))) == 100
     assert len(list((out / "fabric_samples").glob("*.png"))) == 10
     assert summary["lora_steps"] == 800
+    with Image.open(out / "morph.gif") as gif:
+        assert gif.n_frames == summary["morph"]["frames"] == 30 and gif.info["loop"] == 0
     samples = [Path(p).name for p in summary["samples"]]
     assert samples[0] == "step_00000.png" and samples[-1] == "step_00800.png"
+
+
+def test_cli_morph_writes_looping_gif(tmp_path):
+    out = tmp_path / "m.gif"
+    r = run_cli("morph", "--seconds", "1", "--fps", "10", "--steps", "2", "--seeds", "1,2,3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    with Image.open(out) as gif:
+        assert gif.n_frames == 9 and gif.info["loop"] == 0  # 3 transitions x 3 frames, no duplicate seam

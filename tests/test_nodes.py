@@ -179,3 +179,34 @@ def test_sample_set_is_created_in_input_folder_and_batches_are_saved(fake_comfy)
     files = sorted(os.listdir(ds2.folder))
     assert files.count("image_000.txt") == 1 and len([f for f in files if f.endswith(".png")]) == 6
     assert ds2.use_captions
+
+
+def test_slerp_noise_node_matches_comfyui_noise_at_keyframes(fake_comfy):
+    noise, latent, n = _node("DreamLoomSlerpNoise")().build("1, 42, 100", 4, "cosine", 0, True, 64, 64)
+    assert n == 12 and latent["samples"].shape == (12, 4, 8, 8)
+    out = noise.generate_noise(latent)
+    for k, seed in enumerate((1, 42, 100)):
+        expected = torch.randn((1, 4, 8, 8), generator=torch.manual_seed(seed))
+        assert torch.equal(out[k * 4], expected[0])
+    assert noise.seed == 1
+    with pytest.raises(_errors().DreamLoomError, match="12 frames but the latent batch has 3"):
+        noise.generate_noise({"samples": torch.zeros(3, 4, 8, 8)})
+
+
+def test_render_morph_chunks_and_save_animation(fake_comfy, tmp_path):
+    from PIL import Image
+
+    noise, latent, n = _node("DreamLoomSlerpNoise")().build("1, 2, 3, 4, 5", 6, "linear", 0, True, 64, 64)
+    pos = [[torch.randn(1, 77, 768), {"pooled_output": torch.randn(1, 768)}]]
+    cond_b = [[torch.randn(1, 77, 768), {"pooled_output": torch.randn(1, 768)}]]
+    (morph_cond,) = _node("DreamLoomSlerpConditioning")().build(pos, cond_b, n, True)
+    assert morph_cond[0][0].shape[0] == n and torch.allclose(morph_cond[0][0][0], pos[0][0][0])
+    (frames,) = _node("DreamLoomRenderMorph")().render("model", morph_cond, pos, "sampler", "sigmas", 7.5, "vae", noise, latent, 8, unique_id="1")
+    assert frames.shape == (30, 64, 64, 3)
+    assert fake_comfy.sample_calls == [(8, 8), (8, 8), (8, 8), (6, 6)]  # conditioning sliced with the frames
+    assert [p[0] for p in fake_comfy.progress] == [8, 16, 24, 30]
+    out = _node("DreamLoomSaveAnimation")().save(frames, 30.0, "gif", True, "dreamloom/morph")
+    path = out["result"][0]
+    with Image.open(path) as gif:
+        assert gif.info["loop"] == 0 and gif.n_frames >= 2
+    assert out["ui"]["animated"] == (True,) and out["ui"]["images"][0]["subfolder"] == "dreamloom"

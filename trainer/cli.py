@@ -142,6 +142,43 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_morph(args) -> int:
+    import torch
+
+    from .animate import write_animation
+    from .events import TqdmListener
+    from .models import load_base_model
+    from .morph import MorphSpec, render_morph
+    from .sampling import make_pipeline
+    from .slerp import parse_seeds
+
+    comps = load_base_model(args.base_model)
+    pipe = make_pipeline(comps, args.sampler)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(device)
+    if args.lora:
+        load_lora_into_pipeline(pipe, args.lora, args.lora_scale)
+    if args.embedding:
+        from .ti import load_embedding_into_pipeline
+
+        load_embedding_into_pipeline(pipe, args.embedding, args.embedding_token)
+    seeds = parse_seeds(args.seeds)
+    if args.keyframes and args.keyframes != len(seeds):
+        seeds = (seeds * args.keyframes)[: args.keyframes] if args.keyframes < len(seeds) else seeds + [seeds[-1] + 1000 * i for i in range(1, args.keyframes - len(seeds) + 1)]
+    spec = MorphSpec(prompt=args.prompt, negative_prompt=args.negative_prompt, seeds=seeds, seconds=args.seconds, fps=args.fps,
+                     easing=args.easing, hold_frames=args.hold_frames, loop=not args.open, steps=args.steps,
+                     guidance=args.guidance, resolution=args.resolution or comps.native_resolution, sampler=args.sampler)
+    bar = TqdmListener("morph")
+    frames = render_morph(pipe, spec, args.batch_size,
+                          on_progress=lambda done, total: bar({"event": "progress", "phase": "morph", "step": done, "total": total}))
+    bar.close()
+    notes = write_animation(frames, args.out, args.fps)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {args.out}: {len(frames)} frames, {len(frames) / args.fps:.2f} s at {args.fps:g} fps")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -199,6 +236,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default=None)
     p.add_argument("--out", default="grid.png")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("morph", help="a seamless looping SLERP morph animation (GIF, WebP or MP4)")
+    p.add_argument("--base-model", default="tiny")
+    p.add_argument("--lora", help="LoRA .safetensors to apply")
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--embedding", help="textual inversion .safetensors")
+    p.add_argument("--embedding-token", default="<sks-fabric>")
+    p.add_argument("--prompt", default="a sks african fabric pattern")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seeds", default="1, 42, 100, 256, 512", help="keyframe seeds, comma separated")
+    p.add_argument("--keyframes", type=int, default=0, help="number of keyframes (default: one per seed)")
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--fps", type=float, default=30.0)
+    p.add_argument("--easing", default="linear", choices=["linear", "cosine", "smoothstep"])
+    p.add_argument("--hold-frames", type=int, default=0, help="frames to rest on each keyframe")
+    p.add_argument("--open", action="store_true", help="an open path instead of a seamless loop")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--sampler", default="dpmpp_2m", help="use a deterministic sampler (dpmpp_2m, euler, ddim)")
+    p.add_argument("--resolution", type=int, default=0, help="default: the model's native size")
+    p.add_argument("--batch-size", type=int, default=8, help="frames per pipeline call")
+    p.add_argument("--out", default="morph.gif", help=".gif, .webp or .mp4")
+    p.set_defaults(func=cmd_morph)
 
     p = sub.add_parser("demo", help="the whole fabric pipeline on the built-in tiny model")
     p.add_argument("--output-dir", default="demo_output")

@@ -114,6 +114,17 @@ def run_demo(out: Path, steps: int | None = None, quick: bool = False, base_mode
     cmp_grid = labelled_grid(lora_imgs + ti_imgs, labels, cols=len(compare), tile=160, title="LoRA (top) vs textual inversion (bottom), same seeds")
     atomic_save(out / "ti_vs_lora.png", lambda tmp: cmp_grid.save(tmp, format="PNG"))
     summary["ti_vs_lora"] = str(out / "ti_vs_lora.png")
+
+    # A short seamless morph through the learned style (tutorial step 5, scaled down for the CPU).
+    from .animate import write_gif
+    from .morph import MorphSpec, render_morph
+
+    spec = MorphSpec(prompt="a sks african fabric pattern", seconds=3.0, fps=10.0, easing="cosine", steps=8,
+                     resolution=resolution)
+    frames = render_morph(pipe, spec, batch_size=10)
+    write_gif(frames, out / "morph.gif", fps=spec.fps)
+    summary["morph"] = {"path": str(out / "morph.gif"), "frames": len(frames), "fps": spec.fps}
+    print(f"[demo] morph: {out / 'morph.gif'} ({len(frames)} frames)")
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(f"[demo] done in {summary['wall_s']} s; outputs in {out}")

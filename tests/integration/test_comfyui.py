@@ -152,3 +152,43 @@ def test_interrupt_during_training(server):
     assert "execution_error" not in server.messages(entry)
     assert list((run / "checkpoints").glob("step_*")), "the interrupted run kept a checkpoint"
     assert server.get("/queue") is not None and "DreamLoomTrainLoRA" in server.get("/object_info")
+
+
+def test_slerp_noise_with_sampler_custom_advanced_writes_looping_gif(server):
+    from PIL import Image
+
+    base = {
+        "10": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "12": {"class_type": "CLIPTextEncode", "inputs": {"text": "a sks african fabric pattern", "clip": ["10", 1]}},
+        "13": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["10", 1]}},
+        "21": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "22": {"class_type": "BasicScheduler", "inputs": {"model": ["10", 0], "scheduler": "normal", "steps": 2, "denoise": 1.0}},
+        "23": {"class_type": "CFGGuider", "inputs": {"model": ["10", 0], "positive": ["12", 0], "negative": ["13", 0], "cfg": 7.5}},
+    }
+    morph = dict(base)
+    morph.update({
+        "20": {"class_type": "DreamLoomSlerpNoise", "inputs": {"seeds": "1, 42, 100", "frames_per_transition": 4, "easing": "linear",
+                                                                "hold_frames": 0, "loop": True, "width": 64, "height": 64}},
+        "24": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["20", 0], "guider": ["23", 0], "sampler": ["21", 0],
+                                                                  "sigmas": ["22", 0], "latent_image": ["20", 1]}},
+        "25": {"class_type": "VAEDecode", "inputs": {"samples": ["24", 0], "vae": ["10", 2]}},
+        "26": {"class_type": "DreamLoomSaveAnimation", "inputs": {"images": ["25", 0], "fps": 12.0, "format": "gif", "loop": True,
+                                                                  "filename_prefix": "itest/morph"}},
+        "27": {"class_type": "SaveLatent", "inputs": {"samples": ["24", 0], "filename_prefix": "itest/morphlat"}},
+    })
+    entry = run_ok(server, morph)
+    gif_info = entry["outputs"]["26"]["images"][0]
+    gif = server.base / "output" / gif_info["subfolder"] / gif_info["filename"]
+    with Image.open(gif) as im:
+        assert im.n_frames == 12 and im.info["loop"] == 0
+    single = dict(base)
+    single.update({
+        "30": {"class_type": "RandomNoise", "inputs": {"noise_seed": 42}},
+        "31": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "32": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["30", 0], "guider": ["23", 0], "sampler": ["21", 0],
+                                                                  "sigmas": ["22", 0], "latent_image": ["31", 0]}},
+        "33": {"class_type": "SaveLatent", "inputs": {"samples": ["32", 0], "filename_prefix": "itest/single42"}},
+    })
+    run_ok(server, single)
+    # Frame 4 is keyframe 1 (seed 42): the same result as ComfyUI's own RandomNoise for seed 42.
+    assert torch.allclose(latent(server, "morphlat")[4], latent(server, "single42")[0], atol=1e-4)

@@ -1,0 +1,232 @@
+"""SLERP morph nodes: SLERP Noise (a NOISE for SamplerCustomAdvanced), Render Morph, Save Animation, SLERP Conditioning."""
+
+from __future__ import annotations
+
+import os
+
+from ..trainer.errors import DreamLoomError
+from . import comfy
+
+CATEGORY = "DreamLoom/morph"
+
+
+class SlerpNoiseSource:
+    """ComfyUI's NOISE contract: `.seed` and `generate_noise(latent_dict)` -> noise of the latent's shape."""
+
+    def __init__(self, seeds, frames_per_transition, easing, hold_frames, loop):
+        self.seeds = list(seeds)
+        self.seed = self.seeds[0]
+        self.frames_per_transition, self.easing, self.hold_frames, self.loop = frames_per_transition, easing, hold_frames, loop
+        self._cache = {}
+
+    def schedule(self):
+        from ..trainer.slerp import keyframe_schedule
+
+        return keyframe_schedule(len(self.seeds), self.frames_per_transition, self.easing, self.hold_frames, self.loop)
+
+    def num_frames(self) -> int:
+        return len(self.schedule())
+
+    def noise_for_shape(self, shape):
+        from ..trainer.slerp import morph_noise_from_seeds
+
+        key = tuple(shape[1:])
+        if key not in self._cache:
+            self._cache[key] = morph_noise_from_seeds(self.seeds, key, self.schedule())
+        return self._cache[key]
+
+    def generate_noise(self, input_latent):
+        samples = input_latent["samples"]
+        noise = self.noise_for_shape(samples.shape)
+        if samples.shape[0] != noise.shape[0]:
+            raise DreamLoomError(
+                f"SLERP Noise makes {noise.shape[0]} frames but the latent batch has {samples.shape[0]}.",
+                "Use the LATENT output of the same SLERP Noise node as the sampler's latent_image.",
+            )
+        if "batch_index" in input_latent:
+            noise = noise[[int(i) for i in input_latent["batch_index"]]]
+        return noise.to(samples.dtype)
+
+
+class SlerpNoise:
+    DESCRIPTION = ("Initial noise for a seamless morph: SLERP between the noise of keyframe seeds, for every frame at once. "
+                   "At each keyframe it equals exactly ComfyUI's own noise for that seed. Feed NOISE and LATENT to "
+                   "SamplerCustomAdvanced (or Render Morph); use a deterministic sampler such as euler or dpmpp_2m.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = ("NOISE", "LATENT", "INT")
+    RETURN_NAMES = ("noise", "latent", "frame_count")
+    OUTPUT_TOOLTIPS = ("The SLERPed noise for all frames.", "An empty latent batch with one entry per frame.", "Number of frames.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..trainer.slerp import EASINGS
+
+        return {
+            "required": {
+                "seeds": ("STRING", {"default": "1, 42, 100, 256, 512", "tooltip": "Keyframe seeds, comma separated (the tutorial uses 5 keyframes)."}),
+                "frames_per_transition": ("INT", {"default": 90, "min": 1, "max": 10000, "tooltip": "Frames from one keyframe to the next (90 x 5 = 450 frames = 15 s at 30 fps)."}),
+                "easing": (list(EASINGS), {"default": "linear", "tooltip": "How t moves within a transition: linear, cosine or smoothstep (slow in and out)."}),
+                "hold_frames": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "Extra frames resting on each keyframe."}),
+                "loop": ("BOOLEAN", {"default": True, "tooltip": "Return to the first keyframe: a seamless loop with no duplicated frame at the seam."}),
+                "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Frame width in pixels."}),
+                "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Frame height in pixels."}),
+            }
+        }
+
+    def build(self, seeds, frames_per_transition, easing, hold_frames, loop, width, height):
+        import torch
+
+        from ..trainer.slerp import parse_seeds
+
+        source = SlerpNoiseSource(parse_seeds(seeds), int(frames_per_transition), easing, int(hold_frames), bool(loop))
+        n = source.num_frames()
+        latent = torch.zeros((n, 4, int(height) // 8, int(width) // 8))
+        return (source, {"samples": latent}, n)
+
+
+class SlerpConditioning:
+    DESCRIPTION = ("A prompt morph: SLERP between two conditionings for every frame of a SLERP Noise schedule (or N frames), "
+                   "giving a conditioning batch with one entry per frame. Use it with Render Morph.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("One conditioning entry per frame.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "conditioning_a": ("CONDITIONING", {"tooltip": "Start prompt."}),
+                "conditioning_b": ("CONDITIONING", {"tooltip": "End prompt."}),
+                "frames": ("INT", {"default": 90, "min": 2, "max": 10000, "tooltip": "Frames (match the SLERP Noise frame_count)."}),
+                "loop": ("BOOLEAN", {"default": True, "tooltip": "Go A to B and back to A (seamless) instead of A to B."}),
+            }
+        }
+
+    def build(self, conditioning_a, conditioning_b, frames, loop):
+        import math
+
+        import torch
+
+        from ..trainer.slerp import slerp
+
+        frames = int(frames)
+        if loop:
+            ts = [0.5 - 0.5 * math.cos(2 * math.pi * i / frames) for i in range(frames)]
+        else:
+            ts = [i / (frames - 1) for i in range(frames)]
+        t = torch.tensor(ts)
+        out = []
+        for (ca, da), (cb, db) in zip(conditioning_a, conditioning_b):
+            if ca.shape[1:] != cb.shape[1:]:
+                raise DreamLoomError(f"The two conditionings have different shapes {tuple(ca.shape)} and {tuple(cb.shape)}.",
+                                     "Encode both prompts with the same CLIP; long prompts must have the same number of 77-token chunks.")
+            a, b = ca[:1].expand(frames, *ca.shape[1:]), cb[:1].expand(frames, *cb.shape[1:])
+            meta = dict(da)
+            if da.get("pooled_output") is not None and db.get("pooled_output") is not None:
+                pa, pb = da["pooled_output"][:1].expand(frames, -1), db["pooled_output"][:1].expand(frames, -1)
+                meta["pooled_output"] = slerp(pa.contiguous(), pb.contiguous(), t)
+            out.append([slerp(a.contiguous(), b.contiguous(), t), meta])
+        return (out,)
+
+
+def _slice_conditioning(cond, start, end, n_frames):
+    out = []
+    for tensor, meta in cond:
+        if tensor.shape[0] == n_frames:
+            meta = dict(meta)
+            if meta.get("pooled_output") is not None and meta["pooled_output"].shape[0] == n_frames:
+                meta["pooled_output"] = meta["pooled_output"][start:end]
+            tensor = tensor[start:end]
+        out.append([tensor, meta])
+    return out
+
+
+class RenderMorph:
+    DESCRIPTION = ("Samples and decodes all frames of a morph in chunks, so memory stays bounded for hundreds of frames, with "
+                   "progress and cancel per chunk. Takes the NOISE and LATENT of SLERP Noise.")
+    CATEGORY = CATEGORY
+    FUNCTION = "render"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("The decoded frames, in order.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model (with your LoRA applied)."}),
+                "positive": ("CONDITIONING", {"tooltip": "Prompt (or a SLERP Conditioning batch)."}),
+                "negative": ("CONDITIONING", {"tooltip": "Negative prompt."}),
+                "sampler": ("SAMPLER", {"tooltip": "From KSamplerSelect; deterministic samplers (euler, dpmpp_2m) keep frames coherent."}),
+                "sigmas": ("SIGMAS", {"tooltip": "From BasicScheduler (denoise 1.0)."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free guidance."}),
+                "vae": ("VAE", {"tooltip": "The VAE to decode frames."}),
+                "noise": ("NOISE", {"tooltip": "From SLERP Noise."}),
+                "latent": ("LATENT", {"tooltip": "From SLERP Noise."}),
+                "chunk_size": ("INT", {"default": 8, "min": 1, "max": 512, "tooltip": "Frames sampled at once: higher is faster, lower uses less memory."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def render(self, model, positive, negative, sampler, sigmas, cfg, vae, noise, latent, chunk_size, unique_id=None):
+        import torch
+
+        samples = latent["samples"]
+        n = samples.shape[0]
+        all_noise = noise.generate_noise(latent)
+        pbar = comfy.progress_bar(n, unique_id)
+        frames = []
+        for start in range(0, n, int(chunk_size)):
+            if comfy.interrupt_requested():
+                comfy.raise_interrupt()
+            end = min(n, start + int(chunk_size))
+            out = comfy.sample_with_noise(model, _slice_conditioning(positive, start, end, n), _slice_conditioning(negative, start, end, n),
+                                          float(cfg), sampler, sigmas, all_noise[start:end], samples[start:end], getattr(noise, "seed", 0))
+            frames.append(comfy.vae_decode(vae, out).float().cpu())
+            pbar.update_absolute(end, n)
+        return (torch.cat(frames),)
+
+
+class SaveAnimation:
+    DESCRIPTION = ("Saves IMAGE frames as a looping GIF (exact per-frame timing), animated WebP or MP4 (H.264, needs PyAV) "
+                   "in ComfyUI's output folder and shows it in the UI.")
+    CATEGORY = CATEGORY
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("Full path of the written file.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..trainer.animate import FORMATS
+
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The frames, in order."}),
+                "fps": ("FLOAT", {"default": 30.0, "min": 0.1, "max": 120.0, "step": 0.5, "tooltip": "Frames per second (GIF times frames in 10 ms steps; the total stays exact)."}),
+                "format": (list(FORMATS), {"default": "gif", "tooltip": "gif, webp or mp4."}),
+                "loop": ("BOOLEAN", {"default": True, "tooltip": "Loop forever (GIF/WebP)."}),
+                "filename_prefix": ("STRING", {"default": "dreamloom/morph", "tooltip": "File name prefix inside ComfyUI's output folder."}),
+            }
+        }
+
+    def save(self, images, fps, format, loop, filename_prefix):
+        import numpy as np
+        from PIL import Image
+
+        from ..trainer.animate import write_animation
+
+        arr = (images.detach().cpu().float().clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+        frames = [Image.fromarray(a) for a in arr]
+        folder, stem, subfolder = comfy.save_path(filename_prefix, frames[0].width, frames[0].height)
+        name = f"{stem}.{format}"
+        path = os.path.join(folder, name)
+        notes = write_animation(frames, path, float(fps), format, bool(loop))
+        ui = {"images": [{"filename": name, "subfolder": subfolder, "type": "output"}], "animated": (True,)}
+        if notes:
+            ui["text"] = notes
+        return {"ui": ui, "result": (path,)}
