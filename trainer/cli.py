@@ -179,6 +179,14 @@ def cmd_morph(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench
+
+    bench(args.base_model, steps=args.steps, warmup=args.warmup, repeats=args.repeats, resolution=args.resolution or None,
+          morph=not args.skip_morph, out=args.json)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -265,6 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="override the demo's training steps")
     p.add_argument("--quick", action="store_true", help="a smaller, faster demo (used by the tests)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="training steps/s and memory against the tutorial's loop; batched vs per-frame morph")
+    p.add_argument("--base-model", default="tiny")
+    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per repeat")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--resolution", type=int, default=0, help="default: 64 for tiny, 512 otherwise")
+    p.add_argument("--skip-morph", action="store_true")
+    p.add_argument("--json", default="bench.json", help="where to write the JSON result")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("worker", help=argparse.SUPPRESS)
     p.add_argument("job")

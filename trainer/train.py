@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -160,11 +161,49 @@ def run_id_for(cfg: TrainConfig, dataset_fp: str, model_fp: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+# --------------------------------------------------------------------------- phase timing (bench only)
+class PhaseTimer:
+    """Wall time per phase of the step; synchronises CUDA around each phase, so enable it only to measure."""
+
+    def __init__(self, device_type: str = "cpu"):
+        import collections
+
+        self.device_type = device_type
+        self.totals = collections.defaultdict(float)
+        self.step_times: list[float] = []
+
+    def _sync(self) -> None:
+        if self.device_type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.step_times.clear()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.totals[name] += time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _no_timer(name: str):
+    yield
+
+
 # --------------------------------------------------------------------------- the loop
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, events: Events | None = None,
                  should_stop: Callable[[], bool] | None = None, comps=None, instance_set=None,
-                 cache_root: str | Path | None = None, class_dir: str | Path | None = None):
+                 cache_root: str | Path | None = None, class_dir: str | Path | None = None,
+                 timer: PhaseTimer | None = None, bench: bool = False):
         self.cfg = cfg.validate()
         self.run_dir = Path(run_dir)
         self.events = events or Events(self.run_dir)
@@ -173,6 +212,8 @@ class Trainer:
         self.instance_set = instance_set
         self.cache_root = Path(cache_root) if cache_root else DEFAULT_CACHE
         self.class_dir = Path(class_dir) if class_dir else (Path(cfg.class_dir) if cfg.class_dir else None)
+        self.timer = timer  # per-phase timing for `python -m trainer bench`
+        self.bench = bench  # bench runs skip samples, checkpoints and export
 
     # -- setup -------------------------------------------------------------
     def _accelerator(self):
@@ -345,7 +386,7 @@ class Trainer:
                    f"device {device.type}, precision {acc.mixed_precision}")
         self.job, self.gen, self.optimizer, self.lr_scheduler, self.losses = job, gen, optimizer, lr_scheduler, losses
 
-        if start_step == 0 and cfg.sample_every >= 0:
+        if start_step == 0 and not self.bench:
             self._sample(0)
 
         world, rank = acc.num_processes, acc.process_index
@@ -355,10 +396,14 @@ class Trainer:
         pending = []  # (step, loss, inst, prior, lr) tensors not yet read back
         t0, step = time.perf_counter(), start_step
         trainable_modules = list(models.values())
+        phase = self.timer if self.timer is not None else _no_timer
         try:
             for step in range(start_step + 1, cfg.max_train_steps + 1):
+                step_t0 = time.perf_counter()
                 for micro in range(accum):
                     k = (step - 1) * accum + micro  # global micro-batch index
+                    data_phase = phase("data")
+                    data_phase.__enter__()
                     inst_picks = stream_indices(cfg.seed, len(instance), k * GB, GB)
                     positions = list(range(k * GB, (k + 1) * GB))
                     if lat_shape is None:
@@ -382,24 +427,31 @@ class Trainer:
                         class_picks = stream_indices(cfg.seed + 7919, len(class_images), k * GB, GB)[mine]
                         lat = torch.cat([lat, class_src.latents(class_picks, eps_lat[[GB + r for r in rows[mine]]], positions[mine])])
                         prompts += [cfg.class_prompt] * len(class_picks)
+                    data_phase.__exit__(None, None, None)
                     with acc.accumulate(*trainable_modules):
                         with acc.autocast():
-                            if text_cache:
-                                enc = torch.stack([text_cache[p] for p in prompts])
-                            else:
-                                enc = encode_prompts(comps.tokenizer, comps.text_encoder, prompts, device)
-                            loss, inst_loss, prior_loss = diffusion_loss(
-                                comps.unet, noise_scheduler, lat.to(device, weight_dtype), noise[my_rows].to(device, weight_dtype),
-                                timesteps[my_rows].to(device), enc.to(weight_dtype), len(my_inst), cfg.prior_loss_weight, cfg.snr_gamma)
-                        acc.backward(loss)
-                        if acc.sync_gradients and cfg.max_grad_norm > 0:
-                            acc.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                            with phase("text_encoder"):
+                                if text_cache:
+                                    enc = torch.stack([text_cache[p] for p in prompts])
+                                else:
+                                    enc = encode_prompts(comps.tokenizer, comps.text_encoder, prompts, device)
+                            with phase("unet_forward"):
+                                loss, inst_loss, prior_loss = diffusion_loss(
+                                    comps.unet, noise_scheduler, lat.to(device, weight_dtype), noise[my_rows].to(device, weight_dtype),
+                                    timesteps[my_rows].to(device), enc.to(weight_dtype), len(my_inst), cfg.prior_loss_weight, cfg.snr_gamma)
+                        with phase("backward"):
+                            acc.backward(loss)
+                        with phase("optimizer"):
+                            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                                acc.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
                     pending.append((step, micro, loss.detach(), inst_loss.detach(), None if prior_loss is None else prior_loss.detach()))
                 lr = lr_scheduler.get_last_lr()[0]
                 lr_scheduler.step()
                 method.after_optimizer_step(comps)
+                if self.timer is not None:
+                    self.timer.step_times.append(time.perf_counter() - step_t0)
                 if device.type != "cuda" or step % 10 == 0 or step == cfg.max_train_steps:
                     self._flush(pending, lr, step, t0, start_step)
                     pending = []
@@ -409,6 +461,8 @@ class Trainer:
                     self._write_loss()
                     events.emit("stopped", step=step, checkpoint=str(path))
                     raise StopRequested(step, str(path))
+                if self.bench:
+                    continue
                 if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.max_train_steps:
                     self._sample(step)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != cfg.max_train_steps:
@@ -421,6 +475,8 @@ class Trainer:
             ) from None
         self._flush(pending, lr_scheduler.get_last_lr()[0], cfg.max_train_steps, t0, start_step)
         final = cfg.max_train_steps
+        if self.bench:
+            return TrainResult(self.run_dir, final, {}, resumed_from, self.losses)
         self._sample(final)
         outputs = {}
         if acc.is_main_process:
