@@ -210,3 +210,22 @@ def test_render_morph_chunks_and_save_animation(fake_comfy, tmp_path):
     with Image.open(path) as gif:
         assert gif.info["loop"] == 0 and gif.n_frames >= 2
     assert out["ui"]["animated"] == (True,) and out["ui"]["images"][0]["subfolder"] == "dreamloom"
+
+
+@pytest.mark.slow
+def test_class_images_node_interrupt_keeps_images_and_resumes(fake_comfy):
+    node = _node("DreamLoomGenerateClassImages")()
+    args = (TINY, "a fabric pattern", "", 6, 64, 2, 7.5, "euler", 3, 2)
+    fake_comfy.interrupt_at_step = 2  # after the first batch of 2
+    with pytest.raises(FakeInterrupt):
+        node.generate(*args, unique_id="5")
+    cache = fake_comfy.root / "output" / "dreamloom" / "class_images"
+    folder = next(cache.iterdir())
+    kept = sorted(p.name for p in folder.glob("class_*.png"))
+    assert kept and len(kept) < 6
+    first = (folder / kept[0]).read_bytes()
+    dataset, preview = node.generate(*args, unique_id="5")
+    assert dataset.count == 6 and preview.shape[0] == 6 and dataset.folder == str(folder)
+    assert (folder / kept[0]).read_bytes() == first  # kept and reused, not regenerated
+    fake_comfy.progress.clear()
+    assert node.generate(*args, unique_id="5")[0] == dataset and fake_comfy.progress == []  # finished set reused
