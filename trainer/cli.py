@@ -109,23 +109,30 @@ def load_lora_into_pipeline(pipe, lora_path: str, scale: float = 1.0) -> None:
     pipe.set_adapters(["dreamloom"], adapter_weights=[scale])
 
 
-def cmd_generate(args) -> int:
+def pipeline_with_adapters(args):
+    """The base model as a pipeline on the best device, with --lora and --embedding applied."""
     import torch
 
-    from .fsutil import atomic_save
     from .models import load_base_model
-    from .sampling import generate, labelled_grid, make_pipeline
+    from .sampling import make_pipeline
 
     comps = load_base_model(args.base_model)
     pipe = make_pipeline(comps, args.sampler)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.to(device)
+    pipe.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if args.lora:
         load_lora_into_pipeline(pipe, args.lora, args.lora_scale)
     if args.embedding:
         from .ti import load_embedding_into_pipeline
 
         load_embedding_into_pipeline(pipe, args.embedding, args.embedding_token)
+    return comps, pipe
+
+
+def cmd_generate(args) -> int:
+    from .fsutil import atomic_save
+    from .sampling import generate, labelled_grid
+
+    comps, pipe = pipeline_with_adapters(args)
     subject = args.subject
     if args.prompt:
         prompts, labels = list(args.prompt), list(args.prompt)
@@ -143,25 +150,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_morph(args) -> int:
-    import torch
-
     from .animate import write_animation
     from .events import TqdmListener
-    from .models import load_base_model
     from .morph import MorphSpec, render_morph
-    from .sampling import make_pipeline
     from .slerp import parse_seeds
 
-    comps = load_base_model(args.base_model)
-    pipe = make_pipeline(comps, args.sampler)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.to(device)
-    if args.lora:
-        load_lora_into_pipeline(pipe, args.lora, args.lora_scale)
-    if args.embedding:
-        from .ti import load_embedding_into_pipeline
-
-        load_embedding_into_pipeline(pipe, args.embedding, args.embedding_token)
+    comps, pipe = pipeline_with_adapters(args)
     seeds = parse_seeds(args.seeds)
     if args.keyframes and args.keyframes != len(seeds):
         seeds = (seeds * args.keyframes)[: args.keyframes] if args.keyframes < len(seeds) else seeds + [seeds[-1] + 1000 * i for i in range(1, args.keyframes - len(seeds) + 1)]
