@@ -74,7 +74,8 @@ def cmd_train(args) -> int:
         result = train(cfg, run_dir, events=events, cache_root=args.cache_dir)
     finally:
         listener.close()
-    print(json.dumps(result.outputs, indent=2))
+    if result.outputs:  # only the main process of a distributed run has outputs
+        print(json.dumps(result.outputs, indent=2))
     return 0
 
 

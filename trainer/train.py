@@ -224,7 +224,12 @@ class Trainer:
         # accelerate keeps a process-wide singleton; a second run in the same process (tests, API
         # callers) may use another precision. The distributed part (PartialState) is kept.
         AcceleratorState._reset_state()
+        import torch
+
+        # Without cpu=True accelerate never forms a multi-process CPU group (gloo) under torchrun.
+        on_cpu = not torch.cuda.is_available() and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
         return Accelerator(
+            cpu=on_cpu,
             mixed_precision=self.cfg.mixed_precision,
             gradient_accumulation_steps=self.cfg.gradient_accumulation_steps,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir)),
@@ -388,7 +393,7 @@ class Trainer:
             atomic_write_text(job_file, json.dumps({**existing, **job}, indent=2, default=str))
         events.log(f"training {method.name} on {len(instance)} images"
                    f"{f' + {len(class_images)} class images' if use_prior else ''}; {n_trainable:,} trainable parameters; "
-                   f"device {device.type}, precision {acc.mixed_precision}")
+                   f"device {device.type}, precision {acc.mixed_precision}, processes {acc.num_processes}")
         self.job, self.gen, self.optimizer, self.lr_scheduler, self.losses = job, gen, optimizer, lr_scheduler, losses
 
         if start_step == 0 and not self.bench:
@@ -460,7 +465,7 @@ class Trainer:
                 if device.type != "cuda" or step % 10 == 0 or step == cfg.max_train_steps:
                     self._flush(pending, lr, step, t0, start_step)
                     pending = []
-                if self.should_stop():
+                if self._stop_requested():
                     self._flush(pending, lr, step, t0, start_step)
                     path = self._checkpoint(step)
                     self._write_loss()
@@ -483,6 +488,7 @@ class Trainer:
         if self.bench:
             return TrainResult(self.run_dir, final, {}, resumed_from, self.losses)
         self._sample(final)
+        self._checkpoint(final)  # every rank enters its barrier; only the main process writes
         outputs = {}
         if acc.is_main_process:
             result_dir = self.run_dir / "result"
@@ -493,12 +499,21 @@ class Trainer:
             outputs["loss_csv"] = str(self.run_dir / "loss.csv")
             samples = sorted((self.run_dir / "samples").glob("step_*.png"))
             outputs["samples"] = [str(p) for p in samples]
-            self._checkpoint(final)
         acc.wait_for_everyone()
         events.emit("done", step=final, outputs=outputs)
         return TrainResult(self.run_dir, final, outputs, resumed_from, self.losses)
 
     # -- helpers -----------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        """The main process decides, so every rank of a distributed run stops at the same step."""
+        stop = bool(self.should_stop())
+        if self.acc.num_processes > 1:
+            import torch
+            from accelerate.utils import broadcast
+
+            stop = bool(broadcast(torch.tensor([int(stop)], device=self.acc.device), from_process=0).item())
+        return stop
+
     def _flush(self, pending, lr, step, t0, start_step) -> None:
         """Read losses back to the host (one sync), record them per optimizer step, stop on NaN/inf."""
         import torch
