@@ -1,6 +1,7 @@
 """ComfyUI node classes (V1 API). Only nodes/comfy.py touches ComfyUI, and only inside functions."""
 
 from .datasets import GenerateClassImages, LoadTrainingImages
+from .grid import ImageGrid, PromptBatch
 from .loader import LoadDreamLoomLoRA
 from .morph import RenderMorph, SaveAnimation, SlerpConditioning, SlerpNoise
 from .training import TrainDreamBoothLoRA, TrainingSettings, TrainTextualInversion
@@ -16,6 +17,8 @@ NODE_CLASS_MAPPINGS = {
     "DreamLoomSlerpConditioning": SlerpConditioning,
     "DreamLoomRenderMorph": RenderMorph,
     "DreamLoomSaveAnimation": SaveAnimation,
+    "DreamLoomPromptBatch": PromptBatch,
+    "DreamLoomImageGrid": ImageGrid,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -29,4 +32,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamLoomSlerpConditioning": "SLERP Conditioning (DreamLoom)",
     "DreamLoomRenderMorph": "Render Morph (DreamLoom)",
     "DreamLoomSaveAnimation": "Save Animation (DreamLoom)",
+    "DreamLoomPromptBatch": "Prompt Batch (DreamLoom)",
+    "DreamLoomImageGrid": "Image Grid (DreamLoom)",
 }

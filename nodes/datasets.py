@@ -132,7 +132,7 @@ class GenerateClassImages:
                 "steps": ("INT", {"default": 25, "min": 1, "max": 200, "tooltip": "Sampling steps per image."}),
                 "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free guidance scale."}),
                 "sampler": (list(SCHEDULERS), {"default": "dpmpp_2m", "tooltip": "Sampler (diffusers scheduler) for the class images."}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Base seed; image i uses a seed derived from it and i."}),
+                "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip": "Base seed; image i uses a seed derived from it and i."}),
                 "batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Images generated at once (lower it if you run out of memory)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},

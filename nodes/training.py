@@ -60,7 +60,7 @@ def _common_inputs(method: str) -> dict:
         "output_name": ("STRING", {"default": "sks_fabric" if method == "lora" else "sks_fabric_ti", "tooltip": "File name for the result (no folders). An existing different file is never overwritten: a _v2 suffix is added."}),
         "learning_rate": ("FLOAT", {"default": d.learning_rate, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False, "tooltip": "Learning rate (tutorial: LoRA 1e-4, TI 5e-4)."}),
         "max_train_steps": ("INT", {"default": 800 if method == "lora" else 1500, "min": 1, "max": 100000, "tooltip": "Optimizer steps."}),
-        "seed": ("INT", {"default": 42, "min": 0, "max": SEED_MAX, "tooltip": "Seed for the whole run: same seed and inputs give the same result."}),
+        "seed": ("INT", {"default": 42, "min": 0, "max": SEED_MAX, "control_after_generate": True, "tooltip": "Seed for the whole run: same seed and inputs give the same result."}),
         "sample_every": ("INT", {"default": 100, "min": 0, "max": 100000, "tooltip": "Preview samples every N steps (also at the start and the end)."}),
     }
 

@@ -13,26 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .comfy_server import ComfyServer, comfyui_path
+from .comfy_server import comfyui_path
+from .conftest import CKPT
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 if comfyui_path() is None:
     pytest.skip("COMFYUI_PATH is not set to a ComfyUI checkout: ComfyUI integration tests skipped", allow_module_level=True)
 
-CKPT = "sd15-random.safetensors"
 OUR_NODES = ["DreamLoomLoadTrainingImages", "DreamLoomGenerateClassImages", "DreamLoomTrainingSettings", "DreamLoomTrainLoRA",
              "DreamLoomTrainTextualInversion", "DreamLoomLoadLoRA"]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, sd15_checkpoint):
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "models" / "checkpoints").mkdir(parents=True)
-    (base / "models" / "checkpoints" / CKPT).symlink_to(sd15_checkpoint)
-    srv = ComfyServer(base).start()
-    yield srv
-    srv.stop()
 
 
 def settings(**overrides):
