@@ -229,3 +229,35 @@ def test_class_images_node_interrupt_keeps_images_and_resumes(fake_comfy):
     assert (folder / kept[0]).read_bytes() == first  # kept and reused, not regenerated
     fake_comfy.progress.clear()
     assert node.generate(*args, unique_id="5")[0] == dataset and fake_comfy.progress == []  # finished set reused
+
+
+@pytest.mark.slow
+def test_training_writes_only_inside_comfyui_folders(fake_comfy, fabric_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    home, tmpdir = tmp_path / "home", tmp_path / "tmpdir"
+    home.mkdir()
+    tmpdir.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+
+    def snapshot(*roots):
+        files = set()
+        for r in roots:
+            for p in Path(r).rglob("*"):
+                if p.is_file() and "__pycache__" not in p.parts and ".venv" not in p.parts and ".git" not in p.parts \
+                        and ".pytest_cache" not in p.parts and ".hypothesis" not in p.parts:
+                    files.add(p)
+        return files
+
+    outside_before = snapshot(home, tmpdir, root, fabric_dir)
+    comfy_before = snapshot(fake_comfy.root)
+    ds = _dataset(fake_comfy, fabric_dir)
+    _train_lora(fake_comfy, ds, output_name="walk")
+    assert snapshot(home, tmpdir, root, fabric_dir) == outside_before
+    new = snapshot(fake_comfy.root) - comfy_before
+    allowed = (fake_comfy.root / "output" / "dreamloom", fake_comfy.models / "loras")
+    stray = [p for p in new if not any(str(p).startswith(str(a)) for a in allowed)]
+    assert stray == [] and (fake_comfy.models / "loras" / "walk.safetensors") in new

@@ -188,6 +188,8 @@ def run_job(run_dir: str | os.PathLike, on_event: Callable[[dict], None] | None 
         child_env = {**os.environ, **(env or {})}
         child_env["PYTHONPATH"] = os.pathsep.join([str(PACK_ROOT), child_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         child_env.setdefault("PYTHONUNBUFFERED", "1")
+        # Keep matplotlib's font cache beside the runs, not in the user's home folder.
+        child_env.setdefault("MPLCONFIGDIR", str(run_dir.parent.parent / ".cache" / "matplotlib"))
         kwargs = {}
         if os.name == "nt":  # pragma: no cover
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
