@@ -56,7 +56,7 @@ TRAINING_NOTE = (
 
 def training_chain(wf: Workflow, x: int = 0, y: int = 0) -> dict:
     images = wf.add("DreamLoomLoadTrainingImages", (x, y + 260), {"folder": "dreamloom_fabric", "resolution": 512})
-    preview = wf.add("PreviewImage", (x, y + 520), title="Training images")
+    preview = wf.add("PreviewImage", (x, y + 640), title="Training images")
     wf.link(images, "preview", preview, "images")
     classes = wf.add("DreamLoomGenerateClassImages", (x + 380, y), {
         "ckpt_name": CKPT, "class_prompt": "a fabric pattern", "negative_prompt": "", "count": 100, "resolution": 512,
@@ -67,7 +67,7 @@ def training_chain(wf: Workflow, x: int = 0, y: int = 0) -> dict:
         "learning_rate": 1e-4, "max_train_steps": 800, "seed": 42, "sample_every": 100, "output_name": "sks_fabric"})
     wf.link(images, "dataset", train, "instance_images")
     wf.link(classes, "class_images", train, "class_images")
-    loss = wf.add("PreviewImage", (x + 760, y + 600), title="Loss")
+    loss = wf.add("PreviewImage", (x + 760, y + 720), title="Loss")
     wf.link(train, "loss_plot", loss, "images")
     ckpt = wf.add("CheckpointLoaderSimple", (x + 1140, y), {"ckpt_name": CKPT})
     lora = wf.add("DreamLoomLoadLoRA", (x + 1140, y + 160), {"strength_model": 1.0, "strength_clip": 1.0})
