@@ -168,3 +168,20 @@ def test_nan_loss_stops_with_a_clear_error(fabric_dir, tmp_path, monkeypatch):
         Trainer(cfg, tmp_path / "run", comps=build_tiny()).run()
     assert "learning_rate" in info.value.hint
     assert not (tmp_path / "run" / "result").exists()
+
+
+@pytest.mark.slow
+def test_torch_compile_option_trains_and_exports(fabric_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.models import build_tiny
+
+    cfg = tiny_config(fabric_dir, max_train_steps=3, with_prior_preservation=False, torch_compile=True)
+    trainer = Trainer(cfg, tmp_path / "run", comps=build_tiny())
+    result = trainer.run()
+    assert type(trainer.comps.unet).__name__ == "OptimizedModule"
+    saved = load_file(result.outputs["lora"])
+    state = trainer.method.trainable_state(trainer.comps)
+    down = next(k for k in saved if k.endswith("lora_down.weight"))
+    assert len(state) == 2 * sum(k.endswith(".alpha") for k in saved) and all(torch.isfinite(v).all() for v in state.values())
+    assert saved[down].abs().sum() > 0

@@ -149,7 +149,7 @@ def _cuda() -> bool:
 
 
 def bench(base_model: str = "tiny", steps: int = 30, warmup: int = 5, repeats: int = 3, resolution: int | None = None,
-          morph: bool = True, out: str | None = None, cfg_overrides: dict | None = None) -> dict:
+          morph: bool = True, out: str | None = None, cfg_overrides: dict | None = None, compile_unet: bool = False) -> dict:
     from .class_images import ClassImageSpec, class_dir_for, generate_class_images
     from .data import load_image_folder
     from .fabric import write_fabric_samples
@@ -172,8 +172,9 @@ def bench(base_model: str = "tiny", steps: int = 30, warmup: int = 5, repeats: i
     print(f"bench: {base_model} at {res}px, rank {cfg.rank}, batch 1, prior preservation on; {warmup} warm-up + {steps} steps, "
           f"{repeats} alternating repeats", file=sys.stderr)
     results = {"ours": [], "baseline": []}
+    ours_cfg = TrainConfig.from_dict({**cfg.to_dict(), "torch_compile": compile_unet}) if compile_unet else cfg
     for r in range(repeats):
-        results["ours"].append(run_ours(cfg, factory, instance, class_dir, warmup, steps))
+        results["ours"].append(run_ours(ours_cfg, factory, instance, class_dir, warmup, steps))
         results["baseline"].append(run_baseline(cfg, factory, instance, class_images, warmup, steps))
         print(f"  repeat {r + 1}: ours {results['ours'][-1]['steps_per_s']:.2f} steps/s, "
               f"baseline {results['baseline'][-1]['steps_per_s']:.2f} steps/s", file=sys.stderr)
@@ -186,7 +187,7 @@ def bench(base_model: str = "tiny", steps: int = 30, warmup: int = 5, repeats: i
             "phases_ms": {k: 1000 * statistics.median(x["phases"][k] for x in runs) for k in PHASES},
         }
 
-    report = {"base_model": base_model, "resolution": res, "steps": steps, "warmup": warmup, "repeats": repeats,
+    report = {"base_model": base_model, "resolution": res, "steps": steps, "warmup": warmup, "repeats": repeats, "torch_compile": compile_unet,
               "device": "cuda" if _cuda() else "cpu", "ours": summary(results["ours"]), "baseline": summary(results["baseline"])}
     report["speedup"] = report["ours"]["steps_per_s"] / report["baseline"]["steps_per_s"]
     report["peak_rss_ratio"] = report["ours"]["peak_rss_mb"] / report["baseline"]["peak_rss_mb"]
@@ -211,7 +212,7 @@ def bench(base_model: str = "tiny", steps: int = 30, warmup: int = 5, repeats: i
 def format_report(r: dict) -> str:
     o, b = r["ours"], r["baseline"]
     lines = [
-        f"training ({r['base_model']}, {r['resolution']}px, {r['device']}), median of {r['repeats']}:",
+        f"training ({r['base_model']}, {r['resolution']}px, {r['device']}{', ours with torch.compile' if r.get('torch_compile') else ''}), median of {r['repeats']}:",
         f"  ours      {o['steps_per_s']:8.2f} steps/s   peak RSS {o['peak_rss_mb']:8.1f} MB",
         f"  baseline  {b['steps_per_s']:8.2f} steps/s   peak RSS {b['peak_rss_mb']:8.1f} MB   (tutorial loop)",
         f"  speed ratio (ours / baseline): {r['speedup']:.2f}x   peak RSS ratio: {r['peak_rss_ratio']:.2f}",

@@ -178,7 +178,7 @@ def cmd_bench(args) -> int:
     from .bench import bench
 
     bench(args.base_model, steps=args.steps, warmup=args.warmup, repeats=args.repeats, resolution=args.resolution or None,
-          morph=not args.skip_morph, out=args.json)
+          morph=not args.skip_morph, out=args.json, compile_unet=args.compile)
     return 0
 
 
@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--resolution", type=int, default=0, help="default: 64 for tiny, 512 otherwise")
     p.add_argument("--skip-morph", action="store_true")
+    p.add_argument("--compile", action="store_true", help="ours with torch.compile on the UNet (compile time is in the warm-up)")
     p.add_argument("--json", default="bench.json", help="where to write the JSON result")
     p.set_defaults(func=cmd_bench)
 

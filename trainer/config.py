@@ -84,6 +84,7 @@ class TrainConfig:
     noise_offset: float = 0.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    torch_compile: bool = False
     cache_latents: bool = True
     seed: int = 42
 

@@ -155,7 +155,9 @@ class LoRAMethod(Method):
 
 
 def _unwrap(module):
-    return getattr(module, "module", module)
+    """The plain module inside DDP and/or torch.compile wrappers."""
+    module = getattr(module, "module", module)
+    return getattr(module, "_orig_mod", module)
 
 
 def make_method(cfg: TrainConfig) -> Method:

@@ -332,6 +332,9 @@ class Trainer:
                 b.data = b.data.to(device)
         comps.vae.to(device, torch.float32 if weight_dtype == torch.float16 else weight_dtype)  # fp16 VAE encode overflows
 
+        if cfg.torch_compile and method.name == "lora":
+            # Compiled once for the training shape; sampling uses the plain module (other batch sizes).
+            comps.unet = torch.compile(comps.unet)
         noise_scheduler = comps.noise_scheduler()
         res = cfg.resolution
         events.emit("progress", phase="caching latents", step=0, total=cfg.max_train_steps)
@@ -575,8 +578,8 @@ class Trainer:
 
         acc = self.acc
         if acc.is_main_process and self.cfg.sample_every >= 0:
-            unet = acc.unwrap_model(self.comps.unet)
-            text_encoder = acc.unwrap_model(self.comps.text_encoder)
+            unet = acc.unwrap_model(self.comps.unet, keep_torch_compile=False)
+            text_encoder = acc.unwrap_model(self.comps.text_encoder, keep_torch_compile=False)
             was_training = unet.training
             unet.eval()
             text_encoder.eval()
