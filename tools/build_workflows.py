@@ -13,19 +13,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workflow_format import ROOT, Workflow, object_info, ui_to_api  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from trainer.prompts import GRID_CONTEXTS  # noqa: E402
+
 CKPT = "v1-5-pruned-emaonly.safetensors"
 SUBJECT = "sks african fabric pattern"
-CONTEXTS = [
-    ("dress", "a dress made of {s}"),
-    ("wallpaper", "a wallpaper with {s}"),
-    ("watercolor", "a watercolor painting of {s}"),
-    ("handbag", "a handbag made of {s}"),
-    ("vase", "a ceramic vase painted with {s}"),
-    ("pillow", "a throw pillow covered in {s}"),
-    ("sneakers", "a pair of sneakers with {s}"),
-    ("umbrella", "an umbrella printed with {s}"),
-    ("book cover", "a book cover featuring {s}"),
-]
+CONTEXTS = GRID_CONTEXTS
 STYLES = [
     ("Photorealistic", "professional photograph of {s}, studio lighting, high detail"),
     ("Oil Painting", "oil painting of {s}, impressionist style, brush strokes visible"),
@@ -75,6 +68,15 @@ def training_chain(wf: Workflow, x: int = 0, y: int = 0) -> dict:
     wf.link(ckpt, "CLIP", lora, "clip")
     wf.link(train, "lora_name", lora, "lora_path")
     return {"ckpt": ckpt, "lora": lora, "train": train, "images": images}
+
+
+def encode_pair(wf: Workflow, clip_src, x: int, y: int, text: str) -> tuple[int, int]:
+    """A positive CLIPTextEncode and the shared negative prompt, both fed by `clip_src`."""
+    pos = wf.add("CLIPTextEncode", (x, y), {"text": text})
+    neg = wf.add("CLIPTextEncode", (x, y + 220), {"text": NEGATIVE}, title="Negative prompt")
+    for node in (pos, neg):
+        wf.link(*clip_src, node, "clip")
+    return pos, neg
 
 
 def prompt_grid(wf, clip_src, model_src, vae_src, x, y, prompts, subject, title, prefix, seed=42, cfg=7.5, subject_link=None):
@@ -146,10 +148,7 @@ def fabric_explore(info) -> dict:
     model, clip, vae = (t["lora"], "model"), (t["lora"], "clip"), (t["ckpt"], "VAE")
     # A: guidance sweep
     x, y = 1520, 0
-    pos = wf.add("CLIPTextEncode", (x, y), {"text": "a sks african fabric pattern, beautiful textile design, intricate details, vibrant colors"})
-    neg = wf.add("CLIPTextEncode", (x, y + 220), {"text": NEGATIVE}, title="Negative prompt")
-    for node in (pos, neg):
-        wf.link(*clip, node, "clip")
+    pos, neg = encode_pair(wf, clip, x, y, "a sks african fabric pattern, beautiful textile design, intricate details, vibrant colors")
     empty = wf.add("EmptyLatentImage", (x, y + 400), {"width": 512, "height": 512, "batch_size": 1})
     batch = None
     for i, cfg in enumerate(GUIDANCE):
@@ -178,10 +177,7 @@ def fabric_explore(info) -> dict:
     prompt_grid(wf, clip, model, vae, 1520, 1600, STYLES, SUBJECT, "nine styles, seed 123", "dreamloom/fabric_styles", seed=123)
     # C: seeds
     x, y = 1520, 2400
-    posc = wf.add("CLIPTextEncode", (x, y), {"text": "a sks african fabric pattern, beautiful colors, detailed"})
-    negc = wf.add("CLIPTextEncode", (x, y + 220), {"text": NEGATIVE}, title="Negative prompt")
-    for node in (posc, negc):
-        wf.link(*clip, node, "clip")
+    posc, negc = encode_pair(wf, clip, x, y, "a sks african fabric pattern, beautiful colors, detailed")
     noise = wf.add("DreamLoomSlerpNoise", (x, y + 400), {"seeds": ", ".join(map(str, SEEDS)), "frames_per_transition": 1,
                                                          "easing": "linear", "hold_frames": 0, "loop": True, "width": 512, "height": 512})
     guider = wf.add("CFGGuider", (x + 360, y), {"cfg": 7.5})
@@ -218,10 +214,7 @@ def fabric_morph(info) -> dict:
     t = training_chain(wf, 0, 300)
     model, clip, vae = (t["lora"], "model"), (t["lora"], "clip"), (t["ckpt"], "VAE")
     x, y = 1520, 0
-    pos = wf.add("CLIPTextEncode", (x, y), {"text": "a sks african fabric pattern"})
-    neg = wf.add("CLIPTextEncode", (x, y + 220), {"text": NEGATIVE}, title="Negative prompt")
-    for node in (pos, neg):
-        wf.link(*clip, node, "clip")
+    pos, neg = encode_pair(wf, clip, x, y, "a sks african fabric pattern")
     noise = wf.add("DreamLoomSlerpNoise", (x, y + 400), {"seeds": "1, 42, 100, 256, 512", "frames_per_transition": 90,
                                                          "easing": "linear", "hold_frames": 0, "loop": True, "width": 512, "height": 512})
     select = wf.add("KSamplerSelect", (x + 360, y), {"sampler_name": "euler"})

@@ -10,18 +10,8 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import DreamLoomError
+from .prompts import GRID_CONTEXTS
 
-GRID_CONTEXTS = [
-    ("dress", "a dress made of {s}"),
-    ("wallpaper", "a wallpaper with {s}"),
-    ("watercolor", "a watercolor painting of {s}"),
-    ("handbag", "a handbag made of {s}"),
-    ("vase", "a ceramic vase painted with {s}"),
-    ("pillow", "a throw pillow covered in {s}"),
-    ("sneakers", "a pair of sneakers with {s}"),
-    ("umbrella", "an umbrella printed with {s}"),
-    ("book cover", "a book cover featuring {s}"),
-]
 
 HELP = {
     "method": "lora (DreamBooth LoRA) or ti (textual inversion)",

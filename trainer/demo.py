@@ -18,7 +18,7 @@ def _copy(src: str | Path, dst: Path) -> Path:
 
 
 def run_demo(out: Path, steps: int | None = None, quick: bool = False, base_model: str = "tiny") -> dict:
-    from .cli import GRID_CONTEXTS
+    from .prompts import GRID_CONTEXTS
     from .fabric import write_fabric_samples
     from .fsutil import atomic_save, atomic_write_text
     from .models import load_base_model
