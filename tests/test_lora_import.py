@@ -103,3 +103,16 @@ def test_text_encoder_keys_and_old_processor_format():
                                 "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0"}
     assert all(float(imp.tensors[f"{m}.alpha"]) == 2.0 for m in imp.modules)  # no alpha stored: scale 1
     assert imp.notes
+
+
+@pytest.mark.parametrize("sd,needle", [
+    ({"lora_unet_a.lora_down.weight": torch.zeros(2, 3), "lora_unet_a.lora_up.weight": torch.zeros(3, 2),
+      "lora_unet_a.alpha": torch.zeros(2, 2)}, "not a single number"),  # found by the fuzzer
+    ({"unet.x.lora_A.weight": torch.zeros(2, 3), "unet.x.lora_B.weight": torch.zeros(3, 2), "unet.x.alpha": torch.zeros(3)}, "not a single number"),
+    ({"unet.x.lora_A.weight": torch.zeros(2, 3), "unet.x.lora_B.weight": torch.zeros(3, 5)}, "mismatched shapes"),
+    ({"lora_unet_a.lora_down.weight": torch.zeros(2, 3), "lora_unet_a.lora_up.weight": torch.zeros(3, 2),
+      "lora_unet_a.alpha": torch.tensor(float("nan"))}, "alpha nan"),
+])
+def test_malformed_modules_are_clear_errors(sd, needle):
+    with pytest.raises(DreamLoomError, match=needle):
+        convert_state_dict(sd)

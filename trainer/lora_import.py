@@ -95,6 +95,28 @@ def _pairs(sd: dict, strip: str) -> tuple[dict[str, tuple], list[str]]:
     return modules, leftovers
 
 
+def _checked_alpha(name: str, down, up, alpha) -> float:
+    """The module's alpha as a number, after checking that down/up/alpha have LoRA shapes."""
+    import torch
+
+    if down.ndim not in (2, 4) or up.ndim not in (2, 4) or down.shape[0] != up.shape[1] or down.shape[0] == 0:
+        raise DreamLoomError(
+            f"LoRA module {name} has mismatched shapes: down {tuple(down.shape)}, up {tuple(up.shape)}.",
+            "The file is damaged or not a plain LoRA: export it again.",
+        )
+    if alpha is None:
+        return float(down.shape[0])
+    if isinstance(alpha, torch.Tensor):
+        if alpha.numel() != 1:
+            raise DreamLoomError(f"LoRA module {name} has an alpha of shape {tuple(alpha.shape)}, not a single number.",
+                                 "The file is damaged: export it again.")
+        alpha = alpha.item()
+    alpha = float(alpha)
+    if not alpha == alpha or alpha in (float("inf"), float("-inf")):
+        raise DreamLoomError(f"LoRA module {name} has alpha {alpha}.", "The file is damaged: export it again.")
+    return alpha
+
+
 def detect_format(keys) -> str:
     keys = list(keys)
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
@@ -136,14 +158,13 @@ def convert_state_dict(sd: dict, metadata: dict | None = None, adapter_config: d
         for name, parts in sorted(groups.items()):
             if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
                 raise DreamLoomError(f"LoRA module {name} lacks its down or up weight.", "The file is incomplete: export it again.")
-            rank = parts["lora_down.weight"].shape[0]
-            alpha = parts.get("alpha", torch.tensor(float(rank)))
+            alpha = _checked_alpha(name, parts["lora_down.weight"], parts["lora_up.weight"], parts.get("alpha"))
             if "alpha" not in parts:
-                notes.append(f"{name}: no alpha stored; using alpha = rank ({rank}), scale 1")
+                notes.append(f"{name}: no alpha stored; using alpha = rank ({alpha:g}), scale 1")
             name = name.replace("lora_te1_", "lora_te_")
             out[f"{name}.lora_down.weight"] = parts["lora_down.weight"]
             out[f"{name}.lora_up.weight"] = parts["lora_up.weight"]
-            out[f"{name}.alpha"] = torch.as_tensor(alpha, dtype=torch.float32).reshape(())
+            out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
             modules.append(name)
         return ImportedLoRA(out, fmt, modules, notes)
 
@@ -177,8 +198,9 @@ def convert_state_dict(sd: dict, metadata: dict | None = None, adapter_config: d
             rank = down.shape[0]
             is_text = comp == "text_encoder" or (comp is None and _is_text_path(path))
             config = adapter_config if comp is None else configs.get(comp)
+            _checked_alpha(path, down, up, None)
             if "alpha" in parts:
-                alpha = float(sd[parts["alpha"]])
+                alpha = _checked_alpha(path, down, up, sd[parts["alpha"]])
             else:
                 alpha = _alpha_for(path, config, rank)
                 if config is None:
