@@ -79,6 +79,20 @@ def encode_pair(wf: Workflow, clip_src, x: int, y: int, text: str) -> tuple[int,
     return pos, neg
 
 
+def decode_grid_save(wf: Workflow, latent_src, vae_src, x: int, y: int, grid_widgets: dict, prefix: str, labels_link=None) -> int:
+    """VAE Decode -> Image Grid -> Save Image: the tail of every comparison grid."""
+    decode = wf.add("VAEDecode", (x, y))
+    wf.link(*latent_src, decode, "samples")
+    wf.link(*vae_src, decode, "vae")
+    grid = wf.add("DreamLoomImageGrid", (x, y + 120), grid_widgets)
+    wf.link(decode, "IMAGE", grid, "images")
+    if labels_link:
+        wf.link(*labels_link, grid, "labels")
+    save = wf.add("SaveImage", (x + 360, y), {"filename_prefix": prefix})
+    wf.link(grid, "grid", save, "images")
+    return save
+
+
 def prompt_grid(wf, clip_src, model_src, vae_src, x, y, prompts, subject, title, prefix, seed=42, cfg=7.5, subject_link=None):
     batch = wf.add("DreamLoomPromptBatch", (x, y), {"prompts": "\n".join(f"{label}: {text}" for label, text in prompts), "subject": subject})
     wf.link(*clip_src, batch, "clip")
@@ -93,15 +107,8 @@ def prompt_grid(wf, clip_src, model_src, vae_src, x, y, prompts, subject, title,
     wf.link(batch, "conditioning", sampler, "positive")
     wf.link(negative, "CONDITIONING", sampler, "negative")
     wf.link(latent, "LATENT", sampler, "latent_image")
-    decode = wf.add("VAEDecode", (x + 720, y))
-    wf.link(sampler, "LATENT", decode, "samples")
-    wf.link(*vae_src, decode, "vae")
-    grid = wf.add("DreamLoomImageGrid", (x + 720, y + 120), {"columns": 3, "title": title})
-    wf.link(decode, "IMAGE", grid, "images")
-    wf.link(batch, "labels", grid, "labels")
-    save = wf.add("SaveImage", (x + 1080, y), {"filename_prefix": prefix})
-    wf.link(grid, "grid", save, "images")
-    return save
+    return decode_grid_save(wf, (sampler, "LATENT"), vae_src, x + 720, y, {"columns": 3, "title": title}, prefix,
+                            labels_link=(batch, "labels"))
 
 
 def fabric_dreambooth_lora(info) -> dict:
@@ -165,14 +172,8 @@ def fabric_explore(info) -> dict:
             wf.link(batch, "LATENT", joined, "samples1")
             wf.link(ks, "LATENT", joined, "samples2")
             batch = joined
-    decode = wf.add("VAEDecode", (x + 1080, y))
-    wf.link(batch, "LATENT", decode, "samples")
-    wf.link(*vae, decode, "vae")
-    grid = wf.add("DreamLoomImageGrid", (x + 1080, y + 120), {"columns": 5, "labels": "\n".join(f"guidance {g:g}" for g in GUIDANCE),
-                                                               "title": "guidance sweep, seed 42"})
-    wf.link(decode, "IMAGE", grid, "images")
-    save = wf.add("SaveImage", (x + 1440, y), {"filename_prefix": "dreamloom/fabric_guidance"})
-    wf.link(grid, "grid", save, "images")
+    decode_grid_save(wf, (batch, "LATENT"), vae, x + 1080, y, {"columns": 5, "labels": "\n".join(f"guidance {g:g}" for g in GUIDANCE),
+                                                              "title": "guidance sweep, seed 42"}, "dreamloom/fabric_guidance")
     # B: styles
     prompt_grid(wf, clip, model, vae, 1520, 1600, STYLES, SUBJECT, "nine styles, seed 123", "dreamloom/fabric_styles", seed=123)
     # C: seeds
@@ -193,14 +194,8 @@ def fabric_explore(info) -> dict:
     wf.link(select, "SAMPLER", adv, "sampler")
     wf.link(sched, "SIGMAS", adv, "sigmas")
     wf.link(noise, "latent", adv, "latent_image")
-    decode = wf.add("VAEDecode", (x + 1080, y))
-    wf.link(adv, "output", decode, "samples")
-    wf.link(*vae, decode, "vae")
-    grid = wf.add("DreamLoomImageGrid", (x + 1080, y + 120), {"columns": 3, "labels": "\n".join(f"seed {s}" for s in SEEDS),
-                                                               "title": "nine seeds"})
-    wf.link(decode, "IMAGE", grid, "images")
-    save = wf.add("SaveImage", (x + 1440, y), {"filename_prefix": "dreamloom/fabric_seeds"})
-    wf.link(grid, "grid", save, "images")
+    decode_grid_save(wf, (adv, "output"), vae, x + 1080, y, {"columns": 3, "labels": "\n".join(f"seed {s}" for s in SEEDS),
+                                                             "title": "nine seeds"}, "dreamloom/fabric_seeds")
     return wf.to_ui()
 
 
