@@ -10,16 +10,19 @@ from ..trainer.errors import DreamLoomError
 from . import comfy
 
 BUILTIN_TINY = "tiny (built-in test model)"
+BUILTIN_TINY_FABRIC = "tiny-fabric (built-in 128 px fabric model)"
 PREVIEW_MAX_PX = 512
 
 
 def checkpoint_choices() -> list[str]:
-    return comfy.filename_list("checkpoints") + [BUILTIN_TINY]
+    return comfy.filename_list("checkpoints") + [BUILTIN_TINY_FABRIC, BUILTIN_TINY]
 
 
 def resolve_checkpoint(name: str) -> str:
     if name == BUILTIN_TINY:
         return "tiny"
+    if name == BUILTIN_TINY_FABRIC:
+        return "tiny-fabric"
     path = comfy.full_path("checkpoints", name)
     if not path or not os.path.exists(path):
         raise DreamLoomError(f"Checkpoint {name!r} not found in ComfyUI's checkpoints folder.",

@@ -43,7 +43,7 @@ def test_demo_end_to_end(tmp_path):
     r = run_cli("demo", "--output-dir", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    for name in ("sks_fabric.safetensors", "pytorch_lora_weights.safetensors", "loss.png", "grid_lora.png",
+    for name in ("sks_fabric.safetensors", "pytorch_lora_weights.safetensors", "loss.png", "grid_lora.png", "base_vs_lora.png",
                  "sks_fabric_ti.safetensors", "ti_vs_lora.png", "morph.gif"):
         assert (out / name).stat().st_size > 0, name
     assert len(list((out / "class_images").glob("class_*.png"))) == 100
@@ -53,6 +53,11 @@ def test_demo_end_to_end(tmp_path):
         assert gif.n_frames == summary["morph"]["frames"] == 30 and gif.info["loop"] == 0
     samples = [Path(p).name for p in summary["samples"]]
     assert samples[0] == "step_00000.png" and samples[-1] == "step_00800.png"
+    # On the pretrained tiny-fabric model the demo visibly learns the style: its pictures move towards the
+    # sample set (quality.py's colour + texture features) from the base model's at the same prompts and seed.
+    assert summary["base_model"] == "tiny-fabric"
+    assert summary["fidelity"]["lora"] > summary["fidelity"]["base"] + 0.05, summary["fidelity"]
+    assert summary["fidelity"]["ti"] > summary["fidelity"]["base"], summary["fidelity"]
 
 
 def test_cli_morph_writes_looping_gif(tmp_path):

@@ -95,3 +95,22 @@ def test_unknown_and_mistyped_settings(tmp_path):
         TrainConfig.from_toml(bad)
     with pytest.raises(DreamLoomError, match="not found"):
         TrainConfig.from_toml(tmp_path / "missing.toml")
+
+
+def test_cli_defaults_to_tiny_fabric_at_its_native_size(tmp_path):
+    from trainer.cli import _config_from_args, build_parser
+
+    parse = build_parser().parse_args
+    cfg = _config_from_args(parse(["train", "--output-dir", str(tmp_path)]))
+    assert cfg.base_model == "tiny-fabric" and cfg.resolution == 128
+    cfg = _config_from_args(parse(["train", "--output-dir", str(tmp_path), "--base-model", "tiny"]))
+    assert cfg.base_model == "tiny" and cfg.resolution == 64
+    cfg = _config_from_args(parse(["train", "--output-dir", str(tmp_path), "--resolution", "96"]))
+    assert cfg.resolution == 96  # an explicit size wins
+    toml = tmp_path / "run.toml"
+    toml.write_text('[train]\nbase_model = "/models/sd15.safetensors"\n')
+    cfg = _config_from_args(parse(["train", "--output-dir", str(tmp_path), "--config", str(toml)]))
+    assert cfg.base_model == "/models/sd15.safetensors" and cfg.resolution == 512
+    toml.write_text("[train]\nrank = 8\n")  # a file that names no model gets the CLI's default model
+    cfg = _config_from_args(parse(["train", "--output-dir", str(tmp_path), "--config", str(toml)]))
+    assert cfg.base_model == "tiny-fabric" and cfg.resolution == 128 and cfg.rank == 8

@@ -261,3 +261,13 @@ def test_training_writes_only_inside_comfyui_folders(fake_comfy, fabric_dir, tmp
     allowed = (fake_comfy.root / "output" / "dreamloom", fake_comfy.models / "loras")
     stray = [p for p in new if not any(str(p).startswith(str(a)) for a in allowed)]
     assert stray == [] and (fake_comfy.models / "loras" / "walk.safetensors") in new
+
+
+def test_builtin_tiny_fabric_is_offered_and_generates_class_images(fake_comfy):
+    runner = sys.modules["dreamloom_pack.nodes.runner"]
+    choices = runner.checkpoint_choices()
+    assert runner.BUILTIN_TINY_FABRIC in choices and runner.resolve_checkpoint(runner.BUILTIN_TINY_FABRIC) == "tiny-fabric"
+    node = _node("DreamLoomGenerateClassImages")()
+    dataset, preview = node.generate(runner.BUILTIN_TINY_FABRIC, "a fabric pattern", "", 2, 128, 3, 7.5, "euler", 3, 2, unique_id="9")
+    assert dataset.count == 2 and preview.shape[1:] == (128, 128, 3)
+    assert float(preview.std()) > 0.02  # a picture, not a flat field

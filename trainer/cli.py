@@ -15,7 +15,7 @@ from .prompts import GRID_CONTEXTS
 
 HELP = {
     "method": "lora (DreamBooth LoRA) or ti (textual inversion)",
-    "base_model": "'tiny', an SD1.5 .safetensors checkpoint, or a diffusers folder",
+    "base_model": "'tiny-fabric' (built-in, pretrained), 'tiny' (random weights), an SD1.5 .safetensors checkpoint, or a diffusers folder",
     "instance_dir": "folder of 5-20 instance images (.jpg/.png/.webp, optional .txt captions)",
     "instance_prompt": "prompt for the instance images; must contain the token",
     "token": "the rare word that stands for the subject",
@@ -38,14 +38,30 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=f.name, default=None, metavar=str(f.type).upper().replace("LIST[STR]", "A,B"), help=help_text)
 
 
+BUILTIN_RESOLUTION = {"tiny": 64, "tiny-fabric": 128}
+
+
+def _toml_keys(path) -> set[str]:
+    import tomllib
+
+    raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    return set(raw["train"] if set(raw) == {"train"} and isinstance(raw["train"], dict) else raw)
+
+
 def _config_from_args(args) -> TrainConfig:
     data = {}
     if getattr(args, "config", None):
-        data.update(TrainConfig.from_toml(args.config).to_dict())
+        from_file = TrainConfig.from_toml(args.config).to_dict()  # validated; keep only the keys the file sets
+        data.update({k: from_file[k] for k in _toml_keys(args.config)})
     for f in fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:
             data[f.name] = value
+    # The CLI's base model is the pretrained tiny-fabric unless told otherwise; a built-in model trains at
+    # its native size unless a resolution is given.
+    data.setdefault("base_model", "tiny-fabric")
+    if "resolution" not in data and data["base_model"] in BUILTIN_RESOLUTION:
+        data["resolution"] = BUILTIN_RESOLUTION[data["base_model"]]
     return TrainConfig.from_dict(data)
 
 
@@ -78,7 +94,7 @@ def cmd_class_images(args) -> int:
 
     comps = load_base_model(args.base_model)
     spec = ClassImageSpec(comps.fingerprint, args.class_prompt, args.negative_prompt, args.sampler, args.steps,
-                          args.guidance, args.resolution, args.seed)
+                          args.guidance, args.resolution or comps.native_resolution, args.seed)
     folder = Path(args.output_dir) if args.output_dir else class_dir_for(args.cache_dir, spec)
     events = Events(None)
     listener = TqdmListener("class images")
@@ -175,8 +191,40 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.output_dir), steps=args.steps, quick=args.quick)
+    run_demo(Path(args.output_dir), steps=args.steps, quick=args.quick, base_model=args.base_model)
     return 0
+
+
+def cmd_pretrain_tiny(args) -> int:
+    from .pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(out=Path(args.output_dir), per_family=args.per_family, vae_steps=args.vae_steps,
+                         unet_steps=args.unet_steps, crop_steps=min(args.crop_steps, args.unet_steps), seed=args.seed,
+                         threads=args.threads or None, time_budget_s=args.time_budget * 60 if args.time_budget else None,
+                         resume_vae=args.resume_vae)
+    info = pretrain(cfg)
+    if args.install:
+        import shutil
+
+        from .fsutil import atomic_path
+        from .models import TINY_FABRIC_PATH
+
+        with atomic_path(TINY_FABRIC_PATH) as tmp:
+            shutil.copyfile(info["path"], tmp)
+        print(f"installed as the built-in tiny-fabric model: {TINY_FABRIC_PATH}")
+    return 0
+
+
+def cmd_quality(args) -> int:
+    from .quality import QualitySpec, run_quality
+
+    spec = QualitySpec(base_model=args.base_model,
+                       training_seeds=tuple(int(s) for s in args.training_seeds.split(",")),
+                       sample_seeds=tuple(int(s) for s in args.sample_seeds.split(",")),
+                       lora_steps=args.lora_steps, ti_steps=args.ti_steps, num_class_images=args.class_images,
+                       gen_steps=args.gen_steps, train_text_encoder=not args.unet_only)
+    report = run_quality(Path(args.output_dir), spec)
+    return 0 if all(report["summary"]["targets"].values()) or not args.strict else 1
 
 
 def cmd_worker(args) -> int:
@@ -197,11 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("class-images", help="generate (or complete) a cached set of class images")
-    p.add_argument("--base-model", default="tiny")
+    p.add_argument("--base-model", default="tiny-fabric")
     p.add_argument("--class-prompt", default="a fabric pattern")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--count", type=int, default=100)
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=int, default=0, help="default: the model's native size")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--sampler", default="dpmpp_2m")
@@ -212,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_class_images)
 
     p = sub.add_parser("generate", help="a labelled prompt grid, with a LoRA and/or embedding applied")
-    p.add_argument("--base-model", default="tiny")
+    p.add_argument("--base-model", default="tiny-fabric")
     p.add_argument("--lora", help="LoRA .safetensors (kohya or diffusers format)")
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--embedding", help="textual inversion .safetensors")
@@ -231,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("morph", help="a seamless looping SLERP morph animation (GIF, WebP or MP4)")
-    p.add_argument("--base-model", default="tiny")
+    p.add_argument("--base-model", default="tiny-fabric")
     p.add_argument("--lora", help="LoRA .safetensors to apply")
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--embedding", help="textual inversion .safetensors")
@@ -253,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="morph.gif", help=".gif, .webp or .mp4")
     p.set_defaults(func=cmd_morph)
 
-    p = sub.add_parser("demo", help="the whole fabric pipeline on the built-in tiny model")
+    p = sub.add_parser("demo", help="the whole fabric pipeline on the built-in tiny-fabric model")
     p.add_argument("--output-dir", default="demo_output")
+    p.add_argument("--base-model", default="tiny-fabric", help="tiny-fabric (pretrained), tiny (random weights) or an SD1.5 file")
     p.add_argument("--steps", type=int, default=None, help="override the demo's training steps")
     p.add_argument("--quick", action="store_true", help="a smaller, faster demo (used by the tests)")
     p.set_defaults(func=cmd_demo)
@@ -269,6 +318,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="ours with torch.compile on the UNet (compile time is in the warm-up)")
     p.add_argument("--json", default="bench.json", help="where to write the JSON result")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("pretrain-tiny", help="pretrain the built-in tiny-fabric base model on the procedural corpus (CPU, ~50 min)")
+    p.add_argument("--output-dir", default="pretrain_output")
+    p.add_argument("--per-family", type=int, default=1000, help="corpus images per pattern family")
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--crop-steps", type=int, default=1800, help="UNet steps on 16x16 latent crops before whole latents")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--time-budget", type=float, default=58, help="minutes; stop the UNet stage early when reached")
+    p.add_argument("--resume-vae", action="store_true", help="reuse the stage-1 VAE in --output-dir")
+    p.add_argument("--install", action="store_true", help="copy the result over the built-in tiny-fabric weights")
+    p.set_defaults(func=cmd_pretrain_tiny)
+
+    p = sub.add_parser("quality", help="mini DreamBench on the held-out style: LoRA +/- prior and TI vs the base model")
+    p.add_argument("--output-dir", default="quality_output")
+    p.add_argument("--base-model", default="tiny-fabric")
+    p.add_argument("--training-seeds", default="0,1,2", help="comma separated; one training run per method and seed")
+    p.add_argument("--sample-seeds", default="11,22,33,44", help="comma separated generation seeds")
+    p.add_argument("--lora-steps", type=int, default=800)
+    p.add_argument("--ti-steps", type=int, default=800)
+    p.add_argument("--class-images", type=int, default=100)
+    p.add_argument("--gen-steps", type=int, default=20, help="sampler steps per generated image")
+    p.add_argument("--unet-only", action="store_true", help="LoRA on the UNet only (the tutorial's setting) instead of UNet + text encoder")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    p.set_defaults(func=cmd_quality)
 
     p = sub.add_parser("worker", help=argparse.SUPPRESS)
     p.add_argument("job")

@@ -135,7 +135,7 @@ class TrainConfig:
         choice("class_sampler", SAMPLERS)
         choice("ti_templates", TI_TEMPLATES)
         if not isinstance(self.base_model, str) or not self.base_model.strip():
-            raise bad("base_model", "Give 'tiny', a .safetensors SD1.5 checkpoint, or a diffusers folder.")
+            raise bad("base_model", "Give 'tiny-fabric' or 'tiny' (built in), a .safetensors SD1.5 checkpoint, or a diffusers folder.")
         positive_int("resolution", 64, 2048)
         if self.resolution % 8:
             raise bad("resolution", f"Use a multiple of 8, for example {self.resolution // 8 * 8 or 64}.")

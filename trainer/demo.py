@@ -1,4 +1,4 @@
-"""`python -m trainer demo`: the fabric tutorial, end to end, on the built-in tiny model."""
+"""`python -m trainer demo`: the fabric tutorial, end to end, on the built-in tiny-fabric model."""
 
 from __future__ import annotations
 
@@ -17,7 +17,13 @@ def _copy(src: str | Path, dst: Path) -> Path:
     return atomic_save(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
-def run_demo(out: Path, steps: int | None = None, quick: bool = False, base_model: str = "tiny") -> dict:
+def _fidelity(images) -> float:
+    from .quality import features, mean_similarity_to, reference_features
+
+    return round(mean_similarity_to([features(im) for im in images], reference_features())["combined"], 4)
+
+
+def run_demo(out: Path, steps: int | None = None, quick: bool = False, base_model: str = "tiny-fabric") -> dict:
     from .prompts import GRID_CONTEXTS
     from .fabric import write_fabric_samples
     from .fsutil import atomic_save, atomic_write_text
@@ -33,7 +39,7 @@ def run_demo(out: Path, steps: int | None = None, quick: bool = False, base_mode
     print(f"[demo] sample set: {samples_dir} (10 images, 512 px)")
 
     lora_steps = steps or (30 if quick else 800)
-    resolution = load_base_model(base_model).native_resolution if base_model != "tiny" else 64
+    resolution = load_base_model(base_model).native_resolution
     cfg = TrainConfig(
         method="lora",
         base_model=base_model,
@@ -75,6 +81,16 @@ def run_demo(out: Path, steps: int | None = None, quick: bool = False, base_mode
     atomic_save(out / "grid_lora.png", lambda tmp: grid.save(tmp, format="PNG"))
     summary["grid"] = str(out / "grid_lora.png")
 
+    # The same prompts and seed on the base model: what the LoRA changed, in pictures and in numbers.
+    base_images = generate(make_pipeline(load_base_model(base_model)), prompts, [42] * len(prompts), 10, 7.5, resolution)
+    labels = [f"base: {name}" for name, _ in GRID_CONTEXTS[:5]] + [f"LoRA: {name}" for name, _ in GRID_CONTEXTS[:5]]
+    cmp = labelled_grid(base_images[:5] + images[:5], labels, cols=5, tile=160, title="base model (top) vs LoRA (bottom), same prompts and seed")
+    atomic_save(out / "base_vs_lora.png", lambda tmp: cmp.save(tmp, format="PNG"))
+    summary["base_vs_lora"] = str(out / "base_vs_lora.png")
+    summary["fidelity"] = {"base": _fidelity(base_images), "lora": _fidelity(images)}
+    print(f"[demo] fidelity to the sample set (quality.py features, 0-1): base {summary['fidelity']['base']:.3f}, "
+          f"LoRA {summary['fidelity']['lora']:.3f}")
+
     # Textual inversion on the same images, then the tutorial's step 4: TI next to LoRA, same prompts and seeds.
     ti_steps = steps or (30 if quick else 600)
     ti_cfg = TrainConfig(
@@ -114,6 +130,7 @@ def run_demo(out: Path, steps: int | None = None, quick: bool = False, base_mode
     cmp_grid = labelled_grid(lora_imgs + ti_imgs, labels, cols=len(compare), tile=160, title="LoRA (top) vs textual inversion (bottom), same seeds")
     atomic_save(out / "ti_vs_lora.png", lambda tmp: cmp_grid.save(tmp, format="PNG"))
     summary["ti_vs_lora"] = str(out / "ti_vs_lora.png")
+    summary["fidelity"]["ti"] = _fidelity(ti_imgs)
 
     # A short seamless morph through the learned style (tutorial step 5, scaled down for the CPU).
     from .animate import write_gif

@@ -15,7 +15,8 @@ from .errors import DreamLoomError
 ASSETS = Path(__file__).parent / "assets"
 SD15_CONFIG_DIR = ASSETS / "sd15"
 TOKENIZER_DIR = ASSETS / "clip_tokenizer"
-TINY_NAMES = ("tiny",)
+TINY_FABRIC_PATH = ASSETS / "tiny_fabric" / "tiny_fabric.safetensors"
+TINY_NAMES = ("tiny", "tiny-fabric")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
@@ -114,6 +115,10 @@ def build_tiny() -> Components:
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT))
     payload = json.dumps([TINY_VERSION, TINY_UNET, TINY_VAE, TINY_TEXT], sort_keys=True).encode()
     fingerprint = "tiny-" + _state_fingerprint([unet, vae, text_encoder], seed=payload)
+    return _builtin_components("tiny", vae, unet, text_encoder, fingerprint, 64)
+
+
+def _builtin_components(name: str, vae, unet, text_encoder, fingerprint: str, resolution: int) -> Components:
     comps = Components(
         tokenizer=load_tokenizer(),
         text_encoder=text_encoder,
@@ -121,12 +126,22 @@ def build_tiny() -> Components:
         unet=unet,
         scheduler_config=sd15_scheduler_config(),
         fingerprint=fingerprint,
-        source="tiny",
+        source=name,
         kind="tiny",
-        native_resolution=64,
+        native_resolution=resolution,
     )
     _eval_frozen(comps)
     return comps
+
+
+def build_tiny_fabric(path: Path | None = None) -> Components:
+    """The built-in pretrained tiny-fabric model (128 px), from the weights `pretrain-tiny` wrote."""
+    from .pretrain import load_tiny_fabric
+
+    path = Path(path or TINY_FABRIC_PATH)
+    vae, unet, text_encoder, meta = load_tiny_fabric(path)
+    return _builtin_components("tiny-fabric", vae, unet, text_encoder, "tiny-fabric-" + fingerprint_file(path),
+                               int(meta.get("resolution", 128)))
 
 
 def _state_fingerprint(modules, seed: bytes = b"") -> str:
@@ -243,7 +258,7 @@ def resolve_model_path(spec: str, search_dirs: list[str] | None = None) -> Path:
     if not path.exists():
         raise DreamLoomError(
             f"Base model not found: {spec}",
-            "Give 'tiny', the path of an SD1.5 .safetensors checkpoint, or a diffusers folder "
+            "Give 'tiny-fabric' or 'tiny', the path of an SD1.5 .safetensors checkpoint, or a diffusers folder "
             "(one with model_index.json).",
         )
     return path
@@ -251,8 +266,10 @@ def resolve_model_path(spec: str, search_dirs: list[str] | None = None) -> Path:
 
 def load_base_model(spec: str, dtype=None, search_dirs: list[str] | None = None) -> Components:
     """Load the base model named by `spec`, with no network access."""
-    if spec in TINY_NAMES:
+    if spec == "tiny":
         return build_tiny()
+    if spec == "tiny-fabric":
+        return build_tiny_fabric()
     set_offline()
     path = resolve_model_path(spec, search_dirs)
     if path.is_dir():
@@ -359,8 +376,12 @@ def _folder_tokenizer(folder: Path):
 
 def model_fingerprint(spec: str, search_dirs: list[str] | None = None) -> str:
     """The fingerprint load_base_model would report, without loading the weights."""
-    if spec in TINY_NAMES:
+    if spec == "tiny":
         return build_tiny().fingerprint
+    if spec == "tiny-fabric":
+        if not TINY_FABRIC_PATH.exists():
+            build_tiny_fabric()  # raises the missing-weights error
+        return "tiny-fabric-" + fingerprint_file(TINY_FABRIC_PATH)
     path = resolve_model_path(spec, search_dirs)
     if path.is_dir():
         h = hashlib.sha256()
