@@ -158,7 +158,7 @@ def bench(base_model: str = "tiny", steps: int = 30, warmup: int = 5, repeats: i
     work = Path(tempfile.mkdtemp(prefix="dreamloom-bench-"))
     factory = build_tiny if base_model == "tiny" else (lambda: load_base_model(base_model))
     comps = factory()
-    res = resolution or {"tiny": 64, "tiny-fabric": 128}.get(base_model, 512)
+    res = resolution or (comps.native_resolution if comps.kind == "tiny" else 512)
     write_fabric_samples(work / "instance", size=max(res, 128))
     instance = load_image_folder(work / "instance", res, False)
     cfg = TrainConfig(base_model=base_model, instance_dir=str(work / "instance"), resolution=res, rank=4, alpha=4.0,

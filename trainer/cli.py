@@ -38,9 +38,6 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=f.name, default=None, metavar=str(f.type).upper().replace("LIST[STR]", "A,B"), help=help_text)
 
 
-BUILTIN_RESOLUTION = {"tiny": 64, "tiny-fabric": 128}
-
-
 def _toml_keys(path) -> set[str]:
     import tomllib
 
@@ -59,6 +56,8 @@ def _config_from_args(args) -> TrainConfig:
             data[f.name] = value
     # The CLI's base model is the pretrained tiny-fabric unless told otherwise; a built-in model trains at
     # its native size unless a resolution is given.
+    from .models import BUILTIN_RESOLUTION
+
     data.setdefault("base_model", "tiny-fabric")
     if "resolution" not in data and data["base_model"] in BUILTIN_RESOLUTION:
         data["resolution"] = BUILTIN_RESOLUTION[data["base_model"]]
@@ -206,11 +205,10 @@ def cmd_pretrain_tiny(args) -> int:
     if args.install:
         import shutil
 
-        from .fsutil import atomic_path
+        from .fsutil import atomic_save
         from .models import TINY_FABRIC_PATH
 
-        with atomic_path(TINY_FABRIC_PATH) as tmp:
-            shutil.copyfile(info["path"], tmp)
+        atomic_save(TINY_FABRIC_PATH, lambda tmp: shutil.copyfile(info["path"], tmp))
         print(f"installed as the built-in tiny-fabric model: {TINY_FABRIC_PATH}")
     return 0
 

@@ -16,7 +16,7 @@ ASSETS = Path(__file__).parent / "assets"
 SD15_CONFIG_DIR = ASSETS / "sd15"
 TOKENIZER_DIR = ASSETS / "clip_tokenizer"
 TINY_FABRIC_PATH = ASSETS / "tiny_fabric" / "tiny_fabric.safetensors"
-TINY_NAMES = ("tiny", "tiny-fabric")
+BUILTIN_RESOLUTION = {"tiny": 64, "tiny-fabric": 128}  # built-in model -> native size in pixels
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 

@@ -66,3 +66,23 @@ def plot_loss(path: str | Path, rows: list[dict], title: str = "training loss") 
         ax.legend(loc="upper right")
     fig.tight_layout()
     atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def plot_pretrain_losses(path: str | Path, vae_losses: list[float], unet_losses: list[float]) -> None:
+    """The two pretraining stages side by side, raw (faint) and EMA-smoothed, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.5), dpi=90)
+    stages = (("VAE reconstruction (L1 + MSE + block-mean L1)", vae_losses), ("UNet loss (min-SNR)", unet_losses))
+    for i, (title, losses) in enumerate(stages):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.plot(losses, alpha=0.3, lw=0.8)
+        ax.plot(ema(list(losses), 1 - 2 / (max(1, len(losses) // 50) + 1)), lw=1.5)
+        ax.set_title(title)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -18,36 +18,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DreamLoomError
-from .models import TINY_TEXT
+from .models import TINY_TEXT, TINY_UNET, TINY_VAE
 
 RESOLUTION = 128
+# The random `tiny` model's configs (models.py), at the widths and depths a 128 px pretrained model needs.
 FABRIC_UNET = dict(
+    TINY_UNET,
     sample_size=32,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
     block_out_channels=(32, 64, 128),
     # SD1.5 has attention at its three finest levels; here the finest level (32x32 latents) has none,
     # which makes a CPU training step 4x cheaper. The mid block and 16x16/8x8 levels keep cross-attention.
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=64,
     attention_head_dim=4,
     norm_num_groups=16,
 )
 FABRIC_VAE = dict(
-    in_channels=3,
-    out_channels=3,
+    TINY_VAE,
     block_out_channels=(32, 64, 64),
     down_block_types=("DownEncoderBlock2D",) * 3,
     up_block_types=("UpDecoderBlock2D",) * 3,
-    latent_channels=4,
-    layers_per_block=1,
     norm_num_groups=16,
     sample_size=RESOLUTION,
     scaling_factor=1.0,  # set from the corpus latents after the VAE is trained
 )
-# The random `tiny` model's CLIP text config (real vocabulary and special tokens), deeper and wider.
 FABRIC_TEXT = dict(TINY_TEXT, intermediate_size=256, num_hidden_layers=3)
 FORMAT = "dreamloom-tiny-fabric-v1"
 
@@ -146,7 +140,6 @@ def train_vae(images, cfg: PretrainConfig, log):
     return vae, losses
 
 
-
 def _warmup_cosine(total: int, warmup: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -179,31 +172,12 @@ def tokenize_variants(tokenizer, samples):
     return ids.view(len(samples), len(CAPTION_WEIGHTS), -1)
 
 
-class EMA:
-    def __init__(self, modules, decay: float):
-        import torch
-
-        self.decay = decay
-        self.params = [p for m in modules for p in m.parameters()]
-        self.shadow = [p.detach().clone() for p in self.params]
-        self._torch = torch
-
-    def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))  # warm up the average early on
-        with self._torch.no_grad():
-            self._torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
-
-    def copy_to_params(self) -> None:
-        with self._torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
-
-
 def train_denoiser(latents, token_ids, cfg: PretrainConfig, log, scheduler_config: dict, deadline: float | None = None):
     """Train the UNet and the text encoder together; returns (unet, text_encoder, losses) with EMA weights."""
     import numpy as np
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .train import snr_weights
@@ -218,7 +192,7 @@ def train_denoiser(latents, token_ids, cfg: PretrainConfig, log, scheduler_confi
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.unet_steps, 100))
-    ema = EMA([unet, text_encoder], cfg.ema_decay)
+    ema = EMAModel(params, decay=cfg.ema_decay, foreach=True)  # decay warms up as (1 + step) / (10 + step)
     weights = np.array(CAPTION_WEIGHTS) / sum(CAPTION_WEIGHTS)
     n = len(latents)
     losses = []
@@ -247,7 +221,7 @@ def train_denoiser(latents, token_ids, cfg: PretrainConfig, log, scheduler_confi
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        ema.update(step)
+        ema.step(params)
         losses.append(float(loss.detach()))
         if step % 100 == 0 or step == cfg.unet_steps - 1:
             rate = (step + 1) / (time.monotonic() - started)
@@ -255,7 +229,7 @@ def train_denoiser(latents, token_ids, cfg: PretrainConfig, log, scheduler_confi
         if deadline is not None and time.monotonic() > deadline:
             log(f"time budget reached after {step + 1} UNet steps")
             break
-    ema.copy_to_params()
+    ema.copy_to(params)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     return unet, text_encoder, losses
@@ -324,7 +298,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     """Run both stages and write the model, a loss plot and a sample grid under cfg.out."""
     import torch
 
+    from .fsutil import atomic_save, atomic_write_text
     from .models import load_tokenizer, sd15_scheduler_config
+    from .plots import plot_pretrain_losses
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -342,7 +318,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         vae, vae_losses = train_vae(images, cfg, log)
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(vae_path))
+        state = {k: v.contiguous() for k, v in vae.state_dict().items()}
+        atomic_save(vae_path, lambda tmp: save_file(state, str(tmp)))  # --resume-vae must never see half a file
     vae_s = time.monotonic() - t_vae
     _recon_grid(cfg.out / "vae_recon.png", vae, images)
     latents, scaling = encode_corpus(vae, images)
@@ -368,33 +345,13 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     }
     model_path = cfg.out / "tiny_fabric.safetensors"
     save_tiny_fabric(model_path, vae, unet, text_encoder, info)
-    (cfg.out / "pretrain.json").write_text(json.dumps(info, indent=2))
-    (cfg.out / "pretrain_losses.json").write_text(json.dumps({"vae": vae_losses, "unet": unet_losses}))
-    _plot_losses(cfg.out / "pretrain_loss.png", vae_losses, unet_losses)
+    atomic_write_text(cfg.out / "pretrain.json", json.dumps(info, indent=2))
+    atomic_write_text(cfg.out / "pretrain_losses.json", json.dumps({"vae": vae_losses, "unet": unet_losses}))
+    plot_pretrain_losses(cfg.out / "pretrain_loss.png", vae_losses, unet_losses)
     info["path"] = str(model_path)
     info["size_bytes"] = model_path.stat().st_size
     log(f"wrote {model_path} ({info['size_bytes'] / 1e6:.1f} MB) in {info['total_seconds']:.0f} s")
     return info
-
-
-def _plot_losses(path: Path, vae_losses, unet_losses) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, losses, title in ((axes[0], vae_losses, "VAE reconstruction (L1 + MSE + block-mean L1)"), (axes[1], unet_losses, "UNet loss (min-SNR)")):
-        ax.plot(losses, alpha=0.3, lw=0.8)
-        k = max(1, len(losses) // 50)
-        ema = [sum(losses[max(0, i - k):i + 1]) / len(losses[max(0, i - k):i + 1]) for i in range(len(losses))]
-        ax.plot(ema, lw=1.5)
-        ax.set_title(title)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def _load_vae(path: Path):
@@ -413,6 +370,7 @@ def _recon_grid(path: Path, vae, images) -> None:
     from PIL import Image
 
     from .fabric import fabric_image
+    from .fsutil import atomic_save
 
     picks = [images[(i * 7) % len(images)] for i in range(6)]  # the corpus interleaves the 6 families
     picks += [np.asarray(fabric_image(i, RESOLUTION)) for i in (0, 1)]
@@ -421,4 +379,4 @@ def _recon_grid(path: Path, vae, images) -> None:
         recon = vae.decode(vae.encode(_to_tensor(batch)).latent_dist.mean).sample
     recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     grid = np.concatenate([np.concatenate(list(batch), 1), np.concatenate(list(recon), 1)], 0)
-    Image.fromarray(grid).save(path)
+    atomic_save(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))

@@ -201,7 +201,8 @@ def _train_one(spec: QualitySpec, method: str, seed: int, instance_dir: Path, cl
     from .events import Events
     from .train import train
 
-    common = dict(base_model=spec.base_model, instance_dir=str(instance_dir), resolution=comps_factory().native_resolution,
+    comps = comps_factory()  # training adds adapters to these modules; generation loads its own copy
+    common = dict(base_model=spec.base_model, instance_dir=str(instance_dir), resolution=comps.native_resolution,
                   seed=seed, sample_every=0, checkpoint_every=0, sample_steps=spec.gen_steps,
                   output_name=f"{method}_s{seed}")
     if method == "ti":
@@ -216,7 +217,7 @@ def _train_one(spec: QualitySpec, method: str, seed: int, instance_dir: Path, cl
                           class_prompt=spec.class_prompt, **common)
     cfg.validate()
     run_dir = out / "runs" / f"{method}_s{seed}"
-    result = train(cfg, run_dir, events=Events(run_dir), comps=comps_factory(), class_dir=class_dir)
+    result = train(cfg, run_dir, events=Events(run_dir), comps=comps, class_dir=class_dir)
     return result.outputs["embedding" if method == "ti" else "lora"]
 
 
