@@ -4,7 +4,8 @@ from .datasets import GenerateClassImages, LoadTrainingImages
 from .grid import ImageGrid, PromptBatch
 from .loader import LoadDreamLoomLoRA
 from .morph import RenderMorph, SaveAnimation, SlerpConditioning, SlerpNoise
-from .training import TrainDreamBoothLoRA, TrainingSettings, TrainTextualInversion
+from .settings import TrainingSettings
+from .training import TrainDreamBoothLoRA, TrainTextualInversion
 
 NODE_CLASS_MAPPINGS = {
     "DreamLoomLoadTrainingImages": LoadTrainingImages,

@@ -65,12 +65,6 @@ def raise_interrupt() -> None:
     raise mm.InterruptProcessingException()
 
 
-def interrupt_exception_type() -> type:
-    import comfy.model_management
-
-    return comfy.model_management.InterruptProcessingException
-
-
 def free_memory() -> None:
     """Unload ComfyUI's models and empty the CUDA cache, so the training worker has the VRAM."""
     import comfy.model_management as mm
@@ -108,7 +102,9 @@ def sample_with_noise(model, positive, negative, cfg: float, sampler, sigmas, no
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     latent_samples = comfy.sample.fix_empty_latent_channels(model, latent_samples)
-    out = guider.sample(noise, latent_samples, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=True, seed=seed)
+    out = guider.sample(
+        noise, latent_samples, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=True, seed=seed
+    )
     return out.to(comfy.model_management.intermediate_device())
 
 
@@ -120,5 +116,7 @@ def save_path(prefix: str, width: int, height: int):
     """(folder, file stem, subfolder) for a new output file, as ComfyUI's save nodes pick them."""
     import folder_paths
 
-    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory(), width, height)
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        prefix, folder_paths.get_output_directory(), width, height
+    )
     return folder, f"{filename}_{counter:05}_", subfolder

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from ..trainer.errors import DreamLoomError
 from . import comfy, runner
+from .images import batch_to_uint8, files_to_batch
+from .widgets import bool_widget, choice_widget, float_widget, int_widget, string_widget
 
 SAMPLE_SET = "dreamloom_fabric"  # generated into ComfyUI's input folder on first use
 CATEGORY = "DreamLoom/data"
@@ -30,12 +32,14 @@ class TrainingImages:
 def resolve_folder(folder: str) -> Path:
     folder = folder.strip()
     if not folder:
-        raise DreamLoomError("No folder given.", f"Type a folder inside ComfyUI's input folder (e.g. {SAMPLE_SET}) or an absolute path.")
+        raise DreamLoomError(
+            "No folder given.", f"Type a folder inside ComfyUI's input folder (e.g. {SAMPLE_SET}) or an absolute path."
+        )
     path = Path(folder).expanduser()
     if not path.is_absolute():
         path = Path(comfy.input_directory()) / folder
     if folder == SAMPLE_SET and not path.exists():
-        from ..trainer.fabric import write_fabric_samples
+        from ..trainer.data.sample_set import write_fabric_samples
 
         write_fabric_samples(path)
     return path
@@ -43,12 +47,11 @@ def resolve_folder(folder: str) -> Path:
 
 def _save_batch(images, captions: str) -> Path:
     """Save an IMAGE batch (and one caption per line) as PNGs in a content-addressed folder."""
-    import numpy as np
     from PIL import Image
 
-    from ..trainer.fsutil import atomic_save
+    from ..trainer.files.atomic import atomic_save
 
-    arr = (images.detach().cpu().float().clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+    arr = batch_to_uint8(images)
     lines = [ln.strip() for ln in captions.splitlines()] if captions else []
     digest = hashlib.sha256(arr.tobytes() + "\n".join(lines).encode()).hexdigest()[:16]
     folder = Path(comfy.dreamloom_directory()) / "datasets" / digest
@@ -56,15 +59,20 @@ def _save_batch(images, captions: str) -> Path:
     for i, a in enumerate(arr):
         path = folder / f"image_{i:03d}.png"
         if not path.exists():
-            atomic_save(path, lambda tmp, a=a: Image.fromarray(a[..., :3] if a.shape[-1] >= 3 else a[..., 0]).save(tmp, format="PNG"))
+            atomic_save(
+                path,
+                lambda tmp, a=a: Image.fromarray(a[..., :3] if a.shape[-1] >= 3 else a[..., 0]).save(tmp, format="PNG"),
+            )
         if i < len(lines) and lines[i]:
             (folder / f"image_{i:03d}.txt").write_text(lines[i], encoding="utf-8")
     return folder
 
 
 class LoadTrainingImages:
-    DESCRIPTION = ("Loads 5-20 training images from a folder (jpg/png/webp, with optional .txt captions) or from an IMAGE "
-                   "batch. The folder 'dreamloom_fabric' is the bundled fabric sample set, created on first use.")
+    DESCRIPTION = (
+        "Loads 5-20 training images from a folder (jpg/png/webp, with optional .txt captions) or from an IMAGE "
+        "batch. The folder 'dreamloom_fabric' is the bundled fabric sample set, created on first use."
+    )
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("DL_DATASET", "IMAGE")
@@ -75,15 +83,29 @@ class LoadTrainingImages:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "folder": ("STRING", {"default": SAMPLE_SET, "tooltip": "Folder inside ComfyUI's input folder, or an absolute path. 'dreamloom_fabric' is the bundled sample set."}),
-                "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Training resolution in pixels (square). 512 for SD1.5."}),
-                "crop": (["center", "random"], {"default": "center", "tooltip": "Centre crop (latents are cached, faster) or a random crop every step."}),
-                "flip": ("BOOLEAN", {"default": False, "tooltip": "Randomly mirror images left-right (good for patterns, bad for text or logos)."}),
-                "use_captions": ("BOOLEAN", {"default": False, "tooltip": "Use each image's .txt caption as its prompt instead of the instance prompt."}),
+                "folder": string_widget(
+                    SAMPLE_SET,
+                    "Folder inside ComfyUI's input folder, or an absolute path. 'dreamloom_fabric' "
+                    "is the bundled sample set.",
+                ),
+                "resolution": int_widget(
+                    512, 64, 2048, "Training resolution in pixels (square). 512 for SD1.5.", step=8
+                ),
+                "crop": choice_widget(
+                    ["center", "random"],
+                    "center",
+                    "Centre crop (latents are cached, faster) or a random crop every step.",
+                ),
+                "flip": bool_widget(
+                    False, "Randomly mirror images left-right (good for patterns, bad for text or logos)."
+                ),
+                "use_captions": bool_widget(
+                    False, "Use each image's .txt caption as its prompt instead of the instance prompt."
+                ),
             },
             "optional": {
                 "images": ("IMAGE", {"tooltip": "An IMAGE batch to train on instead of the folder."}),
-                "captions": ("STRING", {"default": "", "multiline": True, "tooltip": "One caption per line for the IMAGE batch (optional)."}),
+                "captions": string_widget("", "One caption per line for the IMAGE batch (optional).", multiline=True),
             },
         }
 
@@ -91,73 +113,125 @@ class LoadTrainingImages:
     def IS_CHANGED(cls, folder, **kwargs):
         # Edited, added or removed images change the hash, so downstream training re-runs.
         try:
-            from ..trainer.jobs import folder_fingerprint
+            from ..trainer.jobs.parent import folder_fingerprint
 
             return folder_fingerprint(resolve_folder(folder))
         except Exception:  # noqa: BLE001 - let execution report the real error
             return float("nan")
 
     def load(self, folder, resolution, crop, flip, use_captions, images=None, captions=""):
-        from ..trainer.data import list_image_files, load_image_folder
-        from ..trainer.jobs import folder_fingerprint
+        from ..trainer.data.images import list_image_files, load_image_folder
+        from ..trainer.jobs.parent import folder_fingerprint
 
         path = _save_batch(images, captions) if images is not None else resolve_folder(folder)
         loaded = load_image_folder(path, resolution, use_captions)  # every bad file is reported here, early
-        dataset = TrainingImages(str(path), bool(use_captions or (images is not None and bool(captions.strip()))), int(resolution),
-                                 crop == "center", bool(flip), len(loaded), folder_fingerprint(path))
-        preview = runner.images_to_tensor([str(p) for p in list_image_files(path)], size=min(int(resolution), 512))
+        dataset = TrainingImages(
+            str(path),
+            bool(use_captions or (images is not None and bool(captions.strip()))),
+            int(resolution),
+            crop == "center",
+            bool(flip),
+            len(loaded),
+            folder_fingerprint(path),
+        )
+        preview = files_to_batch(list_image_files(path), square=min(int(resolution), 512))
         return (dataset, preview)
 
 
 class GenerateClassImages:
-    DESCRIPTION = ("Generates prior-preservation (class) images with the base model, in a worker process with progress and "
-                   "cancel. Images are cached by model, prompt and settings; an interrupted set resumes.")
+    DESCRIPTION = (
+        "Generates prior-preservation (class) images with the base model, in a worker process with progress and "
+        "cancel. Images are cached by model, prompt and settings; an interrupted set resumes."
+    )
     CATEGORY = CATEGORY
     FUNCTION = "generate"
     RETURN_TYPES = ("DL_DATASET", "IMAGE")
     RETURN_NAMES = ("class_images", "preview")
-    OUTPUT_TOOLTIPS = ("The class images, for the class_images input of Train DreamBooth LoRA.", "Up to 16 of the images.")
+    OUTPUT_TOOLTIPS = (
+        "The class images, for the class_images input of Train DreamBooth LoRA.",
+        "Up to 16 of the images.",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..trainer.sampling import SCHEDULERS
+        from ..trainer.inference.pipelines import SCHEDULERS
 
         return {
             "required": {
                 "ckpt_name": (runner.checkpoint_choices(), {"tooltip": "The SD1.5 checkpoint you will train on."}),
-                "class_prompt": ("STRING", {"default": "a fabric pattern", "tooltip": "The class your subject belongs to, without the token."}),
-                "negative_prompt": ("STRING", {"default": "", "tooltip": "Negative prompt for the class images."}),
-                "count": ("INT", {"default": 100, "min": 1, "max": 10000, "tooltip": "How many class images (the tutorial uses 100)."}),
-                "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Size in pixels; use the training resolution."}),
-                "steps": ("INT", {"default": 25, "min": 1, "max": 200, "tooltip": "Sampling steps per image."}),
-                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free guidance scale."}),
-                "sampler": (list(SCHEDULERS), {"default": "dpmpp_2m", "tooltip": "Sampler (diffusers scheduler) for the class images."}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip": "Base seed; image i uses a seed derived from it and i."}),
-                "batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Images generated at once (lower it if you run out of memory)."}),
+                "class_prompt": string_widget(
+                    "a fabric pattern", "The class your subject belongs to, without the token."
+                ),
+                "negative_prompt": string_widget("", "Negative prompt for the class images."),
+                "count": int_widget(100, 1, 10000, "How many class images (the tutorial uses 100)."),
+                "resolution": int_widget(512, 64, 2048, "Size in pixels; use the training resolution.", step=8),
+                "steps": int_widget(25, 1, 200, "Sampling steps per image."),
+                "cfg": float_widget(7.5, 0.0, 30.0, 0.1, "Classifier-free guidance scale."),
+                "sampler": choice_widget(SCHEDULERS, "dpmpp_2m", "Sampler (diffusers scheduler) for the class images."),
+                "seed": int_widget(
+                    42,
+                    0,
+                    0xFFFFFFFFFFFFFFFF,
+                    "Base seed; image i uses a seed derived from it and i.",
+                    control_after_generate=True,
+                ),
+                "batch_size": int_widget(4, 1, 64, "Images generated at once (lower it if you run out of memory)."),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def generate(self, ckpt_name, class_prompt, negative_prompt, count, resolution, steps, cfg, sampler, seed, batch_size, unique_id=None):
-        from ..trainer.class_images import ClassImageSpec, class_dir_for
-        from ..trainer.jobs import prepare_run_dir
+    def generate(
+        self,
+        ckpt_name,
+        class_prompt,
+        negative_prompt,
+        count,
+        resolution,
+        steps,
+        cfg,
+        sampler,
+        seed,
+        batch_size,
+        unique_id=None,
+    ):
+        from ..trainer.data.class_images import ClassImageSpec, class_dir_for
+        from ..trainer.jobs.parent import prepare_run_dir
 
         if not class_prompt.strip():
             raise DreamLoomError("The class prompt is empty.", "Describe the class, e.g. 'a fabric pattern'.")
         base = runner.resolve_checkpoint(ckpt_name)
         model_fp = runner.model_fingerprint(base)
-        spec_fields = dict(prompt=class_prompt, negative_prompt=negative_prompt, sampler=sampler, steps=int(steps),
-                           guidance=float(cfg), resolution=int(resolution), seed=int(seed) % (2**63))
+        spec_fields = dict(
+            prompt=class_prompt,
+            negative_prompt=negative_prompt,
+            sampler=sampler,
+            steps=int(steps),
+            guidance=float(cfg),
+            resolution=int(resolution),
+            seed=int(seed) % (2**63),
+        )
         folder = class_dir_for(comfy.dreamloom_directory(), ClassImageSpec(model_fingerprint=model_fp, **spec_fields))
-        request = {"kind": "class_images", "base_model": base, "spec": spec_fields, "count": int(count), "folder": str(folder),
-                   "batch_size": int(batch_size)}
-        run_dir = prepare_run_dir(Path(comfy.dreamloom_directory()) / "runs", request, {"model": model_fp}, name_hint="class")
+        request = {
+            "kind": "class_images",
+            "base_model": base,
+            "spec": spec_fields,
+            "count": int(count),
+            "folder": str(folder),
+            "batch_size": int(batch_size),
+        }
+        run_dir = prepare_run_dir(
+            Path(comfy.dreamloom_directory()) / "runs", request, {"model": model_fp}, name_hint="class"
+        )
         outputs = runner.run_with_progress(run_dir, int(count), unique_id)
         images = outputs["images"]
         missing = [p for p in images if not os.path.exists(p)]
         if missing:
-            raise DreamLoomError(f"{len(missing)} class images are missing after generation.", f"Run again; see {run_dir / 'log.txt'}.")
-        from ..trainer.jobs import folder_fingerprint
+            raise DreamLoomError(
+                f"{len(missing)} class images are missing after generation.", f"Run again; see {run_dir / 'log.txt'}."
+            )
+        from ..trainer.jobs.parent import folder_fingerprint
 
-        dataset = TrainingImages(str(folder), False, int(resolution), True, False, len(images), folder_fingerprint(folder))
-        return (dataset, runner.images_to_tensor(images[:16], size=min(int(resolution), 256)))
+        dataset = TrainingImages(
+            str(folder), False, int(resolution), True, False, len(images), folder_fingerprint(folder)
+        )
+        return (dataset, files_to_batch(images[:16], square=min(int(resolution), 256)))

@@ -1,4 +1,5 @@
-"""SLERP morph nodes: SLERP Noise (a NOISE for SamplerCustomAdvanced), Render Morph, Save Animation, SLERP Conditioning."""
+"""SLERP morph nodes: SLERP Noise (a NOISE for SamplerCustomAdvanced), Render Morph, Save Animation and
+SLERP Conditioning."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 
 from ..trainer.errors import DreamLoomError
 from . import comfy
+from .images import batch_to_pil
+from .widgets import bool_widget, choice_widget, float_widget, int_widget, string_widget
 
 CATEGORY = "DreamLoom/morph"
 
@@ -16,11 +19,16 @@ class SlerpNoiseSource:
     def __init__(self, seeds, frames_per_transition, easing, hold_frames, loop):
         self.seeds = list(seeds)
         self.seed = self.seeds[0]
-        self.frames_per_transition, self.easing, self.hold_frames, self.loop = frames_per_transition, easing, hold_frames, loop
+        self.frames_per_transition, self.easing, self.hold_frames, self.loop = (
+            frames_per_transition,
+            easing,
+            hold_frames,
+            loop,
+        )
         self._cache = {}
 
     def schedule(self):
-        from ..trainer.slerp import keyframe_schedule
+        from ..trainer.inference.slerp import keyframe_schedule
 
         return keyframe_schedule(len(self.seeds), self.frames_per_transition, self.easing, self.hold_frames, self.loop)
 
@@ -28,7 +36,7 @@ class SlerpNoiseSource:
         return len(self.schedule())
 
     def noise_for_shape(self, shape):
-        from ..trainer.slerp import morph_noise_from_seeds
+        from ..trainer.inference.slerp import morph_noise_from_seeds
 
         key = tuple(shape[1:])
         if key not in self._cache:
@@ -49,35 +57,51 @@ class SlerpNoiseSource:
 
 
 class SlerpNoise:
-    DESCRIPTION = ("Initial noise for a seamless morph: SLERP between the noise of keyframe seeds, for every frame at once. "
-                   "At each keyframe it equals exactly ComfyUI's own noise for that seed. Feed NOISE and LATENT to "
-                   "SamplerCustomAdvanced (or Render Morph); use a deterministic sampler such as euler or dpmpp_2m.")
+    DESCRIPTION = (
+        "Initial noise for a seamless morph: SLERP between the noise of keyframe seeds, for every frame at once. "
+        "At each keyframe it equals exactly ComfyUI's own noise for that seed. Feed NOISE and LATENT to "
+        "SamplerCustomAdvanced (or Render Morph); use a deterministic sampler such as euler or dpmpp_2m."
+    )
     CATEGORY = CATEGORY
     FUNCTION = "build"
     RETURN_TYPES = ("NOISE", "LATENT", "INT")
     RETURN_NAMES = ("noise", "latent", "frame_count")
-    OUTPUT_TOOLTIPS = ("The SLERPed noise for all frames.", "An empty latent batch with one entry per frame.", "Number of frames.")
+    OUTPUT_TOOLTIPS = (
+        "The SLERPed noise for all frames.",
+        "An empty latent batch with one entry per frame.",
+        "Number of frames.",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..trainer.slerp import EASINGS
+        from ..trainer.inference.slerp import EASINGS
 
         return {
             "required": {
-                "seeds": ("STRING", {"default": "1, 42, 100, 256, 512", "tooltip": "Keyframe seeds, comma separated (the tutorial uses 5 keyframes)."}),
-                "frames_per_transition": ("INT", {"default": 90, "min": 1, "max": 10000, "tooltip": "Frames from one keyframe to the next (90 x 5 = 450 frames = 15 s at 30 fps)."}),
-                "easing": (list(EASINGS), {"default": "linear", "tooltip": "How t moves within a transition: linear, cosine or smoothstep (slow in and out)."}),
-                "hold_frames": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "Extra frames resting on each keyframe."}),
-                "loop": ("BOOLEAN", {"default": True, "tooltip": "Return to the first keyframe: a seamless loop with no duplicated frame at the seam."}),
-                "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Frame width in pixels."}),
-                "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Frame height in pixels."}),
+                "seeds": string_widget(
+                    "1, 42, 100, 256, 512", "Keyframe seeds, comma separated (the tutorial uses 5 keyframes)."
+                ),
+                "frames_per_transition": int_widget(
+                    90, 1, 10000, "Frames from one keyframe to the next (90 x 5 = 450 frames = 15 s at 30 fps)."
+                ),
+                "easing": choice_widget(
+                    EASINGS,
+                    "linear",
+                    "How t moves within a transition: linear, cosine or smoothstep (slow in and out).",
+                ),
+                "hold_frames": int_widget(0, 0, 1000, "Extra frames resting on each keyframe."),
+                "loop": bool_widget(
+                    True, "Return to the first keyframe: a seamless loop with no duplicated frame at the seam."
+                ),
+                "width": int_widget(512, 64, 4096, "Frame width in pixels.", step=8),
+                "height": int_widget(512, 64, 4096, "Frame height in pixels.", step=8),
             }
         }
 
     def build(self, seeds, frames_per_transition, easing, hold_frames, loop, width, height):
         import torch
 
-        from ..trainer.slerp import parse_seeds
+        from ..trainer.inference.slerp import parse_seeds
 
         source = SlerpNoiseSource(parse_seeds(seeds), int(frames_per_transition), easing, int(hold_frames), bool(loop))
         n = source.num_frames()
@@ -86,8 +110,10 @@ class SlerpNoise:
 
 
 class SlerpConditioning:
-    DESCRIPTION = ("A prompt morph: SLERP between two conditionings for every frame of a SLERP Noise schedule (or N frames), "
-                   "giving a conditioning batch with one entry per frame. Use it with Render Morph.")
+    DESCRIPTION = (
+        "A prompt morph: SLERP between two conditionings for every frame of a SLERP Noise schedule (or N frames), "
+        "giving a conditioning batch with one entry per frame. Use it with Render Morph."
+    )
     CATEGORY = CATEGORY
     FUNCTION = "build"
     RETURN_TYPES = ("CONDITIONING",)
@@ -100,8 +126,8 @@ class SlerpConditioning:
             "required": {
                 "conditioning_a": ("CONDITIONING", {"tooltip": "Start prompt."}),
                 "conditioning_b": ("CONDITIONING", {"tooltip": "End prompt."}),
-                "frames": ("INT", {"default": 90, "min": 2, "max": 10000, "tooltip": "Frames (match the SLERP Noise frame_count)."}),
-                "loop": ("BOOLEAN", {"default": True, "tooltip": "Go A to B and back to A (seamless) instead of A to B."}),
+                "frames": int_widget(90, 2, 10000, "Frames (match the SLERP Noise frame_count)."),
+                "loop": bool_widget(True, "Go A to B and back to A (seamless) instead of A to B."),
             }
         }
 
@@ -110,7 +136,7 @@ class SlerpConditioning:
 
         import torch
 
-        from ..trainer.slerp import slerp
+        from ..trainer.inference.slerp import slerp
 
         frames = int(frames)
         if loop:
@@ -121,8 +147,11 @@ class SlerpConditioning:
         out = []
         for (ca, da), (cb, db) in zip(conditioning_a, conditioning_b):
             if ca.shape[1:] != cb.shape[1:]:
-                raise DreamLoomError(f"The two conditionings have different shapes {tuple(ca.shape)} and {tuple(cb.shape)}.",
-                                     "Encode both prompts with the same CLIP; long prompts must have the same number of 77-token chunks.")
+                raise DreamLoomError(
+                    f"The two conditionings have different shapes {tuple(ca.shape)} and {tuple(cb.shape)}.",
+                    "Encode both prompts with the same CLIP; long prompts must have the same number of 77-token "
+                    "chunks.",
+                )
             a, b = ca[:1].expand(frames, *ca.shape[1:]), cb[:1].expand(frames, *cb.shape[1:])
             meta = dict(da)
             if da.get("pooled_output") is not None and db.get("pooled_output") is not None:
@@ -145,8 +174,10 @@ def _slice_conditioning(cond, start, end, n_frames):
 
 
 class RenderMorph:
-    DESCRIPTION = ("Samples and decodes all frames of a morph in chunks, so memory stays bounded for hundreds of frames, with "
-                   "progress and cancel per chunk. Takes the NOISE and LATENT of SLERP Noise.")
+    DESCRIPTION = (
+        "Samples and decodes all frames of a morph in chunks, so memory stays bounded for hundreds of frames, with "
+        "progress and cancel per chunk. Takes the NOISE and LATENT of SLERP Noise."
+    )
     CATEGORY = CATEGORY
     FUNCTION = "render"
     RETURN_TYPES = ("IMAGE",)
@@ -160,13 +191,18 @@ class RenderMorph:
                 "model": ("MODEL", {"tooltip": "The model (with your LoRA applied)."}),
                 "positive": ("CONDITIONING", {"tooltip": "Prompt (or a SLERP Conditioning batch)."}),
                 "negative": ("CONDITIONING", {"tooltip": "Negative prompt."}),
-                "sampler": ("SAMPLER", {"tooltip": "From KSamplerSelect; deterministic samplers (euler, dpmpp_2m) keep frames coherent."}),
+                "sampler": (
+                    "SAMPLER",
+                    {"tooltip": "From KSamplerSelect; deterministic samplers (euler, dpmpp_2m) keep frames coherent."},
+                ),
                 "sigmas": ("SIGMAS", {"tooltip": "From BasicScheduler (denoise 1.0)."}),
-                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free guidance."}),
+                "cfg": float_widget(7.5, 0.0, 30.0, 0.1, "Classifier-free guidance."),
                 "vae": ("VAE", {"tooltip": "The VAE to decode frames."}),
                 "noise": ("NOISE", {"tooltip": "From SLERP Noise."}),
                 "latent": ("LATENT", {"tooltip": "From SLERP Noise."}),
-                "chunk_size": ("INT", {"default": 8, "min": 1, "max": 512, "tooltip": "Frames sampled at once: higher is faster, lower uses less memory."}),
+                "chunk_size": int_widget(
+                    8, 1, 512, "Frames sampled at once: higher is faster, lower uses less memory."
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -183,16 +219,27 @@ class RenderMorph:
             if comfy.interrupt_requested():
                 comfy.raise_interrupt()
             end = min(n, start + int(chunk_size))
-            out = comfy.sample_with_noise(model, _slice_conditioning(positive, start, end, n), _slice_conditioning(negative, start, end, n),
-                                          float(cfg), sampler, sigmas, all_noise[start:end], samples[start:end], getattr(noise, "seed", 0))
+            out = comfy.sample_with_noise(
+                model,
+                _slice_conditioning(positive, start, end, n),
+                _slice_conditioning(negative, start, end, n),
+                float(cfg),
+                sampler,
+                sigmas,
+                all_noise[start:end],
+                samples[start:end],
+                getattr(noise, "seed", 0),
+            )
             frames.append(comfy.vae_decode(vae, out).float().cpu())
             pbar.update_absolute(end, n)
         return (torch.cat(frames),)
 
 
 class SaveAnimation:
-    DESCRIPTION = ("Saves IMAGE frames as a looping GIF (exact per-frame timing), animated WebP or MP4 (H.264, needs PyAV) "
-                   "in ComfyUI's output folder and shows it in the UI.")
+    DESCRIPTION = (
+        "Saves IMAGE frames as a looping GIF (exact per-frame timing), animated WebP or MP4 (H.264, needs PyAV) "
+        "in ComfyUI's output folder and shows it in the UI."
+    )
     CATEGORY = CATEGORY
     FUNCTION = "save"
     OUTPUT_NODE = True
@@ -202,26 +249,24 @@ class SaveAnimation:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..trainer.animate import FORMATS
+        from ..trainer.pictures.animation import FORMATS
 
         return {
             "required": {
                 "images": ("IMAGE", {"tooltip": "The frames, in order."}),
-                "fps": ("FLOAT", {"default": 30.0, "min": 0.1, "max": 120.0, "step": 0.5, "tooltip": "Frames per second (GIF times frames in 10 ms steps; the total stays exact)."}),
-                "format": (list(FORMATS), {"default": "gif", "tooltip": "gif, webp or mp4."}),
-                "loop": ("BOOLEAN", {"default": True, "tooltip": "Loop forever (GIF/WebP)."}),
-                "filename_prefix": ("STRING", {"default": "dreamloom/morph", "tooltip": "File name prefix inside ComfyUI's output folder."}),
+                "fps": float_widget(
+                    30.0, 0.1, 120.0, 0.5, "Frames per second (GIF times frames in 10 ms steps; the total stays exact)."
+                ),
+                "format": choice_widget(FORMATS, "gif", "gif, webp or mp4."),
+                "loop": bool_widget(True, "Loop forever (GIF/WebP)."),
+                "filename_prefix": string_widget("dreamloom/morph", "File name prefix inside ComfyUI's output folder."),
             }
         }
 
     def save(self, images, fps, format, loop, filename_prefix):
-        import numpy as np
-        from PIL import Image
+        from ..trainer.pictures.animation import write_animation
 
-        from ..trainer.animate import write_animation
-
-        arr = (images.detach().cpu().float().clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
-        frames = [Image.fromarray(a) for a in arr]
+        frames = batch_to_pil(images)
         folder, stem, subfolder = comfy.save_path(filename_prefix, frames[0].width, frames[0].height)
         name = f"{stem}.{format}"
         path = os.path.join(folder, name)

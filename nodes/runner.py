@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..trainer import jobs
 from ..trainer.errors import DreamLoomError
 from . import comfy
 
@@ -25,14 +24,16 @@ def resolve_checkpoint(name: str) -> str:
         return "tiny-fabric"
     path = comfy.full_path("checkpoints", name)
     if not path or not os.path.exists(path):
-        raise DreamLoomError(f"Checkpoint {name!r} not found in ComfyUI's checkpoints folder.",
-                             "Pick an SD1.5 checkpoint from the list (put .safetensors files in models/checkpoints).")
+        raise DreamLoomError(
+            f"Checkpoint {name!r} not found in ComfyUI's checkpoints folder.",
+            "Pick an SD1.5 checkpoint from the list (put .safetensors files in models/checkpoints).",
+        )
     return path
 
 
 def model_fingerprint(base_model: str) -> str:
     """The base model's fingerprint as the worker will compute it (cheap: header and samples)."""
-    from ..trainer.models import model_fingerprint as fingerprint
+    from ..trainer.base_models.load import model_fingerprint as fingerprint
 
     return fingerprint(base_model)
 
@@ -47,6 +48,8 @@ def _load_preview(path: str):
 
 def run_with_progress(run_dir: Path, total: int, node_id=None) -> dict:
     """Run the job in `run_dir`; ProgressBar updates carry the newest sample; interrupts stop the worker."""
+    from ..trainer.jobs import parent as jobs  # here, not at the top: ComfyUI's start-up stays light
+
     done = jobs.finished_outputs(run_dir)
     if done is not None:
         return done
@@ -74,42 +77,17 @@ def run_with_progress(run_dir: Path, total: int, node_id=None) -> dict:
         raise  # raise_interrupt always raises; this keeps linters calm
 
 
-def images_to_tensor(paths: list[str], size: int | None = None):
-    """Image files -> ComfyUI IMAGE tensor [B, H, W, 3] in 0..1 (resized to one size)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    if not paths:
-        return torch.zeros((1, 64, 64, 3))
-    arrays = []
-    for p in paths:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if size is None:
-                size = im.size[0]
-            if im.size != (size, size):
-                from ..trainer.data import crop_resize
-
-                im = crop_resize(im, size)
-            arrays.append(np.asarray(im, dtype=np.float32) / 255.0)
-    return torch.from_numpy(np.stack(arrays))
-
-
-def image_to_tensor(path: str):
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]
-
-
 def ui_images(paths: list[str]) -> list[dict]:
     """Entries for a node's {"ui": {"images": [...]}} for files under ComfyUI's output folder."""
     out_root = Path(comfy.output_directory()).resolve()
     items = []
     for p in paths:
         rel = Path(p).resolve().relative_to(out_root)
-        items.append({"filename": rel.name, "subfolder": str(rel.parent).replace(os.sep, "/") if str(rel.parent) != "." else "", "type": "output"})
+        items.append(
+            {
+                "filename": rel.name,
+                "subfolder": str(rel.parent).replace(os.sep, "/") if str(rel.parent) != "." else "",
+                "type": "output",
+            }
+        )
     return items

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session")
 def fabric_dir(tmp_path_factory) -> Path:
-    from trainer.fabric import write_fabric_samples
+    from trainer.data.sample_set import write_fabric_samples
 
     folder = tmp_path_factory.mktemp("fabric")
     write_fabric_samples(folder, size=128)
@@ -28,7 +27,7 @@ def fabric_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny():
-    from trainer.models import build_tiny
+    from trainer.base_models.builtin import build_tiny
 
     return build_tiny()
 
@@ -56,29 +55,14 @@ def tiny_config(instance_dir, **overrides):
 @pytest.fixture(scope="session")
 def sd15_parts():
     """Random-weight full-size SD1.5 state dicts (fp16) in diffusers layout, plus the configs."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from helpers.sd15_layout import random_sd15_parts
 
-    from trainer.models import SD15_CONFIG_DIR
-
-    ucfg = json.loads((SD15_CONFIG_DIR / "unet" / "config.json").read_text())
-    vcfg = json.loads((SD15_CONFIG_DIR / "vae" / "config.json").read_text())
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(ucfg)
-        vae = AutoencoderKL.from_config(vcfg)
-        te = CLIPTextModel(CLIPTextConfig.from_pretrained(str(SD15_CONFIG_DIR / "text_encoder")))
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(module):
-        return {k: (torch.randn(v.shape, generator=g) * 0.02).to(torch.float16) for k, v in module.state_dict().items()}
-
-    return {"unet": rnd(unet), "vae": rnd(vae), "text": rnd(te), "unet_config": ucfg, "vae_config": vcfg}
+    return random_sd15_parts()
 
 
 @pytest.fixture(scope="session")
 def sd15_checkpoint(sd15_parts, tmp_path_factory) -> Path:
-    from trainer.ldm import write_ldm_checkpoint
+    from helpers.ldm_layout import write_ldm_checkpoint
 
     path = tmp_path_factory.mktemp("sd15") / "v1-5-random.safetensors"
     p = sd15_parts
@@ -88,7 +72,7 @@ def sd15_checkpoint(sd15_parts, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sd15_components(sd15_checkpoint):
-    from trainer.models import load_base_model
+    from trainer.base_models.load import load_base_model
 
     return load_base_model(str(sd15_checkpoint))
 
@@ -199,9 +183,22 @@ def fake_comfy(tmp_path, monkeypatch):
     pack = load_pack()
     comfy_mod = sys.modules["dreamloom_pack.nodes.comfy"]
     fake = FakeComfy(tmp_path / "comfy")
-    for name in ("filename_list", "full_path", "folder_paths_for", "input_directory", "output_directory", "progress_bar",
-                 "interrupt_requested", "raise_interrupt", "free_memory", "lora_key_map", "apply_lora", "save_path",
-                 "sample_with_noise", "vae_decode"):
+    for name in (
+        "filename_list",
+        "full_path",
+        "folder_paths_for",
+        "input_directory",
+        "output_directory",
+        "progress_bar",
+        "interrupt_requested",
+        "raise_interrupt",
+        "free_memory",
+        "lora_key_map",
+        "apply_lora",
+        "save_path",
+        "sample_with_noise",
+        "vae_decode",
+    ):
         monkeypatch.setattr(comfy_mod, name, getattr(fake, name))
     fake.pack = pack
     return fake

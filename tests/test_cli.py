@@ -10,7 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, cwd=ROOT, timeout=900):
-    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path):
@@ -25,9 +27,25 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
 
 def test_cli_train_then_generate(fabric_dir, tmp_path):
     run = tmp_path / "run"
-    r = run_cli("train", "--output-dir", str(run), "--instance-dir", str(fabric_dir), "--resolution", "64",
-                "--max-train-steps", "4", "--num-class-images", "2", "--class-steps", "2", "--sample-steps", "2",
-                "--cache-dir", str(tmp_path / "cache"))
+    r = run_cli(
+        "train",
+        "--output-dir",
+        str(run),
+        "--instance-dir",
+        str(fabric_dir),
+        "--resolution",
+        "64",
+        "--max-train-steps",
+        "4",
+        "--num-class-images",
+        "2",
+        "--class-steps",
+        "2",
+        "--sample-steps",
+        "2",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     assert r.returncode == 0, r.stderr
     outputs = json.loads(r.stdout)
     assert Path(outputs["lora"]).exists() and Path(outputs["lora_diffusers"]).exists()
@@ -43,8 +61,16 @@ def test_demo_end_to_end(tmp_path):
     r = run_cli("demo", "--output-dir", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    for name in ("sks_fabric.safetensors", "pytorch_lora_weights.safetensors", "loss.png", "grid_lora.png", "base_vs_lora.png",
-                 "sks_fabric_ti.safetensors", "ti_vs_lora.png", "morph.gif"):
+    for name in (
+        "sks_fabric.safetensors",
+        "pytorch_lora_weights.safetensors",
+        "loss.png",
+        "grid_lora.png",
+        "base_vs_lora.png",
+        "sks_fabric_ti.safetensors",
+        "ti_vs_lora.png",
+        "morph.gif",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert len(list((out / "class_images").glob("class_*.png"))) == 100
     assert len(list((out / "fabric_samples").glob("*.png"))) == 10

@@ -75,7 +75,9 @@ def test_device_dependent_options():
 
 def test_toml_round_trip_and_coercion(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('[train]\nrank = 8\nalpha = 8\nlearning_rate = "2e-4"\nrandom_flip = "yes"\nlora_targets = ["to_q", "to_v"]\n')
+    path.write_text(
+        '[train]\nrank = 8\nalpha = 8\nlearning_rate = "2e-4"\nrandom_flip = "yes"\nlora_targets = ["to_q", "to_v"]\n'
+    )
     cfg = TrainConfig.from_toml(path).validate()
     assert cfg.rank == 8 and cfg.alpha == 8.0 and cfg.learning_rate == 2e-4 and cfg.random_flip is True
     assert cfg.lora_targets == ["to_q", "to_v"]

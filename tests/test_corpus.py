@@ -1,6 +1,6 @@
 import numpy as np
 
-from trainer.corpus import COLORS, FAMILIES, HELD_OUT, corpus, describe, render
+from trainer.lab.corpus import COLORS, FAMILIES, HELD_OUT, corpus, describe, render
 
 
 def test_corpus_is_deterministic_captioned_and_holds_out_kente():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data import crop_resize, image_set_from_arrays, list_image_files, load_image_folder, load_rgb
+from trainer.data.images import crop_resize, image_set_from_arrays, list_image_files, load_image_folder, load_rgb
 from trainer.errors import DreamLoomError
 
 

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,15 +17,56 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_two_processes_batch_one_equal_one_process_batch_two(fabric_dir, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     assert torchrun, "torchrun ships with torch"
-    common = ["train", "--instance-dir", str(fabric_dir), "--resolution", "64", "--max-train-steps", "6", "--num-class-images", "4",
-              "--class-steps", "2", "--sample-steps", "2", "--sample-every", "0", "--checkpoint-every", "0",
-              "--cache-dir", str(tmp_path / "cache")]
+    common = [
+        "train",
+        "--instance-dir",
+        str(fabric_dir),
+        "--resolution",
+        "64",
+        "--max-train-steps",
+        "6",
+        "--num-class-images",
+        "4",
+        "--class-steps",
+        "2",
+        "--sample-steps",
+        "2",
+        "--sample-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same kernels' reduction order in both runs
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "trainer", *common, "--output-dir", str(tmp_path / "two"),
-                          "--train-batch-size", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    two = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "trainer",
+            *common,
+            "--output-dir",
+            str(tmp_path / "two"),
+            "--train-batch-size",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "trainer", *common, "--output-dir", str(tmp_path / "one"), "--train-batch-size", "2"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    one = subprocess.run(
+        [sys.executable, "-m", "trainer", *common, "--output-dir", str(tmp_path / "one"), "--train-batch-size", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     a = load_file(str(tmp_path / "two" / "result" / "sks_fabric.safetensors"))
     b = load_file(str(tmp_path / "one" / "result" / "sks_fabric.safetensors"))

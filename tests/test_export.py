@@ -2,13 +2,13 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import tiny_config
-from trainer.export import kohya_state_dict
-from trainer.methods import LoRAMethod
-from trainer.train import Trainer
+from trainer.formats.lora_export import kohya_state_dict
+from trainer.training.loop import Trainer
+from trainer.training.methods.lora import LoRAMethod
 
 
 def _unet_out(unet, seed=0):
@@ -22,7 +22,7 @@ def _unet_out(unet, seed=0):
 
 @pytest.fixture
 def trained(fabric_dir, tmp_path):
-    from trainer.models import build_tiny
+    from trainer.base_models.builtin import build_tiny
 
     cfg = tiny_config(fabric_dir, max_train_steps=5, rank=4, alpha=8, learning_rate=5e-3, with_prior_preservation=False)
     trainer = Trainer(cfg, tmp_path / "run", comps=build_tiny())
@@ -32,8 +32,8 @@ def trained(fabric_dir, tmp_path):
 
 
 def test_diffusers_file_reproduces_the_trained_unet(trained):
-    from trainer.models import build_tiny
-    from trainer.sampling import make_pipeline
+    from trainer.base_models.builtin import build_tiny
+    from trainer.inference.pipelines import make_pipeline
 
     expected = _unet_out(trained.comps.unet)
     fresh = build_tiny()
@@ -47,8 +47,8 @@ def test_diffusers_file_reproduces_the_trained_unet(trained):
 
 
 def test_kohya_file_metadata_and_diffusers_load(trained):
-    from trainer.models import build_tiny
-    from trainer.sampling import make_pipeline
+    from trainer.base_models.builtin import build_tiny
+    from trainer.inference.pipelines import make_pipeline
 
     path = trained.run_dir / "result" / "sks_fabric.safetensors"
     with safe_open(str(path), "pt") as f:

@@ -1,15 +1,13 @@
-import json
 import os
 import signal
-import threading
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
 from trainer.errors import DreamLoomError
-from trainer.jobs import JobInterrupted, RunLock, finished_outputs, folder_fingerprint, prepare_run_dir, run_job
+from trainer.jobs.parent import JobInterrupted, RunLock, finished_outputs, folder_fingerprint, prepare_run_dir, run_job
 
 
 def _train_request(fabric_dir, **kw):
@@ -112,7 +110,7 @@ def test_offline_guard_blocks_remote_connections():
 
     code = (
         "import socket\n"
-        "from trainer.worker import install_offline_guard\n"
+        "from trainer.jobs.worker import install_offline_guard\n"
         "install_offline_guard()\n"
         "try:\n"
         "    socket.create_connection(('93.184.216.34', 80), timeout=2)\n"
@@ -121,7 +119,12 @@ def test_offline_guard_blocks_remote_connections():
         "s = socket.socket(); s.settimeout(1)\n"
         "print('loopback', s.connect_ex(('127.0.0.1', 9)))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert "DreamLoomError Blocked a network connection" in r.stdout
     assert "loopback" in r.stdout

@@ -3,11 +3,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import tiny_config
+from safetensors.torch import save_file
+
+from helpers.sd15_layout import sd15_kohya_unet_modules
 from trainer.errors import DreamLoomError
-from trainer.lora_import import convert_state_dict, detect_format, load_lora_file, sd15_kohya_unet_modules
+from trainer.formats.lora_import import convert_state_dict, detect_format, load_lora_file
 
 
 def _deltas(imported):
@@ -24,8 +25,8 @@ def _deltas(imported):
 def test_kohya_diffusers_and_raw_peft_map_to_the_same_modules_and_scale(sd15_components, tmp_path, fabric_dir):
     from peft.utils import get_peft_model_state_dict
 
-    from trainer.export import save_diffusers, save_kohya
-    from trainer.methods import LoRAMethod
+    from trainer.formats.lora_export import save_diffusers, save_kohya
+    from trainer.training.methods.lora import LoRAMethod
 
     comps = copy.copy(sd15_components)
     comps.unet = copy.deepcopy(sd15_components.unet)
@@ -40,15 +41,29 @@ def test_kohya_diffusers_and_raw_peft_map_to_the_same_modules_and_scale(sd15_com
 
     kohya_path = save_kohya(tmp_path / "k" / "fabric.safetensors", peft_sd, None, cfg.alpha, {})
     (tmp_path / "d").mkdir()
-    diffusers_path = save_diffusers(tmp_path / "d" / "pytorch_lora_weights.safetensors", peft_sd, None, method.lora_config(cfg.lora_targets))
+    diffusers_path = save_diffusers(
+        tmp_path / "d" / "pytorch_lora_weights.safetensors", peft_sd, None, method.lora_config(cfg.lora_targets)
+    )
     # Raw PEFT as PeftModel.save_pretrained writes it (the tutorial's published format).
     peft_dir = tmp_path / "p"
     peft_dir.mkdir()
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in peft_sd.items()}, str(peft_dir / "adapter_model.safetensors"))
-    (peft_dir / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 32, "peft_type": "LORA",
-                                                              "target_modules": ["to_k", "to_q", "to_v", "to_out.0"]}))
-    imported = {fmt: load_lora_file(p) for fmt, p in (("kohya", kohya_path), ("diffusers", diffusers_path),
-                                                        ("peft", peft_dir / "adapter_model.safetensors"))}
+    save_file(
+        {f"base_model.model.{k}": v.contiguous() for k, v in peft_sd.items()},
+        str(peft_dir / "adapter_model.safetensors"),
+    )
+    (peft_dir / "adapter_config.json").write_text(
+        json.dumps(
+            {"r": 4, "lora_alpha": 32, "peft_type": "LORA", "target_modules": ["to_k", "to_q", "to_v", "to_out.0"]}
+        )
+    )
+    imported = {
+        fmt: load_lora_file(p)
+        for fmt, p in (
+            ("kohya", kohya_path),
+            ("diffusers", diffusers_path),
+            ("peft", peft_dir / "adapter_model.safetensors"),
+        )
+    }
     assert {v.source_format for v in imported.values()} == {"kohya", "diffusers", "peft"}
     sd15 = sd15_kohya_unet_modules()
     modules = {fmt: set(v.modules) for fmt, v in imported.items()}
@@ -69,8 +84,14 @@ def test_kohya_diffusers_and_raw_peft_map_to_the_same_modules_and_scale(sd15_com
 
 
 def test_raw_peft_without_config_and_unknown_keys_are_errors(tmp_path):
-    sd = {"base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 320),
-          "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(320, 4)}
+    sd = {
+        "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(
+            4, 320
+        ),
+        "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(
+            320, 4
+        ),
+    }
     save_file(sd, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(DreamLoomError, match="adapter_config.json"):
         load_lora_file(tmp_path / "adapter_model.safetensors")
@@ -79,7 +100,9 @@ def test_raw_peft_without_config_and_unknown_keys_are_errors(tmp_path):
     # rsLoRA: scale alpha/sqrt(r) = 4, so the kohya alpha is 16 (16 / 4 = 4).
     assert float(next(v for k, v in imp.tensors.items() if k.endswith(".alpha"))) == pytest.approx(16.0)
     bad = dict(sd)
-    bad["base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"] = torch.zeros(320)
+    bad["base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"] = (
+        torch.zeros(320)
+    )
     with pytest.raises(DreamLoomError, match="cannot be mapped.*lora_magnitude_vector"):
         convert_state_dict(bad, adapter_config={"r": 4, "lora_alpha": 4})
     with pytest.raises(DreamLoomError, match="Unrecognised"):
@@ -99,20 +122,44 @@ def test_text_encoder_keys_and_old_processor_format():
     }
     assert detect_format(sd) == "diffusers"
     imp = convert_state_dict(sd)
-    assert set(imp.modules) == {"lora_te_text_model_encoder_layers_0_self_attn_q_proj",
-                                "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0"}
+    assert set(imp.modules) == {
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0",
+    }
     assert all(float(imp.tensors[f"{m}.alpha"]) == 2.0 for m in imp.modules)  # no alpha stored: scale 1
     assert imp.notes
 
 
-@pytest.mark.parametrize("sd,needle", [
-    ({"lora_unet_a.lora_down.weight": torch.zeros(2, 3), "lora_unet_a.lora_up.weight": torch.zeros(3, 2),
-      "lora_unet_a.alpha": torch.zeros(2, 2)}, "not a single number"),  # found by the fuzzer
-    ({"unet.x.lora_A.weight": torch.zeros(2, 3), "unet.x.lora_B.weight": torch.zeros(3, 2), "unet.x.alpha": torch.zeros(3)}, "not a single number"),
-    ({"unet.x.lora_A.weight": torch.zeros(2, 3), "unet.x.lora_B.weight": torch.zeros(3, 5)}, "mismatched shapes"),
-    ({"lora_unet_a.lora_down.weight": torch.zeros(2, 3), "lora_unet_a.lora_up.weight": torch.zeros(3, 2),
-      "lora_unet_a.alpha": torch.tensor(float("nan"))}, "alpha nan"),
-])
+@pytest.mark.parametrize(
+    "sd,needle",
+    [
+        (
+            {
+                "lora_unet_a.lora_down.weight": torch.zeros(2, 3),
+                "lora_unet_a.lora_up.weight": torch.zeros(3, 2),
+                "lora_unet_a.alpha": torch.zeros(2, 2),
+            },
+            "not a single number",
+        ),  # found by the fuzzer
+        (
+            {
+                "unet.x.lora_A.weight": torch.zeros(2, 3),
+                "unet.x.lora_B.weight": torch.zeros(3, 2),
+                "unet.x.alpha": torch.zeros(3),
+            },
+            "not a single number",
+        ),
+        ({"unet.x.lora_A.weight": torch.zeros(2, 3), "unet.x.lora_B.weight": torch.zeros(3, 5)}, "mismatched shapes"),
+        (
+            {
+                "lora_unet_a.lora_down.weight": torch.zeros(2, 3),
+                "lora_unet_a.lora_up.weight": torch.zeros(3, 2),
+                "lora_unet_a.alpha": torch.tensor(float("nan")),
+            },
+            "alpha nan",
+        ),
+    ],
+)
 def test_malformed_modules_are_clear_errors(sd, needle):
     with pytest.raises(DreamLoomError, match=needle):
         convert_state_dict(sd)

@@ -4,8 +4,11 @@ import struct
 import pytest
 import torch
 
+from trainer.base_models.builtin import build_tiny
+from trainer.base_models.detect import detect_family
+from trainer.base_models.load import load_base_model
 from trainer.errors import DreamLoomError
-from trainer.models import build_tiny, detect_family, load_base_model, read_safetensors_header
+from trainer.files.safetensors_header import read_safetensors_header
 
 
 def test_tiny_is_deterministic_and_small():
@@ -49,7 +52,13 @@ SD15_KEYS = {
     [
         (SD15_KEYS, "SD1.5"),
         ({**SD15_KEYS, "conditioner.embedders.1.model.ln_final.weight": [2]}, "SDXL"),
-        ({"model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3], "cond_stage_model.model.ln_final.weight": [2]}, "SD2"),
+        (
+            {
+                "model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3],
+                "cond_stage_model.model.ln_final.weight": [2],
+            },
+            "SD2",
+        ),
         ({**SD15_KEYS, "model.diffusion_model.input_blocks.0.0.weight": [320, 9, 3, 3]}, "SD1.5 inpainting"),
         ({"lora_unet_down_blocks_0.alpha": [1]}, "not a full checkpoint"),
     ],
@@ -61,6 +70,20 @@ def test_family_detection_and_refusal(tmp_path, keys, family):
         with pytest.raises(DreamLoomError, match="not Stable Diffusion 1.5") as info:
             load_base_model(str(path))
         assert family.split()[0] in str(info.value)
+
+
+def test_detect_family_names_what_diffusers_calls_sd15():
+    """Why detect.py is ours: diffusers' model-type inference answers "v1" (SD1.5) for layouts it does not
+    know, so a LoRA or a Flux file would be loaded as SD1.5; ours names them and the loader refuses them."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    for keys, ours in (
+        ({"lora_unet_down_blocks_0_attentions_0_proj_in.alpha": [1]}, "not a full checkpoint"),
+        ({"double_blocks.0.img_attn.qkv.weight": [9, 3]}, "Flux"),
+    ):
+        assert infer_diffusers_model_type(dict.fromkeys(keys)) == "v1"
+        assert detect_family({k: {"shape": v} for k, v in keys.items()}).startswith(ours)
+    assert detect_family({k: {"shape": v} for k, v in SD15_KEYS.items()}) == "SD1.5"
 
 
 def test_bad_model_files(tmp_path):
@@ -91,7 +114,11 @@ def test_bad_model_files(tmp_path):
 def test_single_file_round_trip_tensor_by_tensor(sd15_parts, sd15_components):
     comps = sd15_components
     assert comps.kind == "single_file" and comps.fingerprint.startswith("sd15-")
-    for source, module in ((sd15_parts["unet"], comps.unet), (sd15_parts["vae"], comps.vae), (sd15_parts["text"], comps.text_encoder)):
+    for source, module in (
+        (sd15_parts["unet"], comps.unet),
+        (sd15_parts["vae"], comps.vae),
+        (sd15_parts["text"], comps.text_encoder),
+    ):
         loaded = module.state_dict()
         assert set(source) == set(loaded)
         for key, tensor in source.items():
@@ -100,11 +127,11 @@ def test_single_file_round_trip_tensor_by_tensor(sd15_parts, sd15_components):
 
 @pytest.mark.slow
 def test_diffusers_folder_loads(sd15_components, tmp_path):
-    from trainer.models import load_base_model
+    from trainer.base_models.load import load_base_model
 
     tiny = build_tiny()
     folder = tmp_path / "tiny_diffusers"
-    from trainer.sampling import make_pipeline
+    from trainer.inference.pipelines import make_pipeline
 
     make_pipeline(tiny).save_pretrained(folder)
     with pytest.raises(DreamLoomError, match="not an SD1.5 model"):

@@ -1,15 +1,14 @@
 """Node-contract tests with a stand-in for nodes/comfy.py (no ComfyUI needed)."""
 
+import importlib
 import os
-import shutil
 import signal
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import FakeInterrupt, load_pack
+from safetensors.torch import load_file
 
 TINY = "tiny (built-in test model)"
 
@@ -49,19 +48,38 @@ def test_every_node_is_well_formed(fake_comfy):
 
 
 def _dataset(fake, fabric_dir, resolution=64):
-    (ds, preview), = [_node("DreamLoomLoadTrainingImages")().load(str(fabric_dir), resolution, "center", False, False)]
+    ((ds, preview),) = [
+        _node("DreamLoomLoadTrainingImages")().load(str(fabric_dir), resolution, "center", False, False)
+    ]
     assert preview.shape[0] == 10 and preview.shape[-1] == 3
     return ds
 
 
 def _train_lora(fake, ds, **kw):
-    args = dict(ckpt_name=TINY, instance_images=ds, instance_prompt="a sks african fabric pattern", token="sks",
-                class_prompt="a fabric pattern", prior_preservation=True, prior_loss_weight=1.0, num_class_images=2,
-                rank=4, alpha=4.0, learning_rate=1e-3, max_train_steps=6, seed=1, sample_every=3, output_name="node_lora")
+    args = dict(
+        ckpt_name=TINY,
+        instance_images=ds,
+        instance_prompt="a sks african fabric pattern",
+        token="sks",
+        class_prompt="a fabric pattern",
+        prior_preservation=True,
+        prior_loss_weight=1.0,
+        num_class_images=2,
+        rank=4,
+        alpha=4.0,
+        learning_rate=1e-3,
+        max_train_steps=6,
+        seed=1,
+        sample_every=3,
+        output_name="node_lora",
+    )
     args.update(kw)
     settings = _node("DreamLoomTrainingSettings")().build(
-        **{k: v[1].get("default", v[0][0] if isinstance(v[0], list) else None)
-           for k, v in _node("DreamLoomTrainingSettings").INPUT_TYPES()["required"].items()})[0]
+        **{
+            k: v[1].get("default", v[0][0] if isinstance(v[0], list) else None)
+            for k, v in _node("DreamLoomTrainingSettings").INPUT_TYPES()["required"].items()
+        }
+    )[0]
     settings.update(checkpoint_every=2, class_steps=2, sample_steps=2)
     return _node("DreamLoomTrainLoRA")().train(settings=settings, unique_id="7", **args)
 
@@ -97,7 +115,9 @@ def test_lora_node_end_to_end_progress_and_loadable_file(fake_comfy, fabric_dir)
 @pytest.mark.slow
 def test_interrupt_keeps_checkpoint_and_resumes_to_same_weights(fake_comfy, fabric_dir, tmp_path):
     ds = _dataset(fake_comfy, fabric_dir)
-    reference = load_file(str(fake_comfy.models / "loras" / _train_lora(fake_comfy, ds, output_name="ref")["result"][0]))
+    reference = load_file(
+        str(fake_comfy.models / "loras" / _train_lora(fake_comfy, ds, output_name="ref")["result"][0])
+    )
     fake_comfy.interrupt_at_step = 3
     with pytest.raises(FakeInterrupt):
         _train_lora(fake_comfy, ds, output_name="cut")
@@ -115,7 +135,7 @@ def test_interrupt_keeps_checkpoint_and_resumes_to_same_weights(fake_comfy, fabr
 def test_killed_worker_gives_clear_node_error_then_resumes(fake_comfy, fabric_dir, monkeypatch):
     ds = _dataset(fake_comfy, fabric_dir)
     runner = sys.modules["dreamloom_pack.nodes.runner"]
-    jobs = sys.modules["dreamloom_pack.trainer.jobs"]
+    jobs = importlib.import_module("dreamloom_pack.trainer.jobs.parent")
     real_run_job = jobs.run_job
 
     def killing_run_job(run_dir, on_event=None, **kw):
@@ -123,6 +143,7 @@ def test_killed_worker_gives_clear_node_error_then_resumes(fake_comfy, fabric_di
             on_event(e)
             if e["event"] == "checkpoint" and e.get("step") == 4:
                 os.kill(int((run_dir / "worker.pid").read_text()), signal.SIGKILL)
+
         return real_run_job(run_dir, on_event=hook, **kw)
 
     monkeypatch.setattr(runner.jobs, "run_job", killing_run_job)
@@ -137,7 +158,9 @@ def test_killed_worker_gives_clear_node_error_then_resumes(fake_comfy, fabric_di
 @pytest.mark.slow
 def test_ti_node_publishes_embedding(fake_comfy, fabric_dir):
     ds = _dataset(fake_comfy, fabric_dir)
-    out = _node("DreamLoomTrainTextualInversion")().train(TINY, ds, "<sks-fabric>", "pattern", 5e-3, 4, 1, 2, "fab_ti", unique_id="3")
+    out = _node("DreamLoomTrainTextualInversion")().train(
+        TINY, ds, "<sks-fabric>", "pattern", 5e-3, 4, 1, 2, "fab_ti", unique_id="3"
+    )
     name, prompt, loss, samples = out["result"]
     assert name == "fab_ti" and prompt == "embedding:fab_ti"
     sd = load_file(str(fake_comfy.models / "embeddings" / "fab_ti.safetensors"))
@@ -201,7 +224,9 @@ def test_render_morph_chunks_and_save_animation(fake_comfy, tmp_path):
     cond_b = [[torch.randn(1, 77, 768), {"pooled_output": torch.randn(1, 768)}]]
     (morph_cond,) = _node("DreamLoomSlerpConditioning")().build(pos, cond_b, n, True)
     assert morph_cond[0][0].shape[0] == n and torch.allclose(morph_cond[0][0][0], pos[0][0][0])
-    (frames,) = _node("DreamLoomRenderMorph")().render("model", morph_cond, pos, "sampler", "sigmas", 7.5, "vae", noise, latent, 8, unique_id="1")
+    (frames,) = _node("DreamLoomRenderMorph")().render(
+        "model", morph_cond, pos, "sampler", "sigmas", 7.5, "vae", noise, latent, 8, unique_id="1"
+    )
     assert frames.shape == (30, 64, 64, 3)
     assert fake_comfy.sample_calls == [(8, 8), (8, 8), (8, 8), (6, 6)]  # conditioning sliced with the frames
     assert [p[0] for p in fake_comfy.progress] == [8, 16, 24, 30]
@@ -247,8 +272,14 @@ def test_training_writes_only_inside_comfyui_folders(fake_comfy, fabric_dir, tmp
         files = set()
         for r in roots:
             for p in Path(r).rglob("*"):
-                if p.is_file() and "__pycache__" not in p.parts and ".venv" not in p.parts and ".git" not in p.parts \
-                        and ".pytest_cache" not in p.parts and ".hypothesis" not in p.parts:
+                if (
+                    p.is_file()
+                    and "__pycache__" not in p.parts
+                    and ".venv" not in p.parts
+                    and ".git" not in p.parts
+                    and ".pytest_cache" not in p.parts
+                    and ".hypothesis" not in p.parts
+                ):
                     files.add(p)
         return files
 
@@ -266,8 +297,12 @@ def test_training_writes_only_inside_comfyui_folders(fake_comfy, fabric_dir, tmp
 def test_builtin_tiny_fabric_is_offered_and_generates_class_images(fake_comfy):
     runner = sys.modules["dreamloom_pack.nodes.runner"]
     choices = runner.checkpoint_choices()
-    assert runner.BUILTIN_TINY_FABRIC in choices and runner.resolve_checkpoint(runner.BUILTIN_TINY_FABRIC) == "tiny-fabric"
+    assert (
+        runner.BUILTIN_TINY_FABRIC in choices and runner.resolve_checkpoint(runner.BUILTIN_TINY_FABRIC) == "tiny-fabric"
+    )
     node = _node("DreamLoomGenerateClassImages")()
-    dataset, preview = node.generate(runner.BUILTIN_TINY_FABRIC, "a fabric pattern", "", 2, 128, 3, 7.5, "euler", 3, 2, unique_id="9")
+    dataset, preview = node.generate(
+        runner.BUILTIN_TINY_FABRIC, "a fabric pattern", "", 2, 128, 3, 7.5, "euler", 3, 2, unique_id="9"
+    )
     assert dataset.count == 2 and preview.shape[1:] == (128, 128, 3)
     assert float(preview.std()) > 0.02  # a picture, not a flat field

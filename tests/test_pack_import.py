@@ -1,4 +1,3 @@
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,9 @@ PROBE = r"""
 import importlib.util, sys, time, json
 root = sys.argv[1]
 t = time.perf_counter()
-spec = importlib.util.spec_from_file_location("custom_nodes_x_dreamloom", root + "/__init__.py", submodule_search_locations=[root])
+spec = importlib.util.spec_from_file_location(
+    "custom_nodes_x_dreamloom", root + "/__init__.py", submodule_search_locations=[root]
+)
 m = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = m
 spec.loader.exec_module(m)

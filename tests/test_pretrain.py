@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import pretrain as P
-from trainer.corpus import describe
+import trainer.lab.pretrain as P
+from trainer.base_models.builtin import TINY_FABRIC_PATH, load_tiny_fabric
+from trainer.base_models.load import load_base_model
 from trainer.errors import DreamLoomError
-from trainer.models import TINY_FABRIC_PATH, load_base_model
+from trainer.lab.corpus import describe
 
 
 def test_caption_variants_cover_family_colours_and_class_prompt():
@@ -23,7 +24,7 @@ def test_caption_variants_cover_family_colours_and_class_prompt():
 
 
 def test_tokenized_variants_end_with_the_empty_caption():
-    from trainer.models import load_tokenizer
+    from trainer.base_models.components import load_tokenizer
 
     tok = load_tokenizer()
     ids = P.tokenize_variants(tok, [describe("stripes", 0), describe("florals", 1)])
@@ -42,7 +43,8 @@ def test_vae_reconstruction_loss_falls(tmp_path):
 
 @pytest.mark.slow
 def test_denoiser_loss_falls_and_text_encoder_learns_the_captions(tmp_path):
-    from trainer.models import load_tokenizer, sd15_scheduler_config
+    from trainer.base_models.components import load_tokenizer
+    from trainer.base_models.sd15 import sd15_scheduler_config
 
     images, samples = P.render_corpus(4)
     torch.manual_seed(0)
@@ -51,9 +53,8 @@ def test_denoiser_loss_falls_and_text_encoder_learns_the_captions(tmp_path):
     cfg = P.PretrainConfig(out=tmp_path, unet_steps=60, unet_batch=8, crop_steps=0, unet_lr=1e-3)
     unet, text_encoder, losses = P.train_denoiser(latents, ids, cfg, lambda *_: None, sd15_scheduler_config())
     assert np.mean(losses[-15:]) < 0.8 * np.mean(losses[:15])
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(cfg.seed + 1)  # the same draws as train_denoiser: the UNet first, then the text encoder
     UNet2DConditionModel(**P.FABRIC_UNET)
@@ -71,15 +72,18 @@ def _micro_modules():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(3)
-    return (AutoencoderKL(**P.FABRIC_VAE).eval(), UNet2DConditionModel(**P.FABRIC_UNET).eval(),
-            CLIPTextModel(CLIPTextConfig(**P.FABRIC_TEXT)).eval())
+    return (
+        AutoencoderKL(**P.FABRIC_VAE).eval(),
+        UNet2DConditionModel(**P.FABRIC_UNET).eval(),
+        CLIPTextModel(CLIPTextConfig(**P.FABRIC_TEXT)).eval(),
+    )
 
 
 def test_save_then_load_reproduces_the_modules_at_fp16_precision(tmp_path):
     vae, unet, te = _micro_modules()
     path = tmp_path / "m.safetensors"
     P.save_tiny_fabric(path, vae, unet, te, {"scaling_factor": 1.7})
-    vae2, unet2, te2, meta = P.load_tiny_fabric(path)
+    vae2, unet2, te2, meta = load_tiny_fabric(path)
     assert vae2.config.scaling_factor == pytest.approx(1.7)
     assert json.loads(meta["pretrain"])["scaling_factor"] == pytest.approx(1.7)
     for a, b in ((vae, vae2), (unet, unet2), (te, te2)):
@@ -94,12 +98,12 @@ def test_loading_a_wrong_file_names_the_problem_and_the_fix(tmp_path):
     from safetensors.torch import save_file
 
     with pytest.raises(DreamLoomError, match="missing") as err:
-        P.load_tiny_fabric(tmp_path / "absent.safetensors")
+        load_tiny_fabric(tmp_path / "absent.safetensors")
     assert "pretrain-tiny" in err.value.hint
     other = tmp_path / "other.safetensors"
     save_file({"x": torch.zeros(2)}, str(other), metadata={"format": "something-else"})
     with pytest.raises(DreamLoomError, match="not a tiny-fabric file"):
-        P.load_tiny_fabric(other)
+        load_tiny_fabric(other)
     vae, unet, te = _micro_modules()
     trunc = tmp_path / "partial.safetensors"
     P.save_tiny_fabric(trunc, vae, unet, te, {"scaling_factor": 1.0})
@@ -112,7 +116,7 @@ def test_loading_a_wrong_file_names_the_problem_and_the_fix(tmp_path):
         meta = f.metadata()
     save_file(tensors, str(trunc), metadata=meta)
     with pytest.raises(DreamLoomError, match="does not match"):
-        P.load_tiny_fabric(trunc)
+        load_tiny_fabric(trunc)
 
 
 # --------------------------------------------------------------------------- the shipped weights
@@ -138,9 +142,9 @@ def test_shipped_tiny_fabric_was_pretrained_within_the_cpu_budget():
 
 def _corpus_likeness(base_model, resolution):
     """(mean similarity of 6 class-prompt generations to 36 corpus images, their diversity)."""
-    from trainer import quality as q
-    from trainer.corpus import corpus, render
-    from trainer.sampling import generate, make_pipeline
+    import trainer.lab.quality as q
+    from trainer.inference.pipelines import generate, make_pipeline
+    from trainer.lab.corpus import corpus, render
 
     pipe = make_pipeline(load_base_model(base_model))
     images = generate(pipe, ["a fabric pattern"] * 6, list(range(1, 7)), 12, 7.5, resolution, batch_size=6)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from trainer import quality as q
+import trainer.lab.quality as q
 
 
 def test_lab_conversion_matches_reference_values():
@@ -49,26 +49,36 @@ def test_diversity_is_zero_for_identical_images_and_grows_with_variety():
 
 
 def _run(fid, drift):
-    return {"fidelity": {k: fid for k in q.FEATURES}, "drift": {k: drift for k in q.FEATURES},
-            "diversity": {k: 0.3 for k in q.FEATURES}}
+    return {
+        "fidelity": {k: fid for k in q.FEATURES},
+        "drift": {k: drift for k in q.FEATURES},
+        "diversity": {k: 0.3 for k in q.FEATURES},
+    }
 
 
 def test_summary_targets_follow_the_issue_definitions():
     spec = q.QualitySpec(training_seeds=(0, 1, 2))
-    good = {"base": [_run(0.40, 0.0)],
-            "lora_prior": [_run(f, d) for f, d in ((0.70, 0.10), (0.72, 0.12), (0.71, 0.11))],
-            "lora_no_prior": [_run(f, d) for f, d in ((0.74, 0.30), (0.75, 0.31), (0.73, 0.29))],
-            "ti": [_run(f, 0.0) for f in (0.55, 0.57, 0.56)]}
+    good = {
+        "base": [_run(0.40, 0.0)],
+        "lora_prior": [_run(f, d) for f, d in ((0.70, 0.10), (0.72, 0.12), (0.71, 0.11))],
+        "lora_no_prior": [_run(f, d) for f, d in ((0.74, 0.30), (0.75, 0.31), (0.73, 0.29))],
+        "ti": [_run(f, 0.0) for f in (0.55, 0.57, 0.56)],
+    }
     s = q.summarise(good, spec)
     assert all(s["targets"].values()), s["targets"]
     assert s["prior_preservation"]["drift_reduction"] == pytest.approx(1 - 0.11 / 0.30)
     assert s["lora_prior"]["fidelity_gain"] == pytest.approx(0.31)
     # TI within seed noise of the base, and a prior run that loses 20% fidelity, miss their targets.
-    bad = dict(good, ti=[_run(f, 0.0) for f in (0.38, 0.45, 0.41)],
-               lora_prior=[_run(f, d) for f, d in ((0.58, 0.10), (0.60, 0.12), (0.59, 0.11))])
+    bad = dict(
+        good,
+        ti=[_run(f, 0.0) for f in (0.38, 0.45, 0.41)],
+        lora_prior=[_run(f, d) for f, d in ((0.58, 0.10), (0.60, 0.12), (0.59, 0.11))],
+    )
     t = q.summarise(bad, spec)["targets"]
     assert not t["ti_fidelity_above_base"] and not t["prior_fidelity_within_10pct"] and t["prior_drift_30pct_lower"]
-    md = q.markdown_table({"summary": q.summarise(good, spec), "spec": q.asdict(spec), "feature_check": q.feature_check(per_family=2)})
+    md = q.markdown_table(
+        {"summary": q.summarise(good, spec), "spec": q.asdict(spec), "feature_check": q.feature_check(per_family=2)}
+    )
     assert "| LoRA + prior | 0.710 ± 0.010 |" in md and "drift 63% lower" in md
 
 
@@ -78,8 +88,15 @@ def test_quick_quality_run_writes_table_json_and_grid(tmp_path):
 
     from PIL import Image
 
-    spec = q.QualitySpec(training_seeds=(0,), sample_seeds=(5,), lora_steps=3, ti_steps=3, num_class_images=2,
-                         gen_steps=2, contexts=("a {s}", "a dress made of {s}"))
+    spec = q.QualitySpec(
+        training_seeds=(0,),
+        sample_seeds=(5,),
+        lora_steps=3,
+        ti_steps=3,
+        num_class_images=2,
+        gen_steps=2,
+        contexts=("a {s}", "a dress made of {s}"),
+    )
     report = q.run_quality(tmp_path, spec, log=lambda *_: None)
     md = (tmp_path / "quality.md").read_text()
     for label in q.METHOD_LABELS.values():

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from trainer.config import TrainConfig
 from trainer.errors import DreamLoomError
-from trainer.fsutil import atomic_save, atomic_write_text, publish
+from trainer.files.atomic import atomic_save, atomic_write_text, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,10 +71,10 @@ def test_disk_full_during_atomic_save_keeps_the_old_file(tmp_path):
 
 
 # --------------------------------------------------------------------------- a kill during a checkpoint write
-CHILD = textwrap.dedent('''
+CHILD = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path
-    from trainer import checkpoint
+    import trainer.training.checkpoint as checkpoint
     run = Path(sys.argv[1])
     state = {"w": torch.ones(3)}
     checkpoint.save_checkpoint(run, 2, state, {}, {}, {}, {"train_id": "x"}, keep=5)
@@ -85,11 +85,11 @@ CHILD = textwrap.dedent('''
         time.sleep(60)
     torch.save = slow_save
     checkpoint.save_checkpoint(run, 4, {"w": torch.zeros(3)}, {}, {}, {}, {"train_id": "x"}, keep=5)
-''')
+""")
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
-    from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+    from trainer.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=ROOT)
     deadline = time.time() + 120
@@ -101,13 +101,15 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
     ckpt = load_checkpoint(latest_checkpoint(tmp_path))
     assert ckpt["step"] == 2 and torch.equal(ckpt["trainable"]["w"], torch.ones(3))
-    assert list((tmp_path / "checkpoints").glob(".step_00004.*")), "the half-written folder is only a hidden temp folder"
+    assert list((tmp_path / "checkpoints").glob(".step_00004.*")), (
+        "the half-written folder is only a hidden temp folder"
+    )
     save_checkpoint(tmp_path, 6, {"w": torch.ones(3)}, {}, {}, {}, {"train_id": "x"}, keep=5)
     assert not list((tmp_path / "checkpoints").glob(".step_*")), "stale temp folders are cleaned up"
 
 
 def test_damaged_checkpoint_is_a_clear_error(tmp_path):
-    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.training.checkpoint import load_checkpoint, save_checkpoint
 
     path = save_checkpoint(tmp_path, 2, {"w": torch.ones(3)}, {}, {}, {}, {}, keep=2)
     (path / "trainable.safetensors").write_bytes(b"garbage")
@@ -122,14 +124,17 @@ def test_two_requests_in_one_process_run_one_after_the_other(tmp_path, fabric_di
     """The decision: within one process a second job waits for the first (in order); the run folder of a
     job that another live process is running is refused (see test_jobs.test_busy_run_dir_is_refused)."""
     from conftest import tiny_config
-    from trainer.jobs import prepare_run_dir, run_job
+
+    from trainer.jobs.parent import prepare_run_dir, run_job
 
     runs = []
     for seed in (1, 2):
         cfg = tiny_config(fabric_dir, max_train_steps=3, seed=seed, with_prior_preservation=False).validate()
         runs.append(prepare_run_dir(tmp_path / "runs", {"kind": "train", "config": cfg.to_dict()}, {}))
     events = {0: [], 1: []}
-    threads = [threading.Thread(target=run_job, args=(d,), kwargs={"on_event": events[i].append}) for i, d in enumerate(runs)]
+    threads = [
+        threading.Thread(target=run_job, args=(d,), kwargs={"on_event": events[i].append}) for i, d in enumerate(runs)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -141,8 +146,14 @@ def test_two_requests_in_one_process_run_one_after_the_other(tmp_path, fabric_di
 
 # --------------------------------------------------------------------------- fuzzing
 FIELDS = [f.name for f in __import__("dataclasses").fields(TrainConfig)]
-values = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
-                   st.text(max_size=30), st.lists(st.text(max_size=8), max_size=4))
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
+    st.lists(st.text(max_size=8), max_size=4),
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -154,14 +165,28 @@ def test_fuzz_config_parser(data):
         pass
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.sampled_from([".png", ".jpg", ".JPEG", ".webp", ".bmp"]), st.binary(max_size=600)), min_size=1, max_size=4),
-       st.booleans())
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([".png", ".jpg", ".JPEG", ".webp", ".bmp"]), st.binary(max_size=600)),
+        min_size=1,
+        max_size=4,
+    ),
+    st.booleans(),
+)
 def test_fuzz_dataset_loader_with_random_bytes(tmp_path_factory, files, with_valid_header):
-    from trainer.data import load_image_folder
+    from trainer.data.images import load_image_folder
 
     folder = tmp_path_factory.mktemp("fuzz")
-    headers = {".png": b"\x89PNG\r\n\x1a\n", ".jpg": b"\xff\xd8\xff", ".JPEG": b"\xff\xd8\xff", ".webp": b"RIFF\0\0\0\0WEBP", ".bmp": b"BM"}
+    headers = {
+        ".png": b"\x89PNG\r\n\x1a\n",
+        ".jpg": b"\xff\xd8\xff",
+        ".JPEG": b"\xff\xd8\xff",
+        ".webp": b"RIFF\0\0\0\0WEBP",
+        ".bmp": b"BM",
+    }
     for i, (suffix, data) in enumerate(files):
         (folder / f"f{i}{suffix}").write_bytes((headers[suffix] if with_valid_header else b"") + data)
     try:
@@ -171,18 +196,40 @@ def test_fuzz_dataset_loader_with_random_bytes(tmp_path_factory, files, with_val
 
 
 shapes = st.tuples(st.integers(1, 6), st.integers(1, 6))
-key_parts = st.sampled_from(["lora_unet_down_blocks_0_attentions_0_proj_in", "unet.mid_block.attentions.0.to_q",
-                             "base_model.model.up_blocks.1.attn1.to_k", "text_encoder.text_model.encoder.layers.0.mlp.fc1",
-                             "lora_te_text_model_encoder_layers_1_self_attn_q_proj", "weird", "diffusion_model.x"])
-suffixes = st.sampled_from([".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight", ".lora_B.weight", ".lora.down.weight",
-                            ".lora.up.weight", ".weight", ".lora_magnitude_vector", ""])
+key_parts = st.sampled_from(
+    [
+        "lora_unet_down_blocks_0_attentions_0_proj_in",
+        "unet.mid_block.attentions.0.to_q",
+        "base_model.model.up_blocks.1.attn1.to_k",
+        "text_encoder.text_model.encoder.layers.0.mlp.fc1",
+        "lora_te_text_model_encoder_layers_1_self_attn_q_proj",
+        "weird",
+        "diffusion_model.x",
+    ]
+)
+suffixes = st.sampled_from(
+    [
+        ".lora_down.weight",
+        ".lora_up.weight",
+        ".alpha",
+        ".lora_A.weight",
+        ".lora_B.weight",
+        ".lora.down.weight",
+        ".lora.up.weight",
+        ".weight",
+        ".lora_magnitude_vector",
+        "",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.tuples(key_parts, suffixes).map("".join), shapes, max_size=8),
-       st.one_of(st.none(), st.fixed_dictionaries({"r": st.integers(1, 8), "lora_alpha": st.floats(0.1, 64)})))
+@given(
+    st.dictionaries(st.tuples(key_parts, suffixes).map("".join), shapes, max_size=8),
+    st.one_of(st.none(), st.fixed_dictionaries({"r": st.integers(1, 8), "lora_alpha": st.floats(0.1, 64)})),
+)
 def test_fuzz_lora_importer(keys, adapter_config):
-    from trainer.lora_import import convert_state_dict
+    from trainer.formats.lora_import import convert_state_dict
 
     sd = {k: torch.zeros(shape) for k, shape in keys.items()}
     try:
@@ -198,7 +245,13 @@ def test_no_eval_exec_or_runtime_pip_in_the_code():
     offenders = []
     for path in list((ROOT / "trainer").rglob("*.py")) + list((ROOT / "nodes").rglob("*.py")) + [ROOT / "__init__.py"]:
         text = path.read_text()
-        for pattern in (r"(?<![\w.])eval\(", r"(?<![\w.])exec\(", r"subprocess[^\n]*pip", r"pip\.main", r"torch\.load\((?![^)]*weights_only=True)"):
+        for pattern in (
+            r"(?<![\w.])eval\(",
+            r"(?<![\w.])exec\(",
+            r"subprocess[^\n]*pip",
+            r"pip\.main",
+            r"torch\.load\((?![^)]*weights_only=True)",
+        ):
             for m in re.finditer(pattern, text):
-                offenders.append(f"{path.relative_to(ROOT)}: {text[m.start():m.start() + 60]!r}")
+                offenders.append(f"{path.relative_to(ROOT)}: {text[m.start() : m.start() + 60]!r}")
     assert offenders == []

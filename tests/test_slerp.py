@@ -4,9 +4,16 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.animate import gif_durations, write_animation, write_gif
 from trainer.errors import DreamLoomError
-from trainer.slerp import (keyframe_schedule, morph_latents, morph_noise_from_seeds, parse_seeds, seed_noise, slerp)
+from trainer.inference.slerp import (
+    keyframe_schedule,
+    morph_latents,
+    morph_noise_from_seeds,
+    parse_seeds,
+    seed_noise,
+    slerp,
+)
+from trainer.pictures.animation import gif_durations, write_animation, write_gif
 
 
 def _unit(n, d, seed):
@@ -72,8 +79,11 @@ def test_easing_keeps_frames_ordered(easing):
 
 
 def test_schedule_errors():
-    for kw in (dict(num_keys=1, frames_per_transition=3), dict(num_keys=3, frames_per_transition=0),
-               dict(num_keys=3, frames_per_transition=3, easing="bounce")):
+    for kw in (
+        dict(num_keys=1, frames_per_transition=3),
+        dict(num_keys=3, frames_per_transition=0),
+        dict(num_keys=3, frames_per_transition=3, easing="bounce"),
+    ):
         with pytest.raises(DreamLoomError):
             keyframe_schedule(**kw)
     assert parse_seeds("1, 42;100\n256") == [1, 42, 100, 256]

@@ -2,14 +2,14 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import tiny_config
 from trainer.config import TrainConfig
 from trainer.errors import DreamLoomError, StopRequested
-from trainer.ti import OBJECT_TEMPLATES, STYLE_TEMPLATES, TextualInversionMethod
-from trainer.train import Trainer
+from trainer.training.loop import Trainer
+from trainer.training.methods.ti import OBJECT_TEMPLATES, STYLE_TEMPLATES, TextualInversionMethod
 
 
 def ti_config(fabric_dir, **kw):
@@ -24,7 +24,7 @@ def test_ti_default_learning_rate():
 
 
 def test_ti_trains_only_the_new_rows(fabric_dir, tmp_path):
-    from trainer.models import build_tiny
+    from trainer.base_models.builtin import build_tiny
 
     base = build_tiny()
     comps = build_tiny()
@@ -61,8 +61,8 @@ def test_ti_trains_only_the_new_rows(fabric_dir, tmp_path):
 
 
 def test_diffusers_load_textual_inversion_matches_trained_encoder(fabric_dir, tmp_path):
-    from trainer.models import build_tiny
-    from trainer.sampling import make_pipeline
+    from trainer.base_models.builtin import build_tiny
+    from trainer.inference.pipelines import make_pipeline
 
     trainer = Trainer(ti_config(fabric_dir, num_vectors=2, max_train_steps=5), tmp_path / "run", comps=build_tiny())
     result = trainer.run()
@@ -81,7 +81,9 @@ def test_diffusers_load_textual_inversion_matches_trained_encoder(fabric_dir, tm
             got = pipe.text_encoder(ids)[0]
         assert torch.allclose(got, expected, atol=1e-5), key
         # and the token changes the encoding compared with the plain class words
-        plain = pipe.tokenizer("a pattern in the style of pattern", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        plain = pipe.tokenizer(
+            "a pattern in the style of pattern", padding="max_length", max_length=77, return_tensors="pt"
+        ).input_ids
         with torch.no_grad():
             assert not torch.allclose(pipe.text_encoder(plain)[0], got)
 
@@ -90,7 +92,7 @@ def test_every_template_is_used_for_every_image(fabric_dir):
     cfg = TrainConfig(method="ti").validate()
     m = TextualInversionMethod(cfg)
     m.n_images = 10
-    from trainer.train import stream_indices
+    from trainer.data.batches import stream_indices
 
     n_templates = len(STYLE_TEMPLATES)
     picks = stream_indices(1, 10, 0, 10 * n_templates)
@@ -98,7 +100,9 @@ def test_every_template_is_used_for_every_image(fabric_dir):
     for pos, (i, _) in enumerate(picks):
         seen.setdefault(i, set()).add(m.instance_prompt(i, None, pos))
     assert all(len(v) == n_templates for v in seen.values())
-    assert TextualInversionMethod(TrainConfig(method="ti", ti_templates="object").validate()).templates == OBJECT_TEMPLATES
+    assert (
+        TextualInversionMethod(TrainConfig(method="ti", ti_templates="object").validate()).templates == OBJECT_TEMPLATES
+    )
     cap = TextualInversionMethod(TrainConfig(method="ti", ti_templates="captions").validate())
     assert cap.instance_prompt(0, "red kente cloth", 0) == "<sks-fabric>, red kente cloth"
     assert cap.instance_prompt(0, "a <sks-fabric> scarf", 0) == "a <sks-fabric> scarf"
@@ -116,16 +120,20 @@ def test_placeholder_and_initializer_errors(tiny):
 
 
 def test_clamp_norm_keeps_rows_within_initializer_norm(fabric_dir, tmp_path):
-    from trainer.models import build_tiny
+    from trainer.base_models.builtin import build_tiny
 
-    trainer = Trainer(ti_config(fabric_dir, clamp_norm=True, learning_rate=0.5, max_train_steps=5), tmp_path / "run", comps=build_tiny())
+    trainer = Trainer(
+        ti_config(fabric_dir, clamp_norm=True, learning_rate=0.5, max_train_steps=5),
+        tmp_path / "run",
+        comps=build_tiny(),
+    )
     trainer.run()
     rows = trainer.method._embedding(trainer.comps).new_rows
     assert float(rows.detach().norm(dim=1).max()) <= trainer.method.init_norm * (1 + 1e-5)
 
 
 def test_ti_resume_matches_uninterrupted(fabric_dir, tmp_path):
-    from trainer.models import build_tiny
+    from trainer.base_models.builtin import build_tiny
 
     cfg = ti_config(fabric_dir, max_train_steps=6)
     full = Trainer(cfg, tmp_path / "full", comps=build_tiny())
@@ -140,12 +148,15 @@ def test_ti_resume_matches_uninterrupted(fabric_dir, tmp_path):
         Trainer(cfg, tmp_path / "res", comps=build_tiny(), should_stop=stop).run()
     second = Trainer(cfg, tmp_path / "res", comps=build_tiny())
     assert second.run().resumed_from == 2
-    assert torch.equal(second.method.trainable_state(second.comps)["ti.new_rows"], full.method.trainable_state(full.comps)["ti.new_rows"])
+    assert torch.equal(
+        second.method.trainable_state(second.comps)["ti.new_rows"],
+        full.method.trainable_state(full.comps)["ti.new_rows"],
+    )
 
 
 @pytest.mark.slow
 def test_full_size_embedding_has_comfyui_shape(sd15_components, tmp_path):
-    from trainer.models import load_tokenizer
+    from trainer.base_models.components import load_tokenizer
 
     comps = copy.copy(sd15_components)
     comps.text_encoder = copy.deepcopy(sd15_components.text_encoder)
@@ -163,13 +174,15 @@ def test_full_size_embedding_has_comfyui_shape(sd15_components, tmp_path):
 
 @pytest.mark.parametrize("method", ["ti", "lora"])
 def test_bf16_keeps_frozen_modules_in_training_dtype(fabric_dir, tmp_path, method):
-    from trainer.models import build_tiny
+    from trainer.base_models.builtin import build_tiny
 
-    cfg = tiny_config(fabric_dir, method=method, mixed_precision="bf16", max_train_steps=2, with_prior_preservation=False)
+    cfg = tiny_config(
+        fabric_dir, method=method, mixed_precision="bf16", max_train_steps=2, with_prior_preservation=False
+    )
     trainer = Trainer(cfg, tmp_path / "run", comps=build_tiny())
     result = trainer.run()
     assert all(r["loss"] == r["loss"] for r in result.losses)  # finite
-    unet = trainer.acc.unwrap_model(trainer.comps.unet)
+    unet = trainer.comps.unet
     frozen = [p.dtype for p in unet.parameters() if not p.requires_grad]
     trainable = [p.dtype for g in trainer.optimizer.param_groups for p in g["params"]]
     assert set(frozen) == {torch.bfloat16} and set(trainable) == {torch.float32}

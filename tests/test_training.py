@@ -1,10 +1,12 @@
-import torch
 import pytest
-
+import torch
 from conftest import tiny_config
+
+from trainer.data.batches import stream_indices
 from trainer.errors import DreamLoomError, StopRequested
-from trainer.methods import LoRAMethod
-from trainer.train import Trainer, diffusion_loss, stream_indices
+from trainer.training.loop import Trainer
+from trainer.training.loss import diffusion_loss
+from trainer.training.methods.lora import LoRAMethod
 
 
 def _random_batch(comps, n, seed=0):
@@ -88,22 +90,30 @@ def _lora(result_trainer):
 
 
 def test_trainer_writes_outputs_and_freezes_base(tiny, fabric_dir, tmp_path):
-    from trainer.models import build_tiny
+    from trainer.base_models.builtin import build_tiny
 
     base = build_tiny()
     cfg = tiny_config(fabric_dir, max_train_steps=6, sample_every=3, checkpoint_every=3)
     trainer = Trainer(cfg, tmp_path / "run", comps=tiny, cache_root=tmp_path / "cache")
     result = trainer.run()
     run = tmp_path / "run"
-    for name in ("job.json", "loss.csv", "loss.png", "events.jsonl", "result/sks_fabric.safetensors",
-                 "result/pytorch_lora_weights.safetensors", "samples/step_00000.png", "samples/step_00003.png",
-                 "samples/step_00006.png"):
+    for name in (
+        "job.json",
+        "loss.csv",
+        "loss.png",
+        "events.jsonl",
+        "result/sks_fabric.safetensors",
+        "result/pytorch_lora_weights.safetensors",
+        "samples/step_00000.png",
+        "samples/step_00003.png",
+        "samples/step_00006.png",
+    ):
         assert (run / name).exists(), name
     assert [r["step"] for r in result.losses] == list(range(1, 7))
     assert all("prior_loss" in r for r in result.losses)
     # VAE and text encoder untouched; UNet base weights untouched.
     for a, b in ((tiny.vae, base.vae), (tiny.text_encoder, base.text_encoder)):
-        for (ka, va), (kb, vb) in zip(sorted(a.state_dict().items()), sorted(b.state_dict().items())):
+        for (ka, va), (_, vb) in zip(sorted(a.state_dict().items()), sorted(b.state_dict().items())):
             assert torch.equal(va, vb), ka
     base_sd = base.unet.state_dict()
     for k, v in tiny.unet.state_dict().items():
@@ -115,9 +125,11 @@ def test_trainer_writes_outputs_and_freezes_base(tiny, fabric_dir, tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(fabric_dir, tmp_path):
-    from trainer.models import build_tiny
+    from trainer.base_models.builtin import build_tiny
 
-    cfg = tiny_config(fabric_dir, max_train_steps=8, checkpoint_every=0, random_flip=True, gradient_accumulation_steps=2)
+    cfg = tiny_config(
+        fabric_dir, max_train_steps=8, checkpoint_every=0, random_flip=True, gradient_accumulation_steps=2
+    )
     full = Trainer(cfg, tmp_path / "full", comps=build_tiny(), cache_root=tmp_path / "cache")
     full.run()
     expected = _lora(full)
@@ -128,7 +140,9 @@ def test_resume_matches_uninterrupted_run(fabric_dir, tmp_path):
         calls["n"] += 1
         return calls["n"] == 3
 
-    first = Trainer(cfg, tmp_path / "resumed", comps=build_tiny(), cache_root=tmp_path / "cache", should_stop=stop_after_3)
+    first = Trainer(
+        cfg, tmp_path / "resumed", comps=build_tiny(), cache_root=tmp_path / "cache", should_stop=stop_after_3
+    )
     with pytest.raises(StopRequested) as info:
         first.run()
     assert info.value.step == 3 and (tmp_path / "resumed" / "checkpoints" / "step_00003").is_dir()
@@ -143,7 +157,7 @@ def test_resume_matches_uninterrupted_run(fabric_dir, tmp_path):
 
 
 def test_checkpoint_of_another_run_is_refused(fabric_dir, tmp_path):
-    from trainer.models import build_tiny
+    from trainer.base_models.builtin import build_tiny
 
     cfg = tiny_config(fabric_dir, max_train_steps=2, with_prior_preservation=False)
     Trainer(cfg, tmp_path / "run", comps=build_tiny()).run()
@@ -153,8 +167,8 @@ def test_checkpoint_of_another_run_is_refused(fabric_dir, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_error(fabric_dir, tmp_path, monkeypatch):
-    from trainer import train as train_mod
-    from trainer.models import build_tiny
+    import trainer.training.loop as train_mod
+    from trainer.base_models.builtin import build_tiny
 
     real = train_mod.diffusion_loss
 
@@ -174,14 +188,35 @@ def test_nan_loss_stops_with_a_clear_error(fabric_dir, tmp_path, monkeypatch):
 def test_torch_compile_option_trains_and_exports(fabric_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from trainer.models import build_tiny
+    from trainer.base_models.builtin import build_tiny
 
     cfg = tiny_config(fabric_dir, max_train_steps=3, with_prior_preservation=False, torch_compile=True)
     trainer = Trainer(cfg, tmp_path / "run", comps=build_tiny())
     result = trainer.run()
-    assert type(trainer.comps.unet).__name__ == "OptimizedModule"
+    assert type(trainer.wrapped["unet"]).__name__ == "OptimizedModule"  # compiled for the steps
+    assert type(trainer.comps.unet).__name__ == "UNet2DConditionModel"  # samples and export use the plain module
     saved = load_file(result.outputs["lora"])
     state = trainer.method.trainable_state(trainer.comps)
     down = next(k for k in saved if k.endswith("lora_down.weight"))
-    assert len(state) == 2 * sum(k.endswith(".alpha") for k in saved) and all(torch.isfinite(v).all() for v in state.values())
+    assert len(state) == 2 * sum(k.endswith(".alpha") for k in saved) and all(
+        torch.isfinite(v).all() for v in state.values()
+    )
     assert saved[down].abs().sum() > 0
+
+
+def test_mixed_precision_keeps_trainable_initial_values_exact(fabric_dir, tmp_path):
+    """Frozen weights go to the training dtype; LoRA weights stay the exact fp32 values they were created
+    with (a whole-module cast and back, as diffusers' cast_training_params pairs with, would round them).
+    bf16 here; tests/test_cuda.py checks fp16's frozen dtype on a GPU."""
+    from trainer.base_models.builtin import build_tiny
+
+    reference = Trainer(tiny_config(fabric_dir, with_prior_preservation=False), tmp_path / "fp32", comps=build_tiny())
+    reference.set_up()
+    expected = {n: p.detach().clone() for n, p in reference.comps.unet.named_parameters() if p.requires_grad}
+    cfg = tiny_config(fabric_dir, with_prior_preservation=False, mixed_precision="bf16")
+    mixed = Trainer(cfg, tmp_path / "bf16", comps=build_tiny())
+    mixed.set_up()
+    mixed.place_on_device()
+    params = dict(mixed.comps.unet.named_parameters())
+    assert expected and all(params[n].dtype == torch.float32 and torch.equal(params[n], v) for n, v in expected.items())
+    assert {p.dtype for p in mixed.comps.unet.parameters() if not p.requires_grad} == {torch.bfloat16}

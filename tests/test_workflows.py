@@ -37,7 +37,12 @@ def test_workflow_is_valid(name, info):
     for node in ui["nodes"]:
         if node["type"] == "DreamLoomLoadTrainingImages":
             assert node["widgets_values"][0] == "dreamloom_fabric"  # the bundled sample set by default
-        if node["type"] in ("CheckpointLoaderSimple", "DreamLoomGenerateClassImages", "DreamLoomTrainLoRA", "DreamLoomTrainTextualInversion"):
+        if node["type"] in (
+            "CheckpointLoaderSimple",
+            "DreamLoomGenerateClassImages",
+            "DreamLoomTrainLoRA",
+            "DreamLoomTrainTextualInversion",
+        ):
             assert node["widgets_values"][0] == "v1-5-pruned-emaonly.safetensors"
 
 
@@ -49,22 +54,34 @@ def test_api_twin_is_in_sync(name, info):
 
 
 def test_committed_files_match_the_builder():
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_workflows.py"), "--check"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "build_workflows.py"), "--check"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_tutorial_settings_are_in_the_workflows():
     api = json.loads((ROOT / "tests" / "workflows" / "fabric_dreambooth_lora.api.json").read_text())
     train = next(n["inputs"] for n in api.values() if n["class_type"] == "DreamLoomTrainLoRA")
-    assert (train["rank"], train["learning_rate"], train["max_train_steps"], train["prior_preservation"]) == (4, 1e-4, 800, True)
+    assert (train["rank"], train["learning_rate"], train["max_train_steps"], train["prior_preservation"]) == (
+        4,
+        1e-4,
+        800,
+        True,
+    )
     classes = next(n["inputs"] for n in api.values() if n["class_type"] == "DreamLoomGenerateClassImages")
     assert (classes["class_prompt"], classes["count"]) == ("a fabric pattern", 100)
     morph = json.loads((ROOT / "tests" / "workflows" / "fabric_morph.api.json").read_text())
     noise = next(n["inputs"] for n in morph.values() if n["class_type"] == "DreamLoomSlerpNoise")
     save = next(n["inputs"] for n in morph.values() if n["class_type"] == "DreamLoomSaveAnimation")
-    assert len(noise["seeds"].split(",")) * noise["frames_per_transition"] / save["fps"] == 15.0 and save["format"] == "gif"
+    assert (
+        len(noise["seeds"].split(",")) * noise["frames_per_transition"] / save["fps"] == 15.0
+        and save["format"] == "gif"
+    )
     explore = json.loads((ROOT / "tests" / "workflows" / "fabric_explore.api.json").read_text())
-    cfgs = sorted(n["inputs"]["cfg"] for n in explore.values() if n["class_type"] == "KSampler" and n["inputs"]["seed"] == 42)
+    cfgs = sorted(
+        n["inputs"]["cfg"] for n in explore.values() if n["class_type"] == "KSampler" and n["inputs"]["seed"] == 42
+    )
     assert cfgs == [1.5, 3.0, 7.5, 12.0, 20.0]
 
 
@@ -77,9 +94,16 @@ def test_validator_catches_broken_workflows(info):
         mutate(bad)
         return validate_ui(bad, info)
 
-    assert any("widget values" in p for p in broken(lambda u: u["nodes"][ks]["widgets_values"].pop(1)))  # the seed control value
-    assert any("not one of the choices" in p for p in broken(lambda u: u["nodes"][ks]["widgets_values"].__setitem__(4, "no_such_sampler")))
-    assert any("above the maximum" in p for p in broken(lambda u: u["nodes"][ks]["widgets_values"].__setitem__(2, 10**6)))
+    assert any(
+        "widget values" in p for p in broken(lambda u: u["nodes"][ks]["widgets_values"].pop(1))
+    )  # the seed control value
+    assert any(
+        "not one of the choices" in p
+        for p in broken(lambda u: u["nodes"][ks]["widgets_values"].__setitem__(4, "no_such_sampler"))
+    )
+    assert any(
+        "above the maximum" in p for p in broken(lambda u: u["nodes"][ks]["widgets_values"].__setitem__(2, 10**6))
+    )
     assert any("not an integer" in p for p in broken(lambda u: u["nodes"][ks]["widgets_values"].__setitem__(2, "30")))
 
     def cut_model(u):
@@ -90,7 +114,7 @@ def test_validator_catches_broken_workflows(info):
     assert any("required input model is not connected" in p for p in broken(cut_model))
 
     def wrong_type(u):
-        link = next(l for l in u["links"] if l[5] == "CONDITIONING")
+        link = next(lk for lk in u["links"] if lk[5] == "CONDITIONING")
         link[5] = "LATENT"
         src = next(n for n in u["nodes"] if n["id"] == link[1])
         src["outputs"][link[2]]["type"] = "LATENT"

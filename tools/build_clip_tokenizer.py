@@ -19,7 +19,9 @@ N_MERGES = 49152 - 256 - 2
 def byte_alphabet() -> list[str]:
     # GPT-2/CLIP byte-to-unicode table, in CLIP's order: printable bytes first (as themselves),
     # then the remaining bytes mapped to code points from 256 up.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     others = [b for b in range(256) if b not in printable]
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
 
@@ -32,7 +34,9 @@ def main(src: str, dst: str) -> None:
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     out = Path(dst)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    (out / "vocab.json").write_text(
+        json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8"
+    )
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     print(f"{len(vocab)} tokens, {len(merges)} merges -> {out}")
 

@@ -1,7 +1,7 @@
 """Build the shipped fabric workflows (workflows/*.json, UI format) and their API twins (tests/workflows/*.api.json).
 
-    python tools/build_workflows.py          # write both
-    python tools/build_workflows.py --check  # fail if the committed files differ from what this builds
+python tools/build_workflows.py          # write both
+python tools/build_workflows.py --check  # fail if the committed files differ from what this builds
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workflow_format import ROOT, Workflow, object_info, ui_to_api  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from trainer.prompts import GRID_CONTEXTS  # noqa: E402
+from trainer.inference.prompts import GRID_CONTEXTS  # noqa: E402
 
 CKPT = "v1-5-pruned-emaonly.safetensors"
 SUBJECT = "sks african fabric pattern"
@@ -51,13 +51,42 @@ def training_chain(wf: Workflow, x: int = 0, y: int = 0) -> dict:
     images = wf.add("DreamLoomLoadTrainingImages", (x, y + 260), {"folder": "dreamloom_fabric", "resolution": 512})
     preview = wf.add("PreviewImage", (x, y + 640), title="Training images")
     wf.link(images, "preview", preview, "images")
-    classes = wf.add("DreamLoomGenerateClassImages", (x + 380, y), {
-        "ckpt_name": CKPT, "class_prompt": "a fabric pattern", "negative_prompt": "", "count": 100, "resolution": 512,
-        "steps": 25, "cfg": 7.5, "sampler": "dpmpp_2m", "seed": 42, "batch_size": 4})
-    train = wf.add("DreamLoomTrainLoRA", (x + 760, y + 140), {
-        "ckpt_name": CKPT, "instance_prompt": "a sks african fabric pattern", "token": "sks", "class_prompt": "a fabric pattern",
-        "prior_preservation": True, "prior_loss_weight": 1.0, "num_class_images": 100, "rank": 4, "alpha": 4.0,
-        "learning_rate": 1e-4, "max_train_steps": 800, "seed": 42, "sample_every": 100, "output_name": "sks_fabric"})
+    classes = wf.add(
+        "DreamLoomGenerateClassImages",
+        (x + 380, y),
+        {
+            "ckpt_name": CKPT,
+            "class_prompt": "a fabric pattern",
+            "negative_prompt": "",
+            "count": 100,
+            "resolution": 512,
+            "steps": 25,
+            "cfg": 7.5,
+            "sampler": "dpmpp_2m",
+            "seed": 42,
+            "batch_size": 4,
+        },
+    )
+    train = wf.add(
+        "DreamLoomTrainLoRA",
+        (x + 760, y + 140),
+        {
+            "ckpt_name": CKPT,
+            "instance_prompt": "a sks african fabric pattern",
+            "token": "sks",
+            "class_prompt": "a fabric pattern",
+            "prior_preservation": True,
+            "prior_loss_weight": 1.0,
+            "num_class_images": 100,
+            "rank": 4,
+            "alpha": 4.0,
+            "learning_rate": 1e-4,
+            "max_train_steps": 800,
+            "seed": 42,
+            "sample_every": 100,
+            "output_name": "sks_fabric",
+        },
+    )
     wf.link(images, "dataset", train, "instance_images")
     wf.link(classes, "class_images", train, "class_images")
     loss = wf.add("PreviewImage", (x + 760, y + 720), title="Loss")
@@ -79,7 +108,9 @@ def encode_pair(wf: Workflow, clip_src, x: int, y: int, text: str) -> tuple[int,
     return pos, neg
 
 
-def decode_grid_save(wf: Workflow, latent_src, vae_src, x: int, y: int, grid_widgets: dict, prefix: str, labels_link=None) -> int:
+def decode_grid_save(
+    wf: Workflow, latent_src, vae_src, x: int, y: int, grid_widgets: dict, prefix: str, labels_link=None
+) -> int:
     """VAE Decode -> Image Grid -> Save Image: the tail of every comparison grid."""
     decode = wf.add("VAEDecode", (x, y))
     wf.link(*latent_src, decode, "samples")
@@ -93,8 +124,14 @@ def decode_grid_save(wf: Workflow, latent_src, vae_src, x: int, y: int, grid_wid
     return save
 
 
-def prompt_grid(wf, clip_src, model_src, vae_src, x, y, prompts, subject, title, prefix, seed=42, cfg=7.5, subject_link=None):
-    batch = wf.add("DreamLoomPromptBatch", (x, y), {"prompts": "\n".join(f"{label}: {text}" for label, text in prompts), "subject": subject})
+def prompt_grid(
+    wf, clip_src, model_src, vae_src, x, y, prompts, subject, title, prefix, seed=42, cfg=7.5, subject_link=None
+):
+    batch = wf.add(
+        "DreamLoomPromptBatch",
+        (x, y),
+        {"prompts": "\n".join(f"{label}: {text}" for label, text in prompts), "subject": subject},
+    )
     wf.link(*clip_src, batch, "clip")
     if subject_link:
         wf.link(*subject_link, batch, "subject")
@@ -102,65 +139,128 @@ def prompt_grid(wf, clip_src, model_src, vae_src, x, y, prompts, subject, title,
     wf.link(*clip_src, negative, "clip")
     latent = wf.add("EmptyLatentImage", (x, y + 480), {"width": 512, "height": 512})
     wf.link(batch, "count", latent, "batch_size")
-    sampler = wf.add("KSampler", (x + 360, y), {"seed": seed, "steps": 30, "cfg": cfg, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0})
+    sampler = wf.add(
+        "KSampler",
+        (x + 360, y),
+        {"seed": seed, "steps": 30, "cfg": cfg, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0},
+    )
     wf.link(*model_src, sampler, "model")
     wf.link(batch, "conditioning", sampler, "positive")
     wf.link(negative, "CONDITIONING", sampler, "negative")
     wf.link(latent, "LATENT", sampler, "latent_image")
-    return decode_grid_save(wf, (sampler, "LATENT"), vae_src, x + 720, y, {"columns": 3, "title": title}, prefix,
-                            labels_link=(batch, "labels"))
+    return decode_grid_save(
+        wf,
+        (sampler, "LATENT"),
+        vae_src,
+        x + 720,
+        y,
+        {"columns": 3, "title": title},
+        prefix,
+        labels_link=(batch, "labels"),
+    )
 
 
 def fabric_dreambooth_lora(info) -> dict:
     wf = Workflow(info)
     wf.note(TRAINING_NOTE, (0, -40), (360, 280))
     t = training_chain(wf, 0, 260)
-    wf.note("4. Generation with the trained LoRA (tutorial exercise 1): Load DreamLoom LoRA takes the LoRA name from the "
-            "training node, so one queue trains and then uses it. Prompt Batch encodes the nine contexts; one KSampler "
-            "renders all nine; Image Grid labels them.", (1520, -40), (420, 160))
-    prompt_grid(wf, (t["lora"], "clip"), (t["lora"], "model"), (t["ckpt"], "VAE"), 1520, 260, CONTEXTS, SUBJECT,
-                "sks african fabric pattern in nine contexts (LoRA)", "dreamloom/fabric_contexts")
+    wf.note(
+        "4. Generation with the trained LoRA (tutorial exercise 1): Load DreamLoom LoRA takes the LoRA name from the "
+        "training node, so one queue trains and then uses it. Prompt Batch encodes the nine contexts; one KSampler "
+        "renders all nine; Image Grid labels them.",
+        (1520, -40),
+        (420, 160),
+    )
+    prompt_grid(
+        wf,
+        (t["lora"], "clip"),
+        (t["lora"], "model"),
+        (t["ckpt"], "VAE"),
+        1520,
+        260,
+        CONTEXTS,
+        SUBJECT,
+        "sks african fabric pattern in nine contexts (LoRA)",
+        "dreamloom/fabric_contexts",
+    )
     return wf.to_ui()
 
 
 def fabric_textual_inversion(info) -> dict:
     wf = Workflow(info)
-    wf.note("DreamLoom - Textual Inversion on the fabric sample set\n\nTrain Textual Inversion learns one new token's "
-            "embedding (a file of a few KB) into ComfyUI's embeddings folder. Its prompt_token output is "
-            "'embedding:<name>', which Prompt Batch puts where each prompt says {s}. Learning rate 5e-4; style templates "
-            "suit a pattern. Cancel keeps a checkpoint; queueing again resumes.\n\nCheckpoint: pick your SD1.5 file in both "
-            "checkpoint widgets.", (0, -40), (360, 260))
+    wf.note(
+        "DreamLoom - Textual Inversion on the fabric sample set\n\nTrain Textual Inversion learns one new token's "
+        "embedding (a file of a few KB) into ComfyUI's embeddings folder. Its prompt_token output is "
+        "'embedding:<name>', which Prompt Batch puts where each prompt says {s}. Learning rate 5e-4; style templates "
+        "suit a pattern. Cancel keeps a checkpoint; queueing again resumes.\n\nCheckpoint: pick your SD1.5 file "
+        "in both "
+        "checkpoint widgets.",
+        (0, -40),
+        (360, 260),
+    )
     images = wf.add("DreamLoomLoadTrainingImages", (0, 260), {"folder": "dreamloom_fabric", "resolution": 512})
-    train = wf.add("DreamLoomTrainTextualInversion", (380, 260), {
-        "ckpt_name": CKPT, "placeholder_token": "<sks-fabric>", "initializer_token": "pattern", "learning_rate": 5e-4,
-        "max_train_steps": 1500, "seed": 42, "sample_every": 250, "output_name": "sks_fabric_ti"})
+    train = wf.add(
+        "DreamLoomTrainTextualInversion",
+        (380, 260),
+        {
+            "ckpt_name": CKPT,
+            "placeholder_token": "<sks-fabric>",
+            "initializer_token": "pattern",
+            "learning_rate": 5e-4,
+            "max_train_steps": 1500,
+            "seed": 42,
+            "sample_every": 250,
+            "output_name": "sks_fabric_ti",
+        },
+    )
     wf.link(images, "dataset", train, "instance_images")
     loss = wf.add("PreviewImage", (380, 640), title="Loss")
     wf.link(train, "loss_plot", loss, "images")
     ckpt = wf.add("CheckpointLoaderSimple", (760, 0), {"ckpt_name": CKPT})
     prompts = [(label, text.replace("{s}", "{s} fabric")) for label, text in CONTEXTS]
-    prompt_grid(wf, (ckpt, "CLIP"), (ckpt, "MODEL"), (ckpt, "VAE"), 760, 260, prompts, "embedding:sks_fabric_ti",
-                "the learned embedding in nine contexts (TI)", "dreamloom/fabric_ti_contexts", subject_link=(train, "prompt_token"))
+    prompt_grid(
+        wf,
+        (ckpt, "CLIP"),
+        (ckpt, "MODEL"),
+        (ckpt, "VAE"),
+        760,
+        260,
+        prompts,
+        "embedding:sks_fabric_ti",
+        "the learned embedding in nine contexts (TI)",
+        "dreamloom/fabric_ti_contexts",
+        subject_link=(train, "prompt_token"),
+    )
     return wf.to_ui()
 
 
 def fabric_explore(info) -> dict:
     wf = Workflow(info)
-    wf.note("DreamLoom - exploring the trained LoRA (tutorial exercise 2)\n\nThe training chain is the same as in "
-            "fabric_dreambooth_lora: with the same inputs it returns the finished LoRA at once instead of training again.\n"
-            "A: guidance sweep 1.5 / 3 / 7.5 / 12 / 20 at seed 42. B: nine artistic styles at seed 123. C: nine seeds "
-            "(1, 42, 100, 256, 512, 777, 999, 1234, 2048); SLERP Noise with one frame per keyframe gives exactly each "
-            "seed's own noise.", (0, -40), (360, 300))
+    wf.note(
+        "DreamLoom - exploring the trained LoRA (tutorial exercise 2)\n\nThe training chain is the same as in "
+        "fabric_dreambooth_lora: with the same inputs it returns the finished LoRA at once instead of training again.\n"
+        "A: guidance sweep 1.5 / 3 / 7.5 / 12 / 20 at seed 42. B: nine artistic styles at seed 123. C: nine seeds "
+        "(1, 42, 100, 256, 512, 777, 999, 1234, 2048); SLERP Noise with one frame per keyframe gives exactly each "
+        "seed's own noise.",
+        (0, -40),
+        (360, 300),
+    )
     t = training_chain(wf, 0, 300)
     model, clip, vae = (t["lora"], "model"), (t["lora"], "clip"), (t["ckpt"], "VAE")
     # A: guidance sweep
     x, y = 1520, 0
-    pos, neg = encode_pair(wf, clip, x, y, "a sks african fabric pattern, beautiful textile design, intricate details, vibrant colors")
+    pos, neg = encode_pair(
+        wf, clip, x, y, "a sks african fabric pattern, beautiful textile design, intricate details, vibrant colors"
+    )
     empty = wf.add("EmptyLatentImage", (x, y + 400), {"width": 512, "height": 512, "batch_size": 1})
     batch = None
     for i, cfg in enumerate(GUIDANCE):
-        ks = wf.add("KSampler", (x + 360, y + 300 * i), {"seed": 42, "steps": 30, "cfg": cfg, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0},
-                    title=f"KSampler cfg {cfg:g}")
+        ks = wf.add(
+            "KSampler",
+            (x + 360, y + 300 * i),
+            {"seed": 42, "steps": 30, "cfg": cfg, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0},
+            title=f"KSampler cfg {cfg:g}",
+        )
         wf.link(*model, ks, "model")
         wf.link(pos, "CONDITIONING", ks, "positive")
         wf.link(neg, "CONDITIONING", ks, "negative")
@@ -172,15 +272,35 @@ def fabric_explore(info) -> dict:
             wf.link(batch, "LATENT", joined, "samples1")
             wf.link(ks, "LATENT", joined, "samples2")
             batch = joined
-    decode_grid_save(wf, (batch, "LATENT"), vae, x + 1080, y, {"columns": 5, "labels": "\n".join(f"guidance {g:g}" for g in GUIDANCE),
-                                                              "title": "guidance sweep, seed 42"}, "dreamloom/fabric_guidance")
+    decode_grid_save(
+        wf,
+        (batch, "LATENT"),
+        vae,
+        x + 1080,
+        y,
+        {"columns": 5, "labels": "\n".join(f"guidance {g:g}" for g in GUIDANCE), "title": "guidance sweep, seed 42"},
+        "dreamloom/fabric_guidance",
+    )
     # B: styles
-    prompt_grid(wf, clip, model, vae, 1520, 1600, STYLES, SUBJECT, "nine styles, seed 123", "dreamloom/fabric_styles", seed=123)
+    prompt_grid(
+        wf, clip, model, vae, 1520, 1600, STYLES, SUBJECT, "nine styles, seed 123", "dreamloom/fabric_styles", seed=123
+    )
     # C: seeds
     x, y = 1520, 2400
     posc, negc = encode_pair(wf, clip, x, y, "a sks african fabric pattern, beautiful colors, detailed")
-    noise = wf.add("DreamLoomSlerpNoise", (x, y + 400), {"seeds": ", ".join(map(str, SEEDS)), "frames_per_transition": 1,
-                                                         "easing": "linear", "hold_frames": 0, "loop": True, "width": 512, "height": 512})
+    noise = wf.add(
+        "DreamLoomSlerpNoise",
+        (x, y + 400),
+        {
+            "seeds": ", ".join(map(str, SEEDS)),
+            "frames_per_transition": 1,
+            "easing": "linear",
+            "hold_frames": 0,
+            "loop": True,
+            "width": 512,
+            "height": 512,
+        },
+    )
     guider = wf.add("CFGGuider", (x + 360, y), {"cfg": 7.5})
     wf.link(*model, guider, "model")
     wf.link(posc, "CONDITIONING", guider, "positive")
@@ -194,24 +314,46 @@ def fabric_explore(info) -> dict:
     wf.link(select, "SAMPLER", adv, "sampler")
     wf.link(sched, "SIGMAS", adv, "sigmas")
     wf.link(noise, "latent", adv, "latent_image")
-    decode_grid_save(wf, (adv, "output"), vae, x + 1080, y, {"columns": 3, "labels": "\n".join(f"seed {s}" for s in SEEDS),
-                                                             "title": "nine seeds"}, "dreamloom/fabric_seeds")
+    decode_grid_save(
+        wf,
+        (adv, "output"),
+        vae,
+        x + 1080,
+        y,
+        {"columns": 3, "labels": "\n".join(f"seed {s}" for s in SEEDS), "title": "nine seeds"},
+        "dreamloom/fabric_seeds",
+    )
     return wf.to_ui()
 
 
 def fabric_morph(info) -> dict:
     wf = Workflow(info)
-    wf.note("DreamLoom - seamless SLERP morph through the learned style (tutorial step 5)\n\nSLERP Noise makes the initial "
-            "noise of all 450 frames: 5 keyframe seeds x 90 frames, a closed loop with no duplicated frame at the seam. At "
-            "each keyframe it equals ComfyUI's own noise for that seed. Render Morph samples 8 frames at a time (lower "
-            "chunk_size if memory is short) with the deterministic euler sampler, and Save Animation writes a looping GIF "
-            "at 30 fps that lasts exactly 15 s.", (0, -40), (360, 300))
+    wf.note(
+        "DreamLoom - seamless SLERP morph through the learned style (tutorial step 5)\n\nSLERP Noise makes the initial "
+        "noise of all 450 frames: 5 keyframe seeds x 90 frames, a closed loop with no duplicated frame at the seam. At "
+        "each keyframe it equals ComfyUI's own noise for that seed. Render Morph samples 8 frames at a time (lower "
+        "chunk_size if memory is short) with the deterministic euler sampler, and Save Animation writes a looping GIF "
+        "at 30 fps that lasts exactly 15 s.",
+        (0, -40),
+        (360, 300),
+    )
     t = training_chain(wf, 0, 300)
     model, clip, vae = (t["lora"], "model"), (t["lora"], "clip"), (t["ckpt"], "VAE")
     x, y = 1520, 0
     pos, neg = encode_pair(wf, clip, x, y, "a sks african fabric pattern")
-    noise = wf.add("DreamLoomSlerpNoise", (x, y + 400), {"seeds": "1, 42, 100, 256, 512", "frames_per_transition": 90,
-                                                         "easing": "linear", "hold_frames": 0, "loop": True, "width": 512, "height": 512})
+    noise = wf.add(
+        "DreamLoomSlerpNoise",
+        (x, y + 400),
+        {
+            "seeds": "1, 42, 100, 256, 512",
+            "frames_per_transition": 90,
+            "easing": "linear",
+            "hold_frames": 0,
+            "loop": True,
+            "width": 512,
+            "height": 512,
+        },
+    )
     select = wf.add("KSamplerSelect", (x + 360, y), {"sampler_name": "euler"})
     sched = wf.add("BasicScheduler", (x + 360, y + 120), {"scheduler": "normal", "steps": 25, "denoise": 1.0})
     wf.link(*model, sched, "model")
@@ -224,7 +366,11 @@ def fabric_morph(info) -> dict:
     wf.link(*vae, render, "vae")
     wf.link(noise, "noise", render, "noise")
     wf.link(noise, "latent", render, "latent")
-    save = wf.add("DreamLoomSaveAnimation", (x + 1080, y), {"fps": 30.0, "format": "gif", "loop": True, "filename_prefix": "dreamloom/fabric_morph"})
+    save = wf.add(
+        "DreamLoomSaveAnimation",
+        (x + 1080, y),
+        {"fps": 30.0, "format": "gif", "loop": True, "filename_prefix": "dreamloom/fabric_morph"},
+    )
     wf.link(render, "frames", save, "images")
     return wf.to_ui()
 
@@ -254,7 +400,10 @@ def main(argv: list[str]) -> int:
     check = "--check" in argv
     stale = []
     for name, (ui, api) in build().items():
-        for path, obj in ((ROOT / "workflows" / f"{name}.json", ui), (ROOT / "tests" / "workflows" / f"{name}.api.json", api)):
+        for path, obj in (
+            (ROOT / "workflows" / f"{name}.json", ui),
+            (ROOT / "tests" / "workflows" / f"{name}.api.json", api),
+        ):
             text = dump(obj)
             if check:
                 if not path.exists() or path.read_text() != text:

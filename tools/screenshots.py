@@ -29,7 +29,9 @@ def fit_view(ui: dict, width: int, height: int, margin: int = 40) -> dict:
     xs1 = [n["pos"][0] + n["size"][0] for n in ui["nodes"]]
     ys1 = [n["pos"][1] + n["size"][1] for n in ui["nodes"]]
     w, h = max(xs1) - min(xs0), max(ys1) - min(ys0)
-    scale = 0.88 * min((width - 2 * margin) / w, (height - 2 * margin) / h, 1.0)  # rendered nodes are larger than their stored size
+    scale = 0.88 * min(
+        (width - 2 * margin) / w, (height - 2 * margin) / h, 1.0
+    )  # rendered nodes are larger than their stored size
     ui = json.loads(json.dumps(ui))
     ui["extra"]["ds"] = {"scale": scale, "offset": [margin / scale - min(xs0), margin / scale - min(ys0)]}
     return ui
@@ -46,9 +48,18 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=args.chromium, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                           "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = pw.chromium.launch(
+            executable_path=args.chromium,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page(viewport={"width": WIDTH, "height": HEIGHT})
         page.goto(args.url)
         page.wait_for_function("() => window.app && window.app.graph", timeout=120_000)
@@ -58,7 +69,9 @@ def main() -> None:
         page.evaluate("""() => {
             const c = window.app.canvas;
             for (const k of ['low_quality_zoom_threshold', 'low_quality_rendering_threshold']) if (k in c) c[k] = 0.05;
-            try { window.app.extensionManager.setting.set('LiteGraph.Canvas.LowQualityRenderingZoomThreshold', 0.05); } catch (e) {}
+            try {
+                window.app.extensionManager.setting.set('LiteGraph.Canvas.LowQualityRenderingZoomThreshold', 0.05);
+            } catch (e) {}
         }""")
         for name in NAMES:
             height = HEIGHTS.get(name, HEIGHT)

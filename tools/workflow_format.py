@@ -26,7 +26,9 @@ def pack_object_info(files: dict | None = None) -> dict:
 
     name = "dreamloom_pack"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        spec = importlib.util.spec_from_file_location(
+            name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -111,7 +113,16 @@ class Workflow:
         if node_type not in self.info:
             raise KeyError(f"unknown node type {node_type}")
         node_id = len(self.nodes) + 1
-        self.nodes.append({"id": node_id, "type": node_type, "pos": list(pos), "widgets": dict(widgets or {}), "title": title, "size": size})
+        self.nodes.append(
+            {
+                "id": node_id,
+                "type": node_type,
+                "pos": list(pos),
+                "widgets": dict(widgets or {}),
+                "title": title,
+                "size": size,
+            }
+        )
         return node_id
 
     def note(self, text: str, pos, size=(420, 220)) -> int:
@@ -126,21 +137,39 @@ class Workflow:
 
     def to_ui(self) -> dict:
         nodes_out = []
-        order = _topological(len(self.nodes), [(l[1], l[3]) for l in self.links])
+        order = _topological(len(self.nodes), [(link[1], link[3]) for link in self.links])
         for node in self.nodes:
             nid = node["id"]
             if node["type"] == "Note":
-                nodes_out.append({"id": nid, "type": "Note", "pos": node["pos"], "size": node["size"], "flags": {},
-                                  "order": order[nid], "mode": 0, "inputs": [], "outputs": [],
-                                  "properties": {"text": ""}, "widgets_values": [node["text"]], "color": "#432", "bgcolor": "#653"})
+                nodes_out.append(
+                    {
+                        "id": nid,
+                        "type": "Note",
+                        "pos": node["pos"],
+                        "size": node["size"],
+                        "flags": {},
+                        "order": order[nid],
+                        "mode": 0,
+                        "inputs": [],
+                        "outputs": [],
+                        "properties": {"text": ""},
+                        "widgets_values": [node["text"]],
+                        "color": "#432",
+                        "bgcolor": "#653",
+                    }
+                )
                 continue
             info = self.info[node["type"]]
-            incoming = {l[4]: l for l in self.links if l[3] == nid}
+            incoming = {link[4]: link for link in self.links if link[3] == nid}
             inputs, widgets_values = [], []
             for name, kind, opts, _ in input_specs(info):
                 widget = is_widget(kind, opts)
                 if not widget or name in incoming:
-                    entry = {"name": name, "type": type_name(kind), "link": incoming[name][0] if name in incoming else None}
+                    entry = {
+                        "name": name,
+                        "type": type_name(kind),
+                        "link": incoming[name][0] if name in incoming else None,
+                    }
                     if widget:
                         entry["widget"] = {"name": name}
                     inputs.append(entry)
@@ -160,12 +189,22 @@ class Workflow:
                 raise KeyError(f"{node['type']}: no widgets named {sorted(unknown)}")
             outputs = []
             for slot, (otype, oname) in enumerate(zip(info["output"], info["output_name"])):
-                links = [l[0] for l in self.links if l[1] == nid and l[2] == slot]
+                links = [link[0] for link in self.links if link[1] == nid and link[2] == slot]
                 outputs.append({"name": oname, "type": otype, "links": links, "slot_index": slot})
             n_rows = max(len(inputs), len(outputs)) + len(widgets_values)
-            entry = {"id": nid, "type": node["type"], "pos": node["pos"], "size": node["size"] or [320, 30 + 24 * n_rows],
-                     "flags": {}, "order": order[nid], "mode": 0, "inputs": inputs, "outputs": outputs,
-                     "properties": {"Node name for S&R": node["type"]}, "widgets_values": widgets_values}
+            entry = {
+                "id": nid,
+                "type": node["type"],
+                "pos": node["pos"],
+                "size": node["size"] or [320, 30 + 24 * n_rows],
+                "flags": {},
+                "order": order[nid],
+                "mode": 0,
+                "inputs": inputs,
+                "outputs": outputs,
+                "properties": {"Node name for S&R": node["type"]},
+                "widgets_values": widgets_values,
+            }
             if node["title"]:
                 entry["title"] = node["title"]
             nodes_out.append(entry)
@@ -174,8 +213,16 @@ class Workflow:
             dst_inputs = next(n for n in nodes_out if n["id"] == dst)["inputs"]
             dst_slot = [i["name"] for i in dst_inputs].index(input_name)
             links_out.append([lid, src, slot, dst, dst_slot, ltype])
-        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": nodes_out, "links": links_out,
-                "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+        return {
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": nodes_out,
+            "links": links_out,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+            "version": 0.4,
+        }
 
 
 def _topological(n: int, edges: list[tuple[int, int]]) -> dict[int, int]:
@@ -202,7 +249,7 @@ def _topological(n: int, edges: list[tuple[int, int]]) -> dict[int, int]:
 # --------------------------------------------------------------------------- UI -> API
 def ui_to_api(ui: dict, info: dict) -> dict:
     """The API-format prompt the frontend would queue for a UI-format workflow."""
-    links = {l[0]: l for l in ui["links"]}
+    links = {link[0]: link for link in ui["links"]}
     prompt = {}
     for node in ui["nodes"]:
         if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (2, 4):
@@ -218,11 +265,15 @@ def ui_to_api(ui: dict, info: dict) -> dict:
                 if opts.get("control_after_generate") and values:
                     values.pop(0)
             if name in linked:
-                l = linked[name]
-                inputs[name] = [str(l[1]), l[2]]
+                link = linked[name]
+                inputs[name] = [str(link[1]), link[2]]
             elif widget:
                 inputs[name] = value
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": node.get("title") or spec.get("display_name") or node["type"]}}
+        prompt[str(node["id"])] = {
+            "class_type": node["type"],
+            "inputs": inputs,
+            "_meta": {"title": node.get("title") or spec.get("display_name") or node["type"]},
+        }
     return prompt
 
 
@@ -231,10 +282,10 @@ def validate_ui(ui: dict, info: dict, allow_files: dict | None = None) -> list[s
     """Problems in a UI-format workflow: unknown nodes, bad widget values, mismatched or dangling links."""
     problems = []
     by_id = {n["id"]: n for n in ui["nodes"]}
-    links = {l[0]: l for l in ui["links"]}
+    links = {link[0]: link for link in ui["links"]}
     if ui.get("version") != 0.4:
         problems.append(f"version is {ui.get('version')}, expected 0.4")
-    for lid, src, slot, dst, dst_slot, ltype in ui["links"]:
+    for lid, src, slot, dst, dst_slot, _type in ui["links"]:
         if src not in by_id or dst not in by_id:
             problems.append(f"link {lid} joins a missing node")
             continue
@@ -249,7 +300,10 @@ def validate_ui(ui: dict, info: dict, allow_files: dict | None = None) -> list[s
         if s["type"] in info:
             out_type = info[s["type"]]["output"][slot]
         if out_type != in_type and "*" not in (out_type, in_type) and not (in_type == "COMBO" and out_type == "STRING"):
-            problems.append(f"link {lid}: {s['type']} gives {out_type} but {d['type']}.{d['inputs'][dst_slot]['name']} takes {in_type}")
+            problems.append(
+                f"link {lid}: {s['type']} gives {out_type} but {d['type']}.{d['inputs'][dst_slot]['name']} takes "
+                f"{in_type}"
+            )
     for node in ui["nodes"]:
         t = node["type"]
         if t in FRONTEND_ONLY:

@@ -1,11 +1,12 @@
 """DreamLoom trainer: DreamBooth LoRA and Textual Inversion for Stable Diffusion 1.5.
 
-Importing this package is cheap: torch, diffusers and peft are imported only inside functions.
+Importing this package is cheap: it loads only config and errors. The sub-packages that compute
+(base_models, data, training, formats, inference) import torch at the top; see docs/architecture.md.
 """
 
 __version__ = "0.1.0"
 
-from .config import TrainConfig  # noqa: E402
-from .errors import DreamLoomError  # noqa: E402
+from .config import TrainConfig
+from .errors import DreamLoomError
 
 __all__ = ["TrainConfig", "DreamLoomError", "__version__"]

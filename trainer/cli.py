@@ -8,14 +8,14 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import DEFAULT_CACHE_DIR, TrainConfig
 from .errors import DreamLoomError
-from .prompts import GRID_CONTEXTS
-
+from .inference.prompts import GRID_CONTEXTS
 
 HELP = {
     "method": "lora (DreamBooth LoRA) or ti (textual inversion)",
-    "base_model": "'tiny-fabric' (built-in, pretrained), 'tiny' (random weights), an SD1.5 .safetensors checkpoint, or a diffusers folder",
+    "base_model": "'tiny-fabric' (built-in, pretrained), 'tiny' (random weights), an SD1.5 .safetensors "
+    "checkpoint, or a diffusers folder",
     "instance_dir": "folder of 5-20 instance images (.jpg/.png/.webp, optional .txt captions)",
     "instance_prompt": "prompt for the instance images; must contain the token",
     "token": "the rare word that stands for the subject",
@@ -35,7 +35,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{HELP.get(f.name, '')} (default: {default!r})".strip()
-        group.add_argument(flag, dest=f.name, default=None, metavar=str(f.type).upper().replace("LIST[STR]", "A,B"), help=help_text)
+        group.add_argument(
+            flag, dest=f.name, default=None, metavar=str(f.type).upper().replace("LIST[STR]", "A,B"), help=help_text
+        )
 
 
 def _toml_keys(path) -> set[str]:
@@ -56,7 +58,7 @@ def _config_from_args(args) -> TrainConfig:
             data[f.name] = value
     # The CLI's base model is the pretrained tiny-fabric unless told otherwise; a built-in model trains at
     # its native size unless a resolution is given.
-    from .models import BUILTIN_RESOLUTION
+    from .base_models.builtin import BUILTIN_RESOLUTION
 
     data.setdefault("base_model", "tiny-fabric")
     if "resolution" not in data and data["base_model"] in BUILTIN_RESOLUTION:
@@ -66,11 +68,13 @@ def _config_from_args(args) -> TrainConfig:
 
 def cmd_train(args) -> int:
     from .events import Events, TqdmListener
-    from .train import train
+    from .training.loop import train
 
     cfg = _config_from_args(args).validate()
     if not cfg.instance_dir:
-        raise DreamLoomError("No instance images given.", "Pass --instance-dir FOLDER with 5-20 images of your subject.")
+        raise DreamLoomError(
+            "No instance images given.", "Pass --instance-dir FOLDER with 5-20 images of your subject."
+        )
     run_dir = Path(args.output_dir)
     events = Events(run_dir)
     listener = TqdmListener("train")
@@ -85,58 +89,57 @@ def cmd_train(args) -> int:
 
 
 def cmd_class_images(args) -> int:
-    import torch
-
-    from .class_images import ClassImageSpec, class_dir_for, generate_class_images
+    from .base_models.load import load_base_model
+    from .data.class_images import ClassImageSpec, class_dir_for, generate_class_images
     from .events import Events, TqdmListener
-    from .models import load_base_model
+    from .training.precision import best_device
 
     comps = load_base_model(args.base_model)
-    spec = ClassImageSpec(comps.fingerprint, args.class_prompt, args.negative_prompt, args.sampler, args.steps,
-                          args.guidance, args.resolution or comps.native_resolution, args.seed)
+    spec = ClassImageSpec(
+        comps.fingerprint,
+        args.class_prompt,
+        args.negative_prompt,
+        args.sampler,
+        args.steps,
+        args.guidance,
+        args.resolution or comps.native_resolution,
+        args.seed,
+    )
     folder = Path(args.output_dir) if args.output_dir else class_dir_for(args.cache_dir, spec)
     events = Events(None)
     listener = TqdmListener("class images")
     events.listeners.append(listener)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        paths = generate_class_images(comps, spec, args.count, folder, args.batch_size, device=device, events=events)
+        paths = generate_class_images(
+            comps, spec, args.count, folder, args.batch_size, device=best_device(), events=events
+        )
     finally:
         listener.close()
     print(f"{len(paths)} class images in {folder}")
     return 0
 
 
-def load_lora_into_pipeline(pipe, lora_path: str, scale: float = 1.0) -> None:
-    path = Path(lora_path)
-    if not path.exists():
-        raise DreamLoomError(f"LoRA file not found: {lora_path}", "Give the .safetensors file written by training (result/<name>.safetensors).")
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="dreamloom")
-    pipe.set_adapters(["dreamloom"], adapter_weights=[scale])
-
-
 def pipeline_with_adapters(args):
     """The base model as a pipeline on the best device, with --lora and --embedding applied."""
-    import torch
-
-    from .models import load_base_model
-    from .sampling import make_pipeline
+    from .base_models.load import load_base_model
+    from .formats.embeddings import load_embedding_into_pipeline
+    from .inference.pipelines import load_lora_into_pipeline, make_pipeline
+    from .training.precision import best_device
 
     comps = load_base_model(args.base_model)
     pipe = make_pipeline(comps, args.sampler)
-    pipe.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.to(best_device())
     if args.lora:
         load_lora_into_pipeline(pipe, args.lora, args.lora_scale)
     if args.embedding:
-        from .ti import load_embedding_into_pipeline
-
         load_embedding_into_pipeline(pipe, args.embedding, args.embedding_token)
     return comps, pipe
 
 
 def cmd_generate(args) -> int:
-    from .fsutil import atomic_save
-    from .sampling import generate, labelled_grid
+    from .files.atomic import atomic_save
+    from .inference.pipelines import generate
+    from .pictures.grid import labelled_grid
 
     comps, pipe = pipeline_with_adapters(args)
     subject = args.subject
@@ -147,8 +150,16 @@ def cmd_generate(args) -> int:
         labels = [f"{name}: {p}" for (name, _), p in zip(GRID_CONTEXTS, prompts)]
     seeds = [args.seed] * len(prompts)
     resolution = args.resolution or comps.native_resolution
-    images = generate(pipe, prompts, seeds, args.steps, args.guidance, resolution, negative_prompt=args.negative_prompt,
-                      batch_size=args.batch_size)
+    images = generate(
+        pipe,
+        prompts,
+        seeds,
+        args.steps,
+        args.guidance,
+        resolution,
+        negative_prompt=args.negative_prompt,
+        batch_size=args.batch_size,
+    )
     grid = labelled_grid(images, labels, cols=3, tile=max(resolution, 160), title=args.title)
     atomic_save(args.out, lambda tmp: grid.save(tmp, format="PNG"))
     print(f"wrote {args.out}")
@@ -156,21 +167,40 @@ def cmd_generate(args) -> int:
 
 
 def cmd_morph(args) -> int:
-    from .animate import write_animation
     from .events import TqdmListener
-    from .morph import MorphSpec, render_morph
-    from .slerp import parse_seeds
+    from .inference.morph import MorphSpec, render_morph
+    from .inference.slerp import parse_seeds
+    from .pictures.animation import write_animation
 
     comps, pipe = pipeline_with_adapters(args)
     seeds = parse_seeds(args.seeds)
     if args.keyframes and args.keyframes != len(seeds):
-        seeds = (seeds * args.keyframes)[: args.keyframes] if args.keyframes < len(seeds) else seeds + [seeds[-1] + 1000 * i for i in range(1, args.keyframes - len(seeds) + 1)]
-    spec = MorphSpec(prompt=args.prompt, negative_prompt=args.negative_prompt, seeds=seeds, seconds=args.seconds, fps=args.fps,
-                     easing=args.easing, hold_frames=args.hold_frames, loop=not args.open, steps=args.steps,
-                     guidance=args.guidance, resolution=args.resolution or comps.native_resolution, sampler=args.sampler)
+        seeds = (
+            (seeds * args.keyframes)[: args.keyframes]
+            if args.keyframes < len(seeds)
+            else seeds + [seeds[-1] + 1000 * i for i in range(1, args.keyframes - len(seeds) + 1)]
+        )
+    spec = MorphSpec(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seeds=seeds,
+        seconds=args.seconds,
+        fps=args.fps,
+        easing=args.easing,
+        hold_frames=args.hold_frames,
+        loop=not args.open,
+        steps=args.steps,
+        guidance=args.guidance,
+        resolution=args.resolution or comps.native_resolution,
+        sampler=args.sampler,
+    )
     bar = TqdmListener("morph")
-    frames = render_morph(pipe, spec, args.batch_size,
-                          on_progress=lambda done, total: bar({"event": "progress", "phase": "morph", "step": done, "total": total}))
+    frames = render_morph(
+        pipe,
+        spec,
+        args.batch_size,
+        on_progress=lambda done, total: bar({"event": "progress", "phase": "morph", "step": done, "total": total}),
+    )
     bar.close()
     notes = write_animation(frames, args.out, args.fps)
     for note in notes:
@@ -180,33 +210,48 @@ def cmd_morph(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench
+    from .lab.bench import bench
 
-    bench(args.base_model, steps=args.steps, warmup=args.warmup, repeats=args.repeats, resolution=args.resolution or None,
-          morph=not args.skip_morph, out=args.json, compile_unet=args.compile)
+    bench(
+        args.base_model,
+        steps=args.steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        resolution=args.resolution or None,
+        morph=not args.skip_morph,
+        out=args.json,
+        compile_unet=args.compile,
+    )
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .lab.demo import run_demo
 
     run_demo(Path(args.output_dir), steps=args.steps, quick=args.quick, base_model=args.base_model)
     return 0
 
 
 def cmd_pretrain_tiny(args) -> int:
-    from .pretrain import PretrainConfig, pretrain
+    from .lab.pretrain import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(out=Path(args.output_dir), per_family=args.per_family, vae_steps=args.vae_steps,
-                         unet_steps=args.unet_steps, crop_steps=min(args.crop_steps, args.unet_steps), seed=args.seed,
-                         threads=args.threads or None, time_budget_s=args.time_budget * 60 if args.time_budget else None,
-                         resume_vae=args.resume_vae)
+    cfg = PretrainConfig(
+        out=Path(args.output_dir),
+        per_family=args.per_family,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        crop_steps=min(args.crop_steps, args.unet_steps),
+        seed=args.seed,
+        threads=args.threads or None,
+        time_budget_s=args.time_budget * 60 if args.time_budget else None,
+        resume_vae=args.resume_vae,
+    )
     info = pretrain(cfg)
     if args.install:
         import shutil
 
-        from .fsutil import atomic_save
-        from .models import TINY_FABRIC_PATH
+        from .base_models.builtin import TINY_FABRIC_PATH
+        from .files.atomic import atomic_save
 
         atomic_save(TINY_FABRIC_PATH, lambda tmp: shutil.copyfile(info["path"], tmp))
         print(f"installed as the built-in tiny-fabric model: {TINY_FABRIC_PATH}")
@@ -214,34 +259,52 @@ def cmd_pretrain_tiny(args) -> int:
 
 
 def cmd_quality(args) -> int:
-    from .quality import QualitySpec, run_quality
+    from .lab.quality import QualitySpec, run_quality
 
-    spec = QualitySpec(base_model=args.base_model,
-                       training_seeds=tuple(int(s) for s in args.training_seeds.split(",")),
-                       sample_seeds=tuple(int(s) for s in args.sample_seeds.split(",")),
-                       lora_steps=args.lora_steps, ti_steps=args.ti_steps, num_class_images=args.class_images,
-                       gen_steps=args.gen_steps, train_text_encoder=not args.unet_only)
+    spec = QualitySpec(
+        base_model=args.base_model,
+        training_seeds=tuple(int(s) for s in args.training_seeds.split(",")),
+        sample_seeds=tuple(int(s) for s in args.sample_seeds.split(",")),
+        lora_steps=args.lora_steps,
+        ti_steps=args.ti_steps,
+        num_class_images=args.class_images,
+        gen_steps=args.gen_steps,
+        train_text_encoder=not args.unet_only,
+    )
     report = run_quality(Path(args.output_dir), spec)
     return 0 if all(report["summary"]["targets"].values()) or not args.strict else 1
 
 
 def cmd_worker(args) -> int:
-    from .worker import main as worker_main
+    from .jobs.worker import main as worker_main
 
     return worker_main(args.job)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description="DreamLoom: DreamBooth LoRA and Textual Inversion for SD1.5.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_pipeline_flags(p: argparse.ArgumentParser, sampler_help: str = "") -> None:
+    """Flags shared by the commands that generate pictures with a base model and optional adapters."""
+    p.add_argument("--base-model", default="tiny-fabric")
+    p.add_argument("--lora", help="LoRA .safetensors to apply (kohya or diffusers format)")
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--embedding", help="textual inversion .safetensors")
+    p.add_argument("--embedding-token", default="<sks-fabric>", help="token the embedding is used as in prompts")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--sampler", default="dpmpp_2m", help=sampler_help or None)
+    p.add_argument("--resolution", type=int, default=0, help="default: the model's native size")
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a DreamBooth LoRA or a textual inversion embedding")
     p.add_argument("--config", help="TOML file with settings (flags override it)")
     p.add_argument("--output-dir", required=True, help="run folder: checkpoints, samples, loss, result/")
-    p.add_argument("--cache-dir", default=None, help="where class images are cached (default ~/.cache/dreamloom)")
+    p.add_argument("--cache-dir", default=None, help=f"where class images are cached (default {DEFAULT_CACHE_DIR})")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_class_images(sub) -> None:
     p = sub.add_parser("class-images", help="generate (or complete) a cached set of class images")
     p.add_argument("--base-model", default="tiny-fabric")
     p.add_argument("--class-prompt", default="a fabric pattern")
@@ -254,36 +317,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--output-dir", default=None, help="folder (default: cache folder keyed by the settings)")
-    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "dreamloom"))
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
     p.set_defaults(func=cmd_class_images)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="a labelled prompt grid, with a LoRA and/or embedding applied")
-    p.add_argument("--base-model", default="tiny-fabric")
-    p.add_argument("--lora", help="LoRA .safetensors (kohya or diffusers format)")
-    p.add_argument("--lora-scale", type=float, default=1.0)
-    p.add_argument("--embedding", help="textual inversion .safetensors")
-    p.add_argument("--embedding-token", default="<sks-fabric>", help="token the embedding is used as in prompts")
+    _add_pipeline_flags(p)
     p.add_argument("--subject", default="sks african fabric pattern", help="fills {s} in the nine default contexts")
     p.add_argument("--prompt", action="append", help="explicit prompt (repeatable); replaces the nine contexts")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--resolution", type=int, default=0, help="default: the model's native size")
     p.add_argument("--batch-size", type=int, default=3)
     p.add_argument("--title", default=None)
     p.add_argument("--out", default="grid.png")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_morph(sub) -> None:
     p = sub.add_parser("morph", help="a seamless looping SLERP morph animation (GIF, WebP or MP4)")
-    p.add_argument("--base-model", default="tiny-fabric")
-    p.add_argument("--lora", help="LoRA .safetensors to apply")
-    p.add_argument("--lora-scale", type=float, default=1.0)
-    p.add_argument("--embedding", help="textual inversion .safetensors")
-    p.add_argument("--embedding-token", default="<sks-fabric>")
+    _add_pipeline_flags(p, sampler_help="use a deterministic sampler (dpmpp_2m, euler, ddim)")
     p.add_argument("--prompt", default="a sks african fabric pattern")
-    p.add_argument("--negative-prompt", default="")
     p.add_argument("--seeds", default="1, 42, 100, 256, 512", help="keyframe seeds, comma separated")
     p.add_argument("--keyframes", type=int, default=0, help="number of keyframes (default: one per seed)")
     p.add_argument("--seconds", type=float, default=15.0)
@@ -291,33 +344,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--easing", default="linear", choices=["linear", "cosine", "smoothstep"])
     p.add_argument("--hold-frames", type=int, default=0, help="frames to rest on each keyframe")
     p.add_argument("--open", action="store_true", help="an open path instead of a seamless loop")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--sampler", default="dpmpp_2m", help="use a deterministic sampler (dpmpp_2m, euler, ddim)")
-    p.add_argument("--resolution", type=int, default=0, help="default: the model's native size")
     p.add_argument("--batch-size", type=int, default=8, help="frames per pipeline call")
     p.add_argument("--out", default="morph.gif", help=".gif, .webp or .mp4")
     p.set_defaults(func=cmd_morph)
 
+
+def _add_lab_commands(sub) -> None:
+    """demo, bench, pretrain-tiny and quality: the recipes in trainer/lab."""
     p = sub.add_parser("demo", help="the whole fabric pipeline on the built-in tiny-fabric model")
     p.add_argument("--output-dir", default="demo_output")
-    p.add_argument("--base-model", default="tiny-fabric", help="tiny-fabric (pretrained), tiny (random weights) or an SD1.5 file")
+    p.add_argument(
+        "--base-model", default="tiny-fabric", help="tiny-fabric (pretrained), tiny (random weights) or an SD1.5 file"
+    )
     p.add_argument("--steps", type=int, default=None, help="override the demo's training steps")
     p.add_argument("--quick", action="store_true", help="a smaller, faster demo (used by the tests)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="training steps/s and memory against the tutorial's loop; batched vs per-frame morph")
+    p = sub.add_parser(
+        "bench", help="training steps/s and memory against the tutorial's loop; batched vs per-frame morph"
+    )
     p.add_argument("--base-model", default="tiny")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per repeat")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--resolution", type=int, default=0, help="default: 64 for tiny, 512 otherwise")
     p.add_argument("--skip-morph", action="store_true")
-    p.add_argument("--compile", action="store_true", help="ours with torch.compile on the UNet (compile time is in the warm-up)")
+    p.add_argument(
+        "--compile", action="store_true", help="ours with torch.compile on the UNet (compile time is in the warm-up)"
+    )
     p.add_argument("--json", default="bench.json", help="where to write the JSON result")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("pretrain-tiny", help="pretrain the built-in tiny-fabric base model on the procedural corpus (CPU, ~50 min)")
+    p = sub.add_parser(
+        "pretrain-tiny", help="pretrain the built-in tiny-fabric base model on the procedural corpus (CPU, ~50 min)"
+    )
     p.add_argument("--output-dir", default="pretrain_output")
     p.add_argument("--per-family", type=int, default=1000, help="corpus images per pattern family")
     p.add_argument("--vae-steps", type=int, default=1500)
@@ -339,10 +399,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ti-steps", type=int, default=800)
     p.add_argument("--class-images", type=int, default=100)
     p.add_argument("--gen-steps", type=int, default=20, help="sampler steps per generated image")
-    p.add_argument("--unet-only", action="store_true", help="LoRA on the UNet only (the tutorial's setting) instead of UNet + text encoder")
+    p.add_argument(
+        "--unet-only",
+        action="store_true",
+        help="LoRA on the UNet only (the tutorial's setting) instead of UNet + text encoder",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.set_defaults(func=cmd_quality)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer", description="DreamLoom: DreamBooth LoRA and Textual Inversion for SD1.5."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_class_images(sub)
+    _add_generate(sub)
+    _add_morph(sub)
+    _add_lab_commands(sub)
     p = sub.add_parser("worker", help=argparse.SUPPRESS)
     p.add_argument("job")
     p.set_defaults(func=cmd_worker)
@@ -350,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .models import set_offline
+    from .base_models.offline import set_offline
 
     set_offline()
     parser = build_parser()

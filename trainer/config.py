@@ -11,11 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DreamLoomError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .files.names import safe_name
 
 METHODS = ("lora", "ti")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -24,6 +20,7 @@ SAMPLERS = ("dpmpp_2m", "euler", "euler_a", "ddim", "pndm")
 TI_TEMPLATES = ("style", "object", "captions")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_LR = {"lora": 1e-4, "ti": 5e-4}
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "dreamloom"  # class images, when no folder is given
 
 
 @dataclass
@@ -103,90 +100,109 @@ class TrainConfig:
         return self.alpha / self.rank
 
     # ---------------------------------------------------------------- validation
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check every field; raise DreamLoomError naming the field, the value and the fix."""
-
-        def bad(name: str, fix: str) -> DreamLoomError:
-            return DreamLoomError(f"Invalid setting {name} = {getattr(self, name)!r}.", fix)
-
-        def choice(name: str, options: tuple[str, ...]) -> None:
-            if getattr(self, name) not in options:
-                raise bad(name, f"Use one of: {', '.join(options)}.")
-
-        def positive_int(name: str, minimum: int = 1, maximum: int | None = None) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum and value > maximum):
-                rng = f"between {minimum} and {maximum}" if maximum else f"{minimum} or more"
-                raise bad(name, f"Use a whole number {rng}.")
-
-        def number(name: str, low: float, high: float, low_open: bool = False) -> None:
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            ok = ok and (value > low if low_open else value >= low) and value <= high
-            if not ok:
-                lo = f"more than {low}" if low_open else f"at least {low}"
-                raise bad(name, f"Use a number {lo} and at most {high}.")
-
-        choice("method", METHODS)
+        self._choice("method", METHODS)
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LR[self.method]
-        choice("mixed_precision", MIXED_PRECISION)
-        choice("lr_scheduler", LR_SCHEDULERS)
-        choice("class_sampler", SAMPLERS)
-        choice("ti_templates", TI_TEMPLATES)
+        self._choice("mixed_precision", MIXED_PRECISION)
+        self._choice("lr_scheduler", LR_SCHEDULERS)
+        self._choice("class_sampler", SAMPLERS)
+        self._choice("ti_templates", TI_TEMPLATES)
         if not isinstance(self.base_model, str) or not self.base_model.strip():
-            raise bad("base_model", "Give 'tiny-fabric' or 'tiny' (built in), a .safetensors SD1.5 checkpoint, or a diffusers folder.")
-        positive_int("resolution", 64, 2048)
+            raise self._bad(
+                "base_model",
+                "Give 'tiny-fabric' or 'tiny' (built in), a .safetensors SD1.5 checkpoint, or a diffusers folder.",
+            )
+        self._check_numbers()
+        self._check_lists_and_names()
+        self._check_method_settings()
+        return self
+
+    # -- the checks validate() runs ------------------------------------------------------------------------
+    def _bad(self, name: str, fix: str) -> DreamLoomError:
+        return DreamLoomError(f"Invalid setting {name} = {getattr(self, name)!r}.", fix)
+
+    def _choice(self, name: str, options: tuple[str, ...]) -> None:
+        if getattr(self, name) not in options:
+            raise self._bad(name, f"Use one of: {', '.join(options)}.")
+
+    def _whole(self, name: str, minimum: int = 1, maximum: int | None = None) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum and value > maximum):
+            allowed = f"between {minimum} and {maximum}" if maximum else f"{minimum} or more"
+            raise self._bad(name, f"Use a whole number {allowed}.")
+
+    def _number(self, name: str, low: float, high: float, low_open: bool = False) -> None:
+        value = getattr(self, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value > low if low_open else value >= low) and value <= high
+        if not ok:
+            lowest = f"more than {low}" if low_open else f"at least {low}"
+            raise self._bad(name, f"Use a number {lowest} and at most {high}.")
+
+    def _check_numbers(self) -> None:
+        self._whole("resolution", 64, 2048)
         if self.resolution % 8:
-            raise bad("resolution", f"Use a multiple of 8, for example {self.resolution // 8 * 8 or 64}.")
-        positive_int("max_train_steps", 1, 1_000_000)
-        positive_int("train_batch_size", 1, 64)
-        positive_int("gradient_accumulation_steps", 1, 1024)
-        positive_int("rank", 1, 1024)
-        number("alpha", 0.0, 1e6, low_open=True)
-        number("learning_rate", 0.0, 1.0, low_open=True)
-        number("text_encoder_lr", 0.0, 1.0, low_open=True)
-        positive_int("lr_warmup_steps", 0, 1_000_000)
-        number("max_grad_norm", 0.0, 1e6)
-        number("adam_beta1", 0.0, 0.999999)
-        number("adam_beta2", 0.0, 0.999999)
-        number("adam_weight_decay", 0.0, 10.0)
-        number("adam_epsilon", 0.0, 1.0, low_open=True)
-        number("snr_gamma", 0.0, 100.0)
-        number("noise_offset", 0.0, 1.0)
-        number("prior_loss_weight", 0.0, 100.0)
-        number("class_guidance", 0.0, 50.0)
-        number("sample_guidance", 0.0, 50.0)
-        positive_int("class_steps", 1, 1000)
-        positive_int("sample_steps", 1, 1000)
-        positive_int("class_batch_size", 1, 256)
-        positive_int("num_class_images", 0, 100_000)
-        positive_int("sample_every", 0, 1_000_000)
-        positive_int("checkpoint_every", 0, 1_000_000)
-        positive_int("checkpoints_keep", 1, 1000)
-        positive_int("num_vectors", 1, 16)
+            raise self._bad("resolution", f"Use a multiple of 8, for example {self.resolution // 8 * 8 or 64}.")
+        for name, low, high in (
+            ("max_train_steps", 1, 1_000_000),
+            ("train_batch_size", 1, 64),
+            ("gradient_accumulation_steps", 1, 1024),
+            ("rank", 1, 1024),
+            ("lr_warmup_steps", 0, 1_000_000),
+            ("class_steps", 1, 1000),
+            ("sample_steps", 1, 1000),
+            ("class_batch_size", 1, 256),
+            ("num_class_images", 0, 100_000),
+            ("sample_every", 0, 1_000_000),
+            ("checkpoint_every", 0, 1_000_000),
+            ("checkpoints_keep", 1, 1000),
+            ("num_vectors", 1, 16),
+        ):
+            self._whole(name, low, high)
+        for name in ("alpha", "learning_rate", "text_encoder_lr", "adam_epsilon"):
+            self._number(name, 0.0, {"alpha": 1e6}.get(name, 1.0), low_open=True)
+        for name, low, high in (
+            ("max_grad_norm", 0.0, 1e6),
+            ("adam_beta1", 0.0, 0.999999),
+            ("adam_beta2", 0.0, 0.999999),
+            ("adam_weight_decay", 0.0, 10.0),
+            ("snr_gamma", 0.0, 100.0),
+            ("noise_offset", 0.0, 1.0),
+            ("prior_loss_weight", 0.0, 100.0),
+            ("class_guidance", 0.0, 50.0),
+            ("sample_guidance", 0.0, 50.0),
+        ):
+            self._number(name, low, high)
         for name in ("seed", "sample_seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-                raise bad(name, "Use a whole number from 0 to 2**63-1.")
-        if not isinstance(self.lora_targets, list) or not self.lora_targets or not all(
-            isinstance(t, str) and t for t in self.lora_targets
-        ):
-            raise bad("lora_targets", f"Give a non-empty list of module names, for example {list(LORA_TARGETS)}.")
-        if not isinstance(self.sample_prompts, list) or not all(isinstance(p, str) for p in self.sample_prompts):
-            raise bad("sample_prompts", "Give a list of prompt strings.")
-        from .fsutil import safe_name
+                raise self._bad(name, "Use a whole number from 0 to 2**63-1.")
+        if self.lr_warmup_steps >= self.max_train_steps and self.lr_scheduler != "constant":
+            raise self._bad(
+                "lr_warmup_steps", f"Use fewer warm-up steps than max_train_steps ({self.max_train_steps})."
+            )
 
+    def _check_lists_and_names(self) -> None:
+        targets = self.lora_targets
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise self._bad("lora_targets", f"Give a non-empty list of module names, for example {list(LORA_TARGETS)}.")
+        if not isinstance(self.sample_prompts, list) or not all(isinstance(p, str) for p in self.sample_prompts):
+            raise self._bad("sample_prompts", "Give a list of prompt strings.")
         try:
             safe_name(self.output_name, "output_name")
         except DreamLoomError as err:
-            raise DreamLoomError(f"Invalid setting output_name = {self.output_name!r}: {err.message}", err.hint) from None
+            raise DreamLoomError(
+                f"Invalid setting output_name = {self.output_name!r}: {err.message}", err.hint
+            ) from None
 
+    def _check_method_settings(self) -> None:
         if self.method == "lora":
             if not self.token.strip():
-                raise bad("token", "Give the rare word that stands for your subject, for example 'sks'.")
+                raise self._bad("token", "Give the rare word that stands for your subject, for example 'sks'.")
             if not self.use_captions and not _has_word(self.instance_prompt, self.token):
-                raise bad(
+                raise self._bad(
                     "instance_prompt",
                     f"The instance prompt must contain the token {self.token!r}, for example "
                     f"'a {self.token} {self.class_prompt.removeprefix('a ').strip() or 'fabric pattern'}'.",
@@ -194,27 +210,27 @@ class TrainConfig:
         else:
             tok = self.placeholder_token
             if not tok or any(c.isspace() for c in tok):
-                raise bad("placeholder_token", "Use one word with no spaces, for example '<sks-fabric>'.")
+                raise self._bad("placeholder_token", "Use one word with no spaces, for example '<sks-fabric>'.")
             if not self.initializer_token.strip() or any(c.isspace() for c in self.initializer_token.strip()):
-                raise bad("initializer_token", "Use one existing word, for example 'pattern'.")
+                raise self._bad("initializer_token", "Use one existing word, for example 'pattern'.")
         if self.with_prior_preservation and self.method == "lora":
             if self.prior_loss_weight > 0 and self.num_class_images == 0 and not self.class_dir:
-                raise bad(
+                raise self._bad(
                     "num_class_images",
                     "Prior preservation needs class images: set num_class_images above 0 (100 is typical), "
                     "give class_dir, or turn off with_prior_preservation.",
                 )
             if not self.class_prompt.strip():
-                raise bad("class_prompt", "Give the class your subject belongs to, for example 'a fabric pattern'.")
-        if self.lr_warmup_steps >= self.max_train_steps and self.lr_scheduler != "constant":
-            raise bad("lr_warmup_steps", f"Use fewer warm-up steps than max_train_steps ({self.max_train_steps}).")
-        return self
+                raise self._bad(
+                    "class_prompt", "Give the class your subject belongs to, for example 'a fabric pattern'."
+                )
 
     def check_device(self, device_type: str) -> None:
         """Options that depend on the device the run will use."""
         if self.use_8bit_adam and device_type != "cuda":
             raise DreamLoomError(
-                f"Invalid setting use_8bit_adam = True: 8-bit AdamW (bitsandbytes) needs a CUDA GPU, and this run is on {device_type}.",
+                f"Invalid setting use_8bit_adam = True: 8-bit AdamW (bitsandbytes) needs a CUDA GPU, and this run "
+                f"is on {device_type}.",
                 "Turn use_8bit_adam off (plain AdamW is used), or run on an NVIDIA GPU with bitsandbytes installed.",
             )
         if self.mixed_precision == "fp16" and device_type == "cpu":
@@ -231,27 +247,37 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
             close = {u: _closest(u, known) for u in unknown}
             hints = ", ".join(f"{u!r} (did you mean {c!r}?)" if c else repr(u) for u, c in close.items())
-            raise DreamLoomError(f"Unknown setting(s): {hints}.", "Check the spelling; `python -m trainer train --help` lists every setting.")
+            raise DreamLoomError(
+                f"Unknown setting(s): {hints}.",
+                "Check the spelling; `python -m trainer train --help` lists every setting.",
+            )
         kwargs = {}
         for name, value in data.items():
             kwargs[name] = _coerce(name, known[name], value)
         return cls(**kwargs)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "TrainConfig":
+    def from_toml(cls, path: str | Path) -> TrainConfig:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DreamLoomError(f"Config file not found: {path}", "Check the path passed to --config.") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise DreamLoomError(f"Config file {path} is not valid TOML: {err}", "Fix the syntax at the position shown.") from None
+            raise DreamLoomError(
+                f"Config file {path} is not valid TOML: {err}", "Fix the syntax at the position shown."
+            ) from None
         # Allow an optional [train] table.
         if set(data) == {"train"} and isinstance(data["train"], dict):
             data = data["train"]
@@ -308,7 +334,3 @@ def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
     else:
         return value
     raise DreamLoomError(f"Invalid setting {name} = {value!r}: expected {type_name}.", f"Give {name} as a {type_name}.")
-
-
-def config_fields() -> list[dataclasses.Field]:
-    return list(fields(TrainConfig))

@@ -46,7 +46,7 @@ class ComfyServer:
         self.proc = None
         self.client_id = uuid.uuid4().hex
 
-    def start(self, timeout: float = 240) -> "ComfyServer":
+    def start(self, timeout: float = 240) -> ComfyServer:
         path = comfyui_path()
         (self.base / "custom_nodes").mkdir(parents=True, exist_ok=True)
         link = self.base / "custom_nodes" / "dreamloom"
@@ -54,8 +54,20 @@ class ComfyServer:
             link.symlink_to(ROOT, target_is_directory=True)
         for sub in ("models/checkpoints", "models/loras", "models/embeddings", "input", "output", "temp", "user"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
-        cmd = [comfyui_python(path), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:"]
+        cmd = [
+            comfyui_python(path),
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base),
+            "--disable-auto-launch",
+            "--database-url",
+            "sqlite:///:memory:",
+        ]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(path), stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
@@ -87,7 +99,9 @@ class ComfyServer:
             return json.loads(r.read() or b"null")
 
     def post(self, route: str, body: dict | None = None):
-        req = urllib.request.Request(self.url + route, data=json.dumps(body or {}).encode(), headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + route, data=json.dumps(body or {}).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 raw = r.read()

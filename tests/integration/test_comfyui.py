@@ -19,36 +19,85 @@ from .conftest import CKPT
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 if comfyui_path() is None:
-    pytest.skip("COMFYUI_PATH is not set to a ComfyUI checkout: ComfyUI integration tests skipped", allow_module_level=True)
+    pytest.skip(
+        "COMFYUI_PATH is not set to a ComfyUI checkout: ComfyUI integration tests skipped", allow_module_level=True
+    )
 
-OUR_NODES = ["DreamLoomLoadTrainingImages", "DreamLoomGenerateClassImages", "DreamLoomTrainingSettings", "DreamLoomTrainLoRA",
-             "DreamLoomTrainTextualInversion", "DreamLoomLoadLoRA"]
+OUR_NODES = [
+    "DreamLoomLoadTrainingImages",
+    "DreamLoomGenerateClassImages",
+    "DreamLoomTrainingSettings",
+    "DreamLoomTrainLoRA",
+    "DreamLoomTrainTextualInversion",
+    "DreamLoomLoadLoRA",
+]
 
 
 def settings(**overrides):
-    s = {"lr_scheduler": "constant", "lr_warmup_steps": 0, "train_batch_size": 1, "gradient_accumulation_steps": 1,
-         "max_grad_norm": 1.0, "snr_gamma": 0.0, "noise_offset": 0.0, "mixed_precision": "no", "gradient_checkpointing": False,
-         "use_8bit_adam": False, "train_text_encoder": False, "text_encoder_lr": 5e-5, "checkpoint_every": 0,
-         "sample_steps": 1, "sample_guidance": 7.5, "class_sampler": "euler", "class_steps": 1, "num_vectors": 1,
-         "ti_templates": "style", "clamp_norm": False}
+    s = {
+        "lr_scheduler": "constant",
+        "lr_warmup_steps": 0,
+        "train_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "max_grad_norm": 1.0,
+        "snr_gamma": 0.0,
+        "noise_offset": 0.0,
+        "mixed_precision": "no",
+        "gradient_checkpointing": False,
+        "use_8bit_adam": False,
+        "train_text_encoder": False,
+        "text_encoder_lr": 5e-5,
+        "checkpoint_every": 0,
+        "sample_steps": 1,
+        "sample_guidance": 7.5,
+        "class_sampler": "euler",
+        "class_steps": 1,
+        "num_vectors": 1,
+        "ti_templates": "style",
+        "clamp_norm": False,
+    }
     s.update(overrides)
     return {"class_type": "DreamLoomTrainingSettings", "inputs": s}
 
 
 def images_node():
-    return {"class_type": "DreamLoomLoadTrainingImages",
-            "inputs": {"folder": "dreamloom_fabric", "resolution": 64, "crop": "center", "flip": False, "use_captions": False}}
+    return {
+        "class_type": "DreamLoomLoadTrainingImages",
+        "inputs": {
+            "folder": "dreamloom_fabric",
+            "resolution": 64,
+            "crop": "center",
+            "flip": False,
+            "use_captions": False,
+        },
+    }
 
 
 def lora_train_graph(output_name, steps, settings_node):
     return {
         "1": images_node(),
         "2": settings_node,
-        "3": {"class_type": "DreamLoomTrainLoRA", "inputs": {
-            "ckpt_name": CKPT, "instance_images": ["1", 0], "instance_prompt": "a sks african fabric pattern", "token": "sks",
-            "class_prompt": "a fabric pattern", "prior_preservation": True, "prior_loss_weight": 1.0, "num_class_images": 2,
-            "rank": 4, "alpha": 4.0, "learning_rate": 1e-2, "max_train_steps": steps, "seed": 1, "sample_every": 0,
-            "output_name": output_name, "settings": ["2", 0]}},
+        "3": {
+            "class_type": "DreamLoomTrainLoRA",
+            "inputs": {
+                "ckpt_name": CKPT,
+                "instance_images": ["1", 0],
+                "instance_prompt": "a sks african fabric pattern",
+                "token": "sks",
+                "class_prompt": "a fabric pattern",
+                "prior_preservation": True,
+                "prior_loss_weight": 1.0,
+                "num_class_images": 2,
+                "rank": 4,
+                "alpha": 4.0,
+                "learning_rate": 1e-2,
+                "max_train_steps": steps,
+                "seed": 1,
+                "sample_every": 0,
+                "output_name": output_name,
+                "settings": ["2", 0],
+            },
+        },
     }
 
 
@@ -58,9 +107,21 @@ def sample_graph(prefix, text, lora=None, loader="LoraLoader"):
         "12": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["11", 1] if lora else ["10", 1]}},
         "13": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["11", 1] if lora else ["10", 1]}},
         "14": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "15": {"class_type": "KSampler", "inputs": {"model": ["11", 0] if lora else ["10", 0], "seed": 5, "steps": 1, "cfg": 7.5,
-                                                    "sampler_name": "euler", "scheduler": "normal", "positive": ["12", 0],
-                                                    "negative": ["13", 0], "latent_image": ["14", 0], "denoise": 1.0}},
+        "15": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["11", 0] if lora else ["10", 0],
+                "seed": 5,
+                "steps": 1,
+                "cfg": 7.5,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["12", 0],
+                "negative": ["13", 0],
+                "latent_image": ["14", 0],
+                "denoise": 1.0,
+            },
+        },
         "16": {"class_type": "SaveLatent", "inputs": {"samples": ["15", 0], "filename_prefix": f"itest/{prefix}"}},
     }
     if lora:
@@ -103,7 +164,10 @@ def test_lora_training_graph_then_core_loraloader(server):
     plain, with_lora = latent(server, "plain"), latent(server, "with_lora")
     assert not torch.equal(plain, with_lora)
     # Our own loader applies exactly the same patches as the core loader.
-    run_ok(server, sample_graph("ours", "a sks african fabric pattern", lora="itest_lora.safetensors", loader="DreamLoomLoadLoRA"))
+    run_ok(
+        server,
+        sample_graph("ours", "a sks african fabric pattern", lora="itest_lora.safetensors", loader="DreamLoomLoadLoRA"),
+    )
     assert torch.allclose(latent(server, "ours"), with_lora, atol=1e-5)
 
 
@@ -111,9 +175,21 @@ def test_textual_inversion_embedding_changes_clip_encoding(server):
     graph = {
         "1": images_node(),
         "2": settings(),
-        "3": {"class_type": "DreamLoomTrainTextualInversion", "inputs": {
-            "ckpt_name": CKPT, "instance_images": ["1", 0], "placeholder_token": "<sks-fabric>", "initializer_token": "pattern",
-            "learning_rate": 0.05, "max_train_steps": 2, "seed": 1, "sample_every": 0, "output_name": "itest_ti", "settings": ["2", 0]}},
+        "3": {
+            "class_type": "DreamLoomTrainTextualInversion",
+            "inputs": {
+                "ckpt_name": CKPT,
+                "instance_images": ["1", 0],
+                "placeholder_token": "<sks-fabric>",
+                "initializer_token": "pattern",
+                "learning_rate": 0.05,
+                "max_train_steps": 2,
+                "seed": 1,
+                "sample_every": 0,
+                "output_name": "itest_ti",
+                "settings": ["2", 0],
+            },
+        },
     }
     run_ok(server, graph)
     assert (server.base / "models" / "embeddings" / "itest_ti.safetensors").exists()
@@ -152,43 +228,109 @@ def test_slerp_noise_with_sampler_custom_advanced_writes_looping_gif(server):
         "12": {"class_type": "CLIPTextEncode", "inputs": {"text": "a sks african fabric pattern", "clip": ["10", 1]}},
         "13": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["10", 1]}},
         "21": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "22": {"class_type": "BasicScheduler", "inputs": {"model": ["10", 0], "scheduler": "normal", "steps": 2, "denoise": 1.0}},
-        "23": {"class_type": "CFGGuider", "inputs": {"model": ["10", 0], "positive": ["12", 0], "negative": ["13", 0], "cfg": 7.5}},
+        "22": {
+            "class_type": "BasicScheduler",
+            "inputs": {"model": ["10", 0], "scheduler": "normal", "steps": 2, "denoise": 1.0},
+        },
+        "23": {
+            "class_type": "CFGGuider",
+            "inputs": {"model": ["10", 0], "positive": ["12", 0], "negative": ["13", 0], "cfg": 7.5},
+        },
     }
     morph = dict(base)
-    morph.update({
-        "20": {"class_type": "DreamLoomSlerpNoise", "inputs": {"seeds": "1, 42, 100", "frames_per_transition": 4, "easing": "linear",
-                                                                "hold_frames": 0, "loop": True, "width": 64, "height": 64}},
-        "24": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["20", 0], "guider": ["23", 0], "sampler": ["21", 0],
-                                                                  "sigmas": ["22", 0], "latent_image": ["20", 1]}},
-        "25": {"class_type": "VAEDecode", "inputs": {"samples": ["24", 0], "vae": ["10", 2]}},
-        "26": {"class_type": "DreamLoomSaveAnimation", "inputs": {"images": ["25", 0], "fps": 12.0, "format": "gif", "loop": True,
-                                                                  "filename_prefix": "itest/morph"}},
-        "27": {"class_type": "SaveLatent", "inputs": {"samples": ["24", 0], "filename_prefix": "itest/morphlat"}},
-    })
+    morph.update(
+        {
+            "20": {
+                "class_type": "DreamLoomSlerpNoise",
+                "inputs": {
+                    "seeds": "1, 42, 100",
+                    "frames_per_transition": 4,
+                    "easing": "linear",
+                    "hold_frames": 0,
+                    "loop": True,
+                    "width": 64,
+                    "height": 64,
+                },
+            },
+            "24": {
+                "class_type": "SamplerCustomAdvanced",
+                "inputs": {
+                    "noise": ["20", 0],
+                    "guider": ["23", 0],
+                    "sampler": ["21", 0],
+                    "sigmas": ["22", 0],
+                    "latent_image": ["20", 1],
+                },
+            },
+            "25": {"class_type": "VAEDecode", "inputs": {"samples": ["24", 0], "vae": ["10", 2]}},
+            "26": {
+                "class_type": "DreamLoomSaveAnimation",
+                "inputs": {
+                    "images": ["25", 0],
+                    "fps": 12.0,
+                    "format": "gif",
+                    "loop": True,
+                    "filename_prefix": "itest/morph",
+                },
+            },
+            "27": {"class_type": "SaveLatent", "inputs": {"samples": ["24", 0], "filename_prefix": "itest/morphlat"}},
+        }
+    )
     entry = run_ok(server, morph)
     gif_info = entry["outputs"]["26"]["images"][0]
     gif = server.base / "output" / gif_info["subfolder"] / gif_info["filename"]
     with Image.open(gif) as im:
         assert im.n_frames == 12 and im.info["loop"] == 0
     single = dict(base)
-    single.update({
-        "30": {"class_type": "RandomNoise", "inputs": {"noise_seed": 42}},
-        "31": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "32": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["30", 0], "guider": ["23", 0], "sampler": ["21", 0],
-                                                                  "sigmas": ["22", 0], "latent_image": ["31", 0]}},
-        "33": {"class_type": "SaveLatent", "inputs": {"samples": ["32", 0], "filename_prefix": "itest/single42"}},
-    })
+    single.update(
+        {
+            "30": {"class_type": "RandomNoise", "inputs": {"noise_seed": 42}},
+            "31": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "32": {
+                "class_type": "SamplerCustomAdvanced",
+                "inputs": {
+                    "noise": ["30", 0],
+                    "guider": ["23", 0],
+                    "sampler": ["21", 0],
+                    "sigmas": ["22", 0],
+                    "latent_image": ["31", 0],
+                },
+            },
+            "33": {"class_type": "SaveLatent", "inputs": {"samples": ["32", 0], "filename_prefix": "itest/single42"}},
+        }
+    )
     run_ok(server, single)
     render = dict(base)
-    render.update({
-        "20": morph["20"],
-        "40": {"class_type": "DreamLoomRenderMorph", "inputs": {"model": ["10", 0], "positive": ["12", 0], "negative": ["13", 0],
-                                                                 "sampler": ["21", 0], "sigmas": ["22", 0], "cfg": 7.5, "vae": ["10", 2],
-                                                                 "noise": ["20", 0], "latent": ["20", 1], "chunk_size": 5}},
-        "41": {"class_type": "DreamLoomSaveAnimation", "inputs": {"images": ["40", 0], "fps": 12.0, "format": "webp", "loop": True,
-                                                                  "filename_prefix": "itest/render"}},
-    })
+    render.update(
+        {
+            "20": morph["20"],
+            "40": {
+                "class_type": "DreamLoomRenderMorph",
+                "inputs": {
+                    "model": ["10", 0],
+                    "positive": ["12", 0],
+                    "negative": ["13", 0],
+                    "sampler": ["21", 0],
+                    "sigmas": ["22", 0],
+                    "cfg": 7.5,
+                    "vae": ["10", 2],
+                    "noise": ["20", 0],
+                    "latent": ["20", 1],
+                    "chunk_size": 5,
+                },
+            },
+            "41": {
+                "class_type": "DreamLoomSaveAnimation",
+                "inputs": {
+                    "images": ["40", 0],
+                    "fps": 12.0,
+                    "format": "webp",
+                    "loop": True,
+                    "filename_prefix": "itest/render",
+                },
+            },
+        }
+    )
     entry = run_ok(server, render)
     info = entry["outputs"]["41"]["images"][0]
     with Image.open(server.base / "output" / info["subfolder"] / info["filename"]) as im:

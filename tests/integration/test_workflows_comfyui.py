@@ -14,7 +14,9 @@ from .conftest import CKPT
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 if comfyui_path() is None:
-    pytest.skip("COMFYUI_PATH is not set to a ComfyUI checkout: ComfyUI workflow tests skipped", allow_module_level=True)
+    pytest.skip(
+        "COMFYUI_PATH is not set to a ComfyUI checkout: ComfyUI workflow tests skipped", allow_module_level=True
+    )
 
 TWINS = Path(__file__).resolve().parents[1] / "workflows"
 
@@ -51,7 +53,9 @@ def _saved(server, entry, class_type, api):
     return files
 
 
-@pytest.mark.parametrize("name", ["fabric_dreambooth_lora", "fabric_textual_inversion", "fabric_explore", "fabric_morph"])
+@pytest.mark.parametrize(
+    "name", ["fabric_dreambooth_lora", "fabric_textual_inversion", "fabric_explore", "fabric_morph"]
+)
 def test_workflow_runs(server, name):
     api = turned_down(json.loads((TWINS / f"{name}.api.json").read_text()))
     entry = server.wait(server.queue_prompt(api), timeout=1800)

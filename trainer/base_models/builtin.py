@@ -1,0 +1,168 @@
+"""The built-in models: `tiny` (random weights, for fast tests) and `tiny-fabric` (pretrained, 128 px).
+
+Both have SD1.5's architecture at toy widths and use the real CLIP tokenizer. The tiny-fabric file format
+(one fp16 safetensors, prefixes vae./unet./text_encoder., configs in the metadata) lives here; its recipe
+is trainer/lab/pretrain.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import DreamLoomError
+from ..files.atomic import atomic_path
+from ..files.safetensors_header import fingerprint_file
+from .components import ASSETS, Components, load_tokenizer, state_fingerprint
+from .sd15 import SD15, sd15_scheduler_config
+
+TINY_FABRIC_PATH = ASSETS / "tiny_fabric" / "tiny_fabric.safetensors"
+TINY_FABRIC_FORMAT = "dreamloom-tiny-fabric-v1"
+BUILTIN_RESOLUTION = {"tiny": 64, "tiny-fabric": 128}  # built-in model -> native size in pixels
+
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(16, 32, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
+    scaling_factor=0.18215,
+)
+TINY_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=64,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+TINY_VERSION = "tiny-v1"
+
+
+def _modules_from_configs(vae_config: dict, unet_config: dict, text_config: dict):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(**unet_config)  # this order: the tiny model's seeded weights depend on it
+    vae = AutoencoderKL(**vae_config)
+    return vae, unet, CLIPTextModel(CLIPTextConfig(**text_config))
+
+
+def _builtin(name: str, vae, unet, text_encoder, fingerprint: str, resolution: int) -> Components:
+    return Components(
+        tokenizer=load_tokenizer(),
+        text_encoder=text_encoder,
+        vae=vae,
+        unet=unet,
+        scheduler_config=sd15_scheduler_config(),
+        fingerprint=fingerprint,
+        source=name,
+        kind="tiny",
+        family=SD15,
+        native_resolution=resolution,
+    ).freeze()
+
+
+def build_tiny() -> Components:
+    """The random-weight tiny model: SD1.5's architecture family at toy widths, seeded weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(20241122)
+        vae, unet, text_encoder = _modules_from_configs(TINY_VAE, TINY_UNET, TINY_TEXT)
+    payload = json.dumps([TINY_VERSION, TINY_UNET, TINY_VAE, TINY_TEXT], sort_keys=True).encode()
+    fingerprint = "tiny-" + state_fingerprint([unet, vae, text_encoder], seed=payload)
+    return _builtin("tiny", vae, unet, text_encoder, fingerprint, BUILTIN_RESOLUTION["tiny"])
+
+
+def build_tiny_fabric(path: Path | None = None) -> Components:
+    """The built-in pretrained tiny-fabric model (128 px), from the weights `pretrain-tiny` wrote."""
+    path = Path(path or TINY_FABRIC_PATH)
+    vae, unet, text_encoder, meta = load_tiny_fabric(path)
+    return _builtin(
+        "tiny-fabric",
+        vae,
+        unet,
+        text_encoder,
+        tiny_fabric_fingerprint(path),
+        int(meta.get("resolution", BUILTIN_RESOLUTION["tiny-fabric"])),
+    )
+
+
+def tiny_fabric_fingerprint(path: Path | None = None) -> str:
+    return "tiny-fabric-" + fingerprint_file(Path(path or TINY_FABRIC_PATH))
+
+
+def save_tiny_fabric(path: Path, modules: dict, configs: dict, resolution: int, info: dict) -> None:
+    """One fp16 safetensors file: `modules` and `configs` keyed "vae"/"unet"/"text_encoder" (atomic)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for prefix in ("vae", "unet", "text_encoder"):
+        for name, t in modules[prefix].state_dict().items():
+            if not name.endswith("position_ids"):
+                tensors[f"{prefix}.{name}"] = t.detach().to(torch.float16).contiguous()
+    metadata = {
+        "format": TINY_FABRIC_FORMAT,
+        "vae_config": json.dumps(configs["vae"]),
+        "unet_config": json.dumps(configs["unet"]),
+        "text_config": json.dumps(configs["text_encoder"]),
+        "resolution": str(resolution),
+        "pretrain": json.dumps(info),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_tiny_fabric(path: Path):
+    """(vae, unet, text_encoder, metadata) from a file written by save_tiny_fabric, in fp32."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise DreamLoomError(
+            f"The tiny-fabric weights are missing ({path}).",
+            "Reinstall DreamLoom, or rebuild them with `python -m trainer pretrain-tiny`.",
+        )
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != TINY_FABRIC_FORMAT:
+            raise DreamLoomError(
+                f"{path.name} is not a tiny-fabric file (format {meta.get('format')!r}).",
+                "Rebuild it with `python -m trainer pretrain-tiny`.",
+            )
+        tensors = {k: f.get_tensor(k).float() for k in f.keys()}
+    vae, unet, text_encoder = _modules_from_configs(
+        json.loads(meta["vae_config"]), json.loads(meta["unet_config"]), json.loads(meta["text_config"])
+    )
+    for prefix, module in (("vae.", vae), ("unet.", unet), ("text_encoder.", text_encoder)):
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not m.endswith("position_ids")]
+        if missing or unexpected:
+            raise DreamLoomError(
+                f"{path.name} does not match the tiny-fabric architecture "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}).",
+                "Rebuild it with `python -m trainer pretrain-tiny`.",
+            )
+    return vae, unet, text_encoder, meta

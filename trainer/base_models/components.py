@@ -1,0 +1,63 @@
+"""A loaded base model: its modules, where it came from, and the family that knows how to drive it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TOKENIZER_DIR = ASSETS / "clip_tokenizer"
+
+
+@dataclass
+class Components:
+    """The modules of a base model. They are never replaced by wrappers: the trainer keeps its
+    compiled/DDP-wrapped handles apart, so code that reads these always sees the plain modules."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    scheduler_config: dict
+    fingerprint: str  # identifies the weights (see docs/architecture.md, "Run identities")
+    source: str  # "tiny", "tiny-fabric", or the file/folder path
+    kind: str  # "tiny", "single_file" or "diffusers"
+    family: Any  # a base_models.family.ModelFamily
+    native_resolution: int = 512
+
+    def noise_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler_config)
+
+    def modules(self) -> dict:
+        return {"text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet}
+
+    def freeze(self) -> Components:
+        """Every module frozen and in eval mode, as loaded; methods then enable what they train."""
+        for module in self.modules().values():
+            module.requires_grad_(False)
+            module.eval()
+        return self
+
+
+def load_tokenizer(folder: str | os.PathLike | None = None):
+    """The CLIP tokenizer shipped in trainer/assets (or one from a diffusers folder), never downloaded."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(folder or TOKENIZER_DIR), local_files_only=True)
+
+
+def state_fingerprint(modules, seed: bytes = b"") -> str:
+    """A hash of the modules' weights: for built-in models, which have no file to fingerprint."""
+    h = hashlib.sha256(seed)
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,191 @@
+"""Instance and class image sets: scanning, decoding, conversion, crop/resize/flip."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DreamLoomError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+MIN_SIDE = 16  # smaller than this cannot be trained on at all
+
+
+@dataclass
+class ImageSet:
+    """Decoded RGB images with their captions and source paths."""
+
+    images: list  # PIL.Image.Image, RGB
+    captions: list[str | None]
+    paths: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def fingerprint(self) -> str:
+        """A hash of the pixels and captions (not the paths: a moved folder is the same data)."""
+        h = hashlib.sha256()
+        for im, cap in zip(self.images, self.captions):
+            h.update(str(im.size).encode())
+            h.update(im.tobytes())
+            h.update((cap or "").encode())
+        return h.hexdigest()[:16]
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly in `folder`, any letter case of the suffix, sorted, each listed once."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise DreamLoomError(
+            f"Image folder not found: {folder}", "Check the path; it must be a folder of .jpg/.png/.webp images."
+        )
+    if not folder.is_dir():
+        raise DreamLoomError(f"{folder} is a file, not a folder.", "Give the folder that holds the training images.")
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    return sorted(files, key=lambda p: p.name.lower())
+
+
+def load_rgb(path: str | os.PathLike):
+    """Decode one image to 8-bit RGB: EXIF orientation, alpha over white, 16-bit/CMYK/palette/greyscale."""
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    return to_rgb(im)
+
+
+def to_rgb(im):
+    import numpy as np
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        im = Image.fromarray(arr, "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "RGB" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return im
+
+
+def load_image_folder(folder: str | os.PathLike, resolution: int, use_captions: bool = True) -> ImageSet:
+    """Load every image of a folder; refuse the set if any file is bad, naming each with its reason."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    files = list_image_files(folder)
+    if not files:
+        others = [p.name for p in folder.iterdir() if p.is_file()][:5]
+        found = f" (found only: {', '.join(others)})" if others else " (it is empty)"
+        raise DreamLoomError(
+            f"No images in {folder}{found}.",
+            "Put 5-20 .jpg, .png or .webp images of your subject in the folder.",
+        )
+    images, captions, paths, problems, notes = [], [], [], [], []
+    root = folder.resolve()
+    for path in files:
+        if path.is_symlink() and not _inside(path, root):
+            problems.append(f"{path.name}: a link that leads outside the folder ({os.path.realpath(path)})")
+            continue
+        try:
+            im = load_rgb(path)
+        except Image.DecompressionBombError as err:
+            problems.append(f"{path.name}: too many pixels ({err}); a possible decompression bomb")
+            continue
+        except Image.DecompressionBombWarning as err:
+            problems.append(f"{path.name}: too many pixels ({err}); a possible decompression bomb")
+            continue
+        except UnidentifiedImageError:
+            problems.append(f"{path.name}: not an image Pillow can read (corrupt, or a different format renamed)")
+            continue
+        except (OSError, ValueError, SyntaxError, EOFError) as err:
+            problems.append(f"{path.name}: unreadable or truncated ({err})")
+            continue
+        w, h = im.size
+        if min(w, h) < MIN_SIDE:
+            problems.append(f"{path.name}: only {w}x{h} pixels; at least {MIN_SIDE} px on the short side is needed")
+            continue
+        if min(w, h) < resolution:
+            notes.append(
+                f"{path.name} is {w}x{h}, smaller than the training resolution {resolution}; it will be upscaled "
+                f"and look soft"
+            )
+        caption = None
+        if use_captions:
+            txt = path.with_suffix(".txt")
+            if txt.exists():
+                caption = txt.read_text(encoding="utf-8", errors="replace").strip() or None
+        images.append(im)
+        captions.append(caption)
+        paths.append(str(path))
+    if problems:
+        raise DreamLoomError(
+            f"{len(problems)} of {len(files)} images in {folder} cannot be used:\n  - " + "\n  - ".join(problems),
+            "Remove or replace the files listed (re-export them as PNG or JPEG).",
+        )
+    return ImageSet(images, captions, paths, notes)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root)
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def image_set_from_arrays(arrays, captions: list[str | None] | None = None) -> ImageSet:
+    """An ImageSet from HxWxC float arrays in [0, 1] (e.g. a ComfyUI IMAGE batch)."""
+    import numpy as np
+    from PIL import Image
+
+    images = []
+    for arr in arrays:
+        a = np.asarray(arr, dtype=np.float32)
+        if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+            raise DreamLoomError(f"An image has shape {a.shape}; expected height x width x 3.", "Pass an IMAGE batch.")
+        a = np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}[a.shape[2]]
+        images.append(to_rgb(Image.fromarray(a[..., 0] if mode == "L" else a, mode)))
+    if not images:
+        raise DreamLoomError("The IMAGE batch is empty.", "Connect a batch of 5-20 images.")
+    caps = list(captions) if captions else [None] * len(images)
+    return ImageSet(images, caps, [f"<batch:{i}>" for i in range(len(images))])
+
+
+def crop_resize(im, resolution: int, center: bool = True, rng=None):
+    """Square crop (centred, or random from `rng`, a random.Random) and LANCZOS resize."""
+    from PIL import Image
+
+    w, h = im.size
+    side = min(w, h)
+    if center or rng is None:
+        left, top = (w - side) // 2, (h - side) // 2
+    else:
+        left, top = rng.randint(0, w - side), rng.randint(0, h - side)
+    im = im.crop((left, top, left + side, top + side))
+    if side != resolution:
+        im = im.resize((resolution, resolution), Image.LANCZOS)
+    return im
+
+
+def pil_to_tensor(im):
+    """RGB PIL image -> float tensor [3, H, W] in [-1, 1]."""
+    import numpy as np
+    import torch
+
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

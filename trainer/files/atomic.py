@@ -1,0 +1,113 @@
+"""Atomic, never-silently-overwriting file writes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from ..errors import DreamLoomError
+from .names import safe_name
+
+# mkstemp makes 0600 files; published files get the usual permissions instead.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to `dest`; on success it is fsynced and renamed onto `dest`.
+
+    On any error the temporary file is removed, so `dest` is either absent, the old file, or whole.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or (dest.suffix + ".tmp"), dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    os.chmod(tmp_path, _FILE_MODE)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+    return Path(dest)
+
+
+def atomic_write_text(dest: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(dest, text.encode("utf-8"))
+
+
+def atomic_save(dest: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
+    """Run `writer(tmp_path)` and publish its file atomically at `dest`."""
+    with atomic_path(dest) as tmp:
+        writer(tmp)
+    return Path(dest)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def publish(src: str | os.PathLike, folder: str | os.PathLike, name: str, suffix: str) -> Path:
+    """Copy `src` into `folder` as `<name><suffix>`, atomically and never over a different file.
+
+    If a file of that name exists with the same contents it is reused; if it differs, a version
+    suffix (`_v2`, `_v3`, ...) is added. Returns the published path.
+    """
+    name = safe_name(name)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = file_sha256(src)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    os.chmod(tmp_path, _FILE_MODE)
+    try:
+        shutil.copyfile(src, tmp_path)
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        for version in range(1, 1000):
+            candidate = folder / (f"{name}{suffix}" if version == 1 else f"{name}_v{version}{suffix}")
+            try:
+                os.link(tmp_path, candidate)  # fails if the name exists: no clobbering, even in a race
+            except FileExistsError:
+                if file_sha256(candidate) == digest:
+                    return candidate
+                continue
+            _fsync_dir(folder)
+            return candidate
+        raise DreamLoomError(f"Too many versions of {name!r} in {folder}.", "Pick another output name.")
+    finally:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()

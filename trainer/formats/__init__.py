@@ -1,0 +1,1 @@
+"""File formats: LoRA export and import (kohya, diffusers, PEFT), Textual Inversion embeddings."""

@@ -1,0 +1,1 @@
+"""Inference: diffusers pipelines over loaded components, generation, SLERP and morph rendering."""

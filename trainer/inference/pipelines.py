@@ -1,0 +1,97 @@
+"""Image generation with diffusers pipelines built over in-memory components."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import diffusers
+import torch
+
+from ..errors import DreamLoomError
+
+SCHEDULERS = {
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+}
+
+
+def make_scheduler(name: str, base_config: dict):
+    if name not in SCHEDULERS:
+        raise DreamLoomError(f"Unknown sampler {name!r}.", f"Use one of: {', '.join(SCHEDULERS)}.")
+    cls_name, overrides = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(base_config, **overrides)
+
+
+def make_pipeline(comps, sampler: str = "dpmpp_2m", unet=None, text_encoder=None):
+    """The family's diffusers pipeline over the given components (no copies; no safety checker)."""
+    return comps.family.pipeline(comps, make_scheduler(sampler, comps.scheduler_config), unet, text_encoder)
+
+
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int,
+    guidance: float,
+    resolution: int,
+    negative_prompt: str = "",
+    batch_size: int = 4,
+    latents=None,
+):
+    """One image per (prompt, seed) pair, generated in batches; each image depends only on its seed.
+
+    Initial noise is drawn on the CPU from `torch.Generator().manual_seed(seed)` so the same seed gives
+    the same image on any device.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError("prompts and seeds must have the same length")
+    device = pipe.unet.device
+    dtype = pipe.unet.dtype
+    channels = pipe.unet.config.in_channels
+    scale = pipe.vae_scale_factor
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        p = list(prompts[start : start + batch_size])
+        s = list(seeds[start : start + batch_size])
+        if latents is not None:
+            init = latents[start : start + batch_size].to(device, dtype)
+        else:
+            init = torch.stack(
+                [
+                    torch.randn(
+                        (channels, resolution // scale, resolution // scale),
+                        generator=torch.Generator().manual_seed(int(seed)),
+                    )
+                    for seed in s
+                ]
+            ).to(device, dtype)
+        generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in s]
+        with torch.no_grad():
+            out = pipe(
+                prompt=p,
+                negative_prompt=[negative_prompt] * len(p) if negative_prompt else None,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=resolution,
+                width=resolution,
+                latents=init,
+                generator=generators,
+                output_type="pil",
+            )
+        images.extend(out.images)
+    return images
+
+
+def load_lora_into_pipeline(pipe, lora_path: str, scale: float = 1.0) -> None:
+    path = Path(lora_path)
+    if not path.exists():
+        raise DreamLoomError(
+            f"LoRA file not found: {lora_path}",
+            "Give the .safetensors file written by training (result/<name>.safetensors).",
+        )
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="dreamloom")
+    pipe.set_adapters(["dreamloom"], adapter_weights=[scale])

@@ -1,0 +1,1 @@
+"""Pictures: labelled grids, loss plots, animation files (GIF, WebP, MP4)."""

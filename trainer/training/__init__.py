@@ -1,0 +1,1 @@
+"""Training: the loop, the loss, precision and optimizer set-up, checkpoints, and the methods."""

@@ -1,0 +1,440 @@
+"""The training loop shared by every method (DreamBooth LoRA, Textual Inversion).
+
+Trainer.run reads as the steps of a run: set up, place on device, build caches, build optimizer, resume,
+then for every optimizer step its micro-batches (`_micro_batch`) and what follows the step (`_end_of_step`),
+and finish. The method object (training/methods) decides what is trained and exported; the model family
+(base_models/family.py) how prompts become conditioning.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from ..base_models.load import load_base_model
+from ..config import DEFAULT_CACHE_DIR, TrainConfig
+from ..data.batches import CLASS_STREAM_SEED_OFFSET, BatchLayout
+from ..data.caches import LatentSource, PromptEmbeddings
+from ..data.class_images import prepare_class_images
+from ..data.images import ImageSet, load_image_folder
+from ..errors import DreamLoomError, StopRequested
+from ..events import Events
+from ..files.atomic import atomic_save, atomic_write_text
+from ..inference.pipelines import generate, make_pipeline
+from ..pictures.grid import labelled_grid
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, train_id_for, versions
+from .loss import diffusion_loss
+from .loss_log import LossLog
+from .methods import make_method
+from .precision import make_accelerator, make_optimizer, place_modules, weight_dtype
+from .timing import PhaseTimer, untimed
+
+SAMPLE_SAMPLER = "dpmpp_2m"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    outputs: dict
+    resumed_from: int | None = None
+    losses: list = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        events: Events | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        comps=None,
+        instance_set: ImageSet | None = None,
+        cache_root: str | Path | None = None,
+        class_dir: str | Path | None = None,
+        timer: PhaseTimer | None = None,
+        bench: bool = False,
+    ):
+        self.cfg = cfg.validate()
+        self.run_dir = Path(run_dir)
+        self.events = events or Events(self.run_dir)
+        self.should_stop = should_stop or (lambda: False)
+        self.comps = comps  # the plain modules; never replaced by compiled or DDP-wrapped ones
+        self.instance = instance_set
+        self.cache_root = Path(cache_root) if cache_root else DEFAULT_CACHE_DIR
+        self.class_dir = Path(class_dir) if class_dir else (Path(cfg.class_dir) if cfg.class_dir else None)
+        self.timer = timer  # per-phase timing for `python -m trainer bench`
+        self.phase = timer if timer is not None else untimed
+        self.bench = bench  # bench runs skip samples, checkpoints and export
+        self.loss_log = LossLog()
+
+    # -- the run, step by step ----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        self.set_up()
+        self.place_on_device()
+        self.build_caches()
+        self.build_optimizer()
+        start_step = self.resume()
+        self.record_job()
+        if start_step == 0 and not self.bench:
+            self._sample(0)
+        self.t0, self.start_step = time.perf_counter(), start_step
+        step = start_step
+        try:
+            for step in range(start_step + 1, self.cfg.max_train_steps + 1):
+                step_t0 = time.perf_counter()
+                for micro in range(self.cfg.gradient_accumulation_steps):
+                    self._micro_batch(step, micro)
+                self._end_of_step(step, time.perf_counter() - step_t0)
+        except torch.cuda.OutOfMemoryError as err:
+            raise DreamLoomError(
+                f"Out of GPU memory at step {step}: {err}",
+                "Turn on gradient_checkpointing and use_8bit_adam, use mixed_precision fp16/bf16, lower the "
+                "resolution or batch size, or close other GPU programs.",
+            ) from None
+        return self.finish()
+
+    def set_up(self) -> None:
+        """Accelerator, base model, images, class images and the method's trainable parameters."""
+        cfg, events = self.cfg, self.events
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.acc = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, self.run_dir)
+        events.enabled = events.enabled and self.acc.is_main_process
+        cfg.check_device(self.acc.device.type)
+        self.weight_dtype = weight_dtype(self.acc)
+        torch.manual_seed(cfg.seed)
+
+        events.emit("progress", phase="loading", step=0, total=cfg.max_train_steps)
+        self.comps = self.comps or load_base_model(cfg.base_model, dtype=torch.float32)
+        self.instance = self.instance or load_image_folder(cfg.instance_dir, cfg.resolution, cfg.use_captions)
+        for note in self.instance.warnings:
+            events.log(note, level="warning")
+
+        self.method = make_method(cfg)
+        self.method.n_images = len(self.instance)
+        self.use_prior = (
+            cfg.with_prior_preservation and cfg.prior_loss_weight > 0 and self.method.uses_prior_preservation
+        )
+        self.class_images, self.class_folder = [], None
+        if self.use_prior:
+            self.class_images, self.class_folder = prepare_class_images(
+                cfg, self.comps, self.class_dir, self.cache_root, self.acc, self.events, self.should_stop
+            )
+        torch.manual_seed(cfg.seed)  # LoRA init is seeded
+        self.method.setup(self.comps)
+        if cfg.gradient_checkpointing:
+            self.comps.unet.enable_gradient_checkpointing()
+            if self.method.trains_text_encoder:
+                self.comps.text_encoder.gradient_checkpointing_enable()
+
+    def place_on_device(self) -> None:
+        place_modules(self.comps, self.acc.device, self.weight_dtype)
+
+    def build_caches(self) -> None:
+        """Latents of the instance and class images, and text embeddings when the text encoder is frozen."""
+        cfg, comps, device = self.cfg, self.comps, self.acc.device
+        self.noise_scheduler = comps.noise_scheduler()
+        self.events.emit("progress", phase="caching latents", step=0, total=cfg.max_train_steps)
+        if cfg.cache_latents and not cfg.center_crop:
+            self.events.log(
+                "random crop is on, so latents are encoded every step (the latent cache needs center crop)", "warning"
+            )
+        self.instance_latents = LatentSource(
+            comps.vae,
+            self.instance.images,
+            cfg.resolution,
+            center_crop=cfg.center_crop,
+            use_flip=cfg.random_flip,
+            cache=cfg.cache_latents and cfg.center_crop,
+            device=device,
+            seed=cfg.seed,
+        )
+        self.class_latents = None
+        if self.use_prior:
+            self.class_latents = LatentSource(
+                comps.vae,
+                self.class_images,
+                cfg.resolution,
+                center_crop=True,
+                use_flip=cfg.random_flip,
+                cache=cfg.cache_latents,
+                device=device,
+                seed=cfg.seed + 1,
+            )
+        cached = self.method.prompts_to_cache(self.instance.captions)
+        if cached is not None and self.use_prior:
+            cached = cached + [cfg.class_prompt]
+        self.prompt_embeddings = PromptEmbeddings(comps, device, self.weight_dtype, cached)
+        vae_cfg = comps.vae.config
+        side = cfg.resolution // (2 ** (len(vae_cfg.block_out_channels) - 1))
+        self.latent_shape = (vae_cfg.latent_channels, side, side)
+        self.layout = BatchLayout(cfg.train_batch_size, self.acc.num_processes, self.acc.process_index, self.use_prior)
+
+    def build_optimizer(self) -> None:
+        """Optimizer and LR schedule over the method's parameters; accelerate wraps the trainable modules.
+
+        The wrapped handles (compiled and/or DDP) are kept in self.wrapped for the forward and backward
+        passes only; everything else reads the plain modules in self.comps.
+        """
+        cfg, method, comps = self.cfg, self.method, self.comps
+        self.param_groups = method.param_groups(comps)
+        self.n_trainable = sum(p.numel() for g in self.param_groups for p in g["params"])
+        optimizer = make_optimizer(cfg, self.param_groups)
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps,
+            num_training_steps=cfg.max_train_steps,
+        )
+        modules = method.trainable_modules(comps)
+        if cfg.torch_compile and "unet" in modules:
+            # Compiled once for the training shape; sampling uses the plain module (other batch sizes).
+            modules["unet"] = torch.compile(modules["unet"])
+        *prepared, self.optimizer = self.acc.prepare(*modules.values(), optimizer)
+        self.wrapped = dict(zip(modules, prepared))
+
+    def resume(self) -> int:
+        """Restore the newest checkpoint of this run, if any; return the step it was taken at (0 if none)."""
+        cfg, comps = self.cfg, self.comps
+        self.dataset_fingerprint = self.instance.fingerprint()
+        self.train_id = train_id_for(cfg, self.dataset_fingerprint, comps.fingerprint)
+        self.noise_gen = torch.Generator().manual_seed(cfg.seed)
+        self.resumed_from = None
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return 0
+        ckpt = load_checkpoint(path)
+        if ckpt["meta"].get("train_id") != self.train_id:
+            raise DreamLoomError(
+                f"{self.run_dir} holds checkpoints of a different run (other settings, images or base model).",
+                "Use a new output folder, or delete its checkpoints/ folder to start over.",
+            )
+        self.method.load_trainable_state(comps, ckpt["trainable"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.lr_scheduler.load_state_dict(ckpt["scheduler"])
+        self.noise_gen.set_state(ckpt["rng"]["noise"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.acc.scaler is not None and ckpt["rng"].get("scaler"):
+            self.acc.scaler.load_state_dict(ckpt["rng"]["scaler"])
+        self.resumed_from = ckpt["step"]
+        self.loss_log = LossLog.resumed(self.run_dir, self.resumed_from)
+        self.events.log(f"resumed from checkpoint at step {self.resumed_from}")
+        return self.resumed_from
+
+    def record_job(self) -> None:
+        """job.json: the settings, fingerprints and versions of this run (merged into what the parent wrote)."""
+        cfg, comps, acc = self.cfg, self.comps, self.acc
+        self.job = {
+            "config": cfg.to_dict(),
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "base_fingerprint": comps.fingerprint,
+            "base_source": comps.source,
+            "instance_images": self.instance.paths,
+            "class_dir": str(self.class_folder) if self.class_folder else None,
+            "trainable_parameters": self.n_trainable,
+            "versions": versions(),
+            "train_id": self.train_id,
+        }
+        if acc.is_main_process:
+            job_file = self.run_dir / "job.json"
+            existing = json.loads(job_file.read_text()) if job_file.exists() else {}
+            atomic_write_text(job_file, json.dumps({**existing, **self.job}, indent=2, default=str))
+        prior = f" + {len(self.class_images)} class images" if self.use_prior else ""
+        self.events.log(
+            f"training {self.method.name} on {len(self.instance)} images{prior}; "
+            f"{self.n_trainable:,} trainable parameters; device {acc.device.type}, "
+            f"precision {acc.mixed_precision}, processes {acc.num_processes}"
+        )
+
+    def _micro_batch(self, step: int, micro: int) -> None:
+        """Draw micro-batch k of the data stream, run the UNet once over it, backward, and step the optimizer
+        (accelerate makes the optimizer step a no-op until the last micro-batch of the optimizer step)."""
+        cfg, layout, device, dtype = self.cfg, self.layout, self.acc.device, self.weight_dtype
+        k = (step - 1) * cfg.gradient_accumulation_steps + micro  # global micro-batch index
+        with self.phase("data"):
+            # The randomness of every row of the global micro-batch, drawn in the same order on every process.
+            n_rows = layout.rows
+            eps = torch.randn((n_rows, *self.latent_shape), generator=self.noise_gen)
+            noise = torch.randn((n_rows, *self.latent_shape), generator=self.noise_gen)
+            if cfg.noise_offset:
+                offset = torch.randn((n_rows, self.latent_shape[0], 1, 1), generator=self.noise_gen)
+                noise = noise + cfg.noise_offset * offset
+            timesteps = torch.randint(
+                0, self.noise_scheduler.config.num_train_timesteps, (n_rows,), generator=self.noise_gen
+            )
+            positions = layout.positions(k)
+            picks = layout.picks(cfg.seed, len(self.instance), k)
+            latents = self.instance_latents.latents(picks, eps[layout.own_instance_rows()], positions)
+            prompts = [
+                self.method.instance_prompt(i, self.instance.captions[i], pos) for (i, _), pos in zip(picks, positions)
+            ]
+            if self.use_prior:
+                class_picks = layout.picks(cfg.seed + CLASS_STREAM_SEED_OFFSET, len(self.class_images), k)
+                class_latents = self.class_latents.latents(class_picks, eps[layout.own_class_rows()], positions)
+                latents = torch.cat([latents, class_latents])
+                prompts += [cfg.class_prompt] * len(class_picks)
+        own = layout.own_rows()
+        with self.acc.accumulate(*self.wrapped.values()):
+            with self.acc.autocast():
+                with self.phase("text_encoder"):
+                    hidden = self.prompt_embeddings(prompts, self.wrapped.get("text_encoder"))
+                with self.phase("unet_forward"):
+                    unet = self.wrapped.get("unet", self.comps.unet)
+                    conditioning = self.comps.family.unet_conditioning(self.comps, len(own), device, dtype)
+                    losses = diffusion_loss(
+                        unet,
+                        self.noise_scheduler,
+                        latents.to(device, dtype),
+                        noise[own].to(device, dtype),
+                        timesteps[own].to(device),
+                        hidden.to(dtype),
+                        n_instance=len(picks),
+                        prior_weight=cfg.prior_loss_weight,
+                        snr_gamma=cfg.snr_gamma,
+                        unet_kwargs=conditioning,
+                    )
+            with self.phase("backward"):
+                self.acc.backward(losses[0])
+            with self.phase("optimizer"):
+                if self.acc.sync_gradients and cfg.max_grad_norm > 0:
+                    self.acc.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.loss_log.add(step, *losses)
+
+    def _end_of_step(self, step: int, seconds: float) -> None:
+        """After an optimizer step: LR schedule, the method's hook, loss read-back, stop, samples, checkpoints."""
+        cfg = self.cfg
+        self.loss_log.end_step(step, self.lr_scheduler.get_last_lr()[0])
+        self.lr_scheduler.step()
+        self.method.after_optimizer_step(self.comps)
+        if self.timer is not None:
+            self.timer.step_times.append(seconds)
+        if self.acc.device.type != "cuda" or step % 10 == 0 or step == cfg.max_train_steps:
+            self._flush(step)  # on CUDA a read-back syncs the device, so only every 10 steps
+        if self._stop_requested():
+            self._flush(step)
+            path = self._checkpoint(step)
+            self._write_loss()
+            self.events.emit("stopped", step=step, checkpoint=str(path))
+            raise StopRequested(step, str(path))
+        if self.bench or step == cfg.max_train_steps:
+            return
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            self._sample(step)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            self._checkpoint(step)
+            self._write_loss()
+
+    def finish(self) -> TrainResult:
+        """Final samples, checkpoint and the method's export into result/; the `done` event."""
+        final = self.cfg.max_train_steps
+        self._flush(final)
+        if self.bench:
+            return TrainResult(self.run_dir, final, {}, self.resumed_from, self.loss_log.rows)
+        self._sample(final)
+        self._checkpoint(final)  # every rank enters its barrier; only the main process writes
+        outputs = {}
+        if self.acc.is_main_process:
+            result_dir = self.run_dir / "result"
+            result_dir.mkdir(exist_ok=True)
+            outputs = self.method.export(self.comps, result_dir, final)
+            self._write_loss()
+            outputs["loss_plot"] = str(self.run_dir / "loss.png")
+            outputs["loss_csv"] = str(self.run_dir / "loss.csv")
+            outputs["samples"] = [str(p) for p in sorted((self.run_dir / "samples").glob("step_*.png"))]
+        self.acc.wait_for_everyone()
+        self.events.emit("done", step=final, outputs=outputs)
+        return TrainResult(self.run_dir, final, outputs, self.resumed_from, self.loss_log.rows)
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        """The main process decides, so every rank of a distributed run stops at the same step."""
+        stop = bool(self.should_stop())
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            stop = bool(broadcast(torch.tensor([int(stop)], device=self.acc.device), from_process=0).item())
+        return stop
+
+    def _flush(self, step: int) -> None:
+        """Read the pending losses back (one host sync) and report progress."""
+        last = self.loss_log.flush()
+        if last is None:
+            return
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(done, 1) * (self.cfg.max_train_steps - step)
+        self.events.emit(
+            "progress",
+            phase="training",
+            step=step,
+            total=self.cfg.max_train_steps,
+            loss=round(last["loss"], 6),
+            lr=last["lr"],
+            eta_s=round(eta, 1),
+            steps_per_s=round(done / elapsed, 3) if elapsed > 0 else None,
+        )
+
+    def _write_loss(self) -> None:
+        if self.acc.is_main_process:
+            self.loss_log.write(self.run_dir, title=f"{self.cfg.method} loss ({self.cfg.output_name})")
+
+    def _checkpoint(self, step: int):
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return None
+        rng = {"noise": self.noise_gen.get_state(), "torch": torch.get_rng_state()}
+        if self.acc.scaler is not None:
+            rng["scaler"] = self.acc.scaler.state_dict()
+        path = save_checkpoint(
+            self.run_dir,
+            step,
+            self.method.trainable_state(self.comps),
+            self.optimizer.state_dict(),
+            self.lr_scheduler.state_dict(),
+            rng,
+            {"train_id": self.train_id},
+            self.cfg.checkpoints_keep,
+        )
+        self.events.emit("checkpoint", step=step, path=str(path))
+        return path
+
+    def _sample(self, step: int) -> None:
+        """A labelled grid of the sample prompts at a fixed seed; the training RNG is untouched."""
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process and cfg.sample_every >= 0:
+            unet, text_encoder = self.comps.unet, self.comps.text_encoder
+            was_training = unet.training
+            unet.eval()
+            text_encoder.eval()
+            pipe = make_pipeline(self.comps, SAMPLE_SAMPLER)
+            prompts = self.method.sample_prompts()
+            with torch.no_grad(), acc.autocast():
+                images = generate(
+                    pipe,
+                    prompts,
+                    [cfg.sample_seed] * len(prompts),
+                    cfg.sample_steps,
+                    cfg.sample_guidance,
+                    cfg.resolution,
+                )
+            grid = labelled_grid(
+                images, prompts, cols=min(4, len(images)), tile=max(128, cfg.resolution), title=f"step {step}"
+            )
+            path = self.run_dir / "samples" / f"step_{step:05d}.png"
+            atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
+            if was_training:
+                unet.train()
+            self.events.emit("sample", step=step, path=str(path))
+        acc.wait_for_everyone()
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, **kwargs) -> TrainResult:
+    return Trainer(cfg, run_dir, **kwargs).run()

@@ -1,0 +1,48 @@
+"""The DreamBooth loss: one UNet pass over instance and class rows, split after."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+
+def min_snr_weights(noise_scheduler, timesteps, gamma: float):
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for eps or v prediction."""
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def diffusion_loss(
+    unet,
+    noise_scheduler,
+    latents,
+    noise,
+    timesteps,
+    encoder_hidden_states,
+    n_instance: int,
+    prior_weight: float = 1.0,
+    snr_gamma: float = 0.0,
+    unet_kwargs: dict | None = None,
+):
+    """One UNet pass over [instance; class] rows, split after: loss = mse(instance) + w * mse(class).
+
+    Returns (loss, instance_loss, prior_loss or None), all 0-dim tensors.
+    """
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, encoder_hidden_states, **(unet_kwargs or {})).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma > 0:
+        per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, snr_gamma)
+    instance_loss = per_sample[:n_instance].mean()
+    if per_sample.shape[0] > n_instance:
+        prior_loss = per_sample[n_instance:].mean()
+        return instance_loss + prior_weight * prior_loss, instance_loss, prior_loss
+    return instance_loss, instance_loss, None
