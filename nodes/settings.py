@@ -41,7 +41,10 @@ class TrainingSettings:
                 d.noise_offset, 0.0, 1.0, 0.01, "Noise offset (0.05-0.1 helps very dark or bright images)."
             ),
             "mixed_precision": choice_widget(
-                MIXED_PRECISION, "fp16", "fp16 or bf16 on a GPU; 'no' on the CPU (fp16 on the CPU falls back to 'no')."
+                MIXED_PRECISION,
+                "auto",
+                "auto: bf16 on GPUs that have it, else fp16; 'no' (fp32) on the CPU. fp16 on the CPU falls back to "
+                "'no'.",
             ),
             "gradient_checkpointing": bool_widget(False, "Trade speed for much less VRAM."),
             "use_8bit_adam": bool_widget(

@@ -111,6 +111,8 @@ def _ui_result(outputs: dict, result: tuple):
         ui = {"images": runner.ui_images(previews)}
     except ValueError:  # run dir outside the output folder (custom setups): no UI preview
         ui = {}
+    if outputs.get("settings"):  # what `auto` chose (precision, checkpointing, TF32), also in the run's log
+        ui["text"] = ["; ".join(f"{k}: {v}" for k, v in outputs["settings"].items())]
     return {"ui": ui, "result": result}
 
 

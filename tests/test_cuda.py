@@ -176,8 +176,12 @@ def test_class_images_within_budget(sd15_checkpoint, tmp_path):
     comps = load_base_model(str(sd15_checkpoint))
     spec = ClassImageSpec(comps.fingerprint, "a fabric pattern", "", "dpmpp_2m", 2, 7.5, 512, 0)
     _fresh_gpu()
-    paths = generate_class_images(comps, spec, 4, tmp_path / "class", batch_size=4, device=torch.device("cuda"))
+    # fp16, as a fp16 training run makes them (data/class_images.py:prepare_class_images)
+    paths = generate_class_images(
+        comps, spec, 4, tmp_path / "class", batch_size=4, device=torch.device("cuda"), dtype=torch.float16
+    )
     peak = torch.cuda.max_memory_allocated() / GIB
-    print(f"\n[cuda] class images 4 x 512 px, batch 4: peak {peak:.2f} GiB")
+    print(f"\n[cuda] class images 4 x 512 px, batch 4, fp16: peak {peak:.2f} GiB")
+    assert {p.dtype for p in comps.unet.parameters()} == {torch.float32}  # handed back as it was loaded
     assert len(paths) == 4 and all(p.exists() for p in paths)
     assert peak < CLASS_IMAGES_BUDGET_GIB, f"peak {peak:.2f} GiB"

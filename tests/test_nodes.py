@@ -134,7 +134,6 @@ def test_interrupt_keeps_checkpoint_and_resumes_to_same_weights(fake_comfy, fabr
 @pytest.mark.slow
 def test_killed_worker_gives_clear_node_error_then_resumes(fake_comfy, fabric_dir, monkeypatch):
     ds = _dataset(fake_comfy, fabric_dir)
-    runner = sys.modules["dreamloom_pack.nodes.runner"]
     jobs = importlib.import_module("dreamloom_pack.trainer.jobs.parent")
     real_run_job = jobs.run_job
 
@@ -146,11 +145,11 @@ def test_killed_worker_gives_clear_node_error_then_resumes(fake_comfy, fabric_di
 
         return real_run_job(run_dir, on_event=hook, **kw)
 
-    monkeypatch.setattr(runner.jobs, "run_job", killing_run_job)
+    monkeypatch.setattr(jobs, "run_job", killing_run_job)
     with pytest.raises(_errors().DreamLoomError) as info:
         _train_lora(fake_comfy, ds, output_name="killed")
     assert "killed by signal 9" in str(info.value) and "log.txt" in info.value.hint
-    monkeypatch.setattr(runner.jobs, "run_job", real_run_job)
+    monkeypatch.setattr(jobs, "run_job", real_run_job)
     out = _train_lora(fake_comfy, ds, output_name="killed")
     assert (fake_comfy.models / "loras" / out["result"][0]).exists()
 

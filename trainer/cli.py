@@ -25,7 +25,8 @@ HELP = {
     "sample_every": "make a sample grid every N steps (0: only at start and end)",
     "checkpoint_every": "write a resumable checkpoint every N steps (0: only at the end)",
     "snr_gamma": "min-SNR gamma loss weighting (0 = off, 5 is typical)",
-    "mixed_precision": "no, fp16 (CUDA) or bf16",
+    "mixed_precision": "auto (bf16 on GPUs that have it, else fp16; no on a CPU), no, fp16 (CUDA) or bf16",
+    "gradient_checkpointing": "true, false or auto (on when the GPU has less than 12 GiB free)",
 }
 
 
@@ -92,7 +93,7 @@ def cmd_class_images(args) -> int:
     from .base_models.load import load_base_model
     from .data.class_images import ClassImageSpec, class_dir_for, generate_class_images
     from .events import Events, TqdmListener
-    from .training.precision import best_device
+    from .training.precision import WEIGHT_DTYPES, best_device, resolve_mixed_precision
 
     comps = load_base_model(args.base_model)
     spec = ClassImageSpec(
@@ -109,9 +110,18 @@ def cmd_class_images(args) -> int:
     events = Events(None)
     listener = TqdmListener("class images")
     events.listeners.append(listener)
+    device = best_device()
+    precision, _ = resolve_mixed_precision("auto", device.type)  # fp16/bf16 on a GPU, fp32 on a CPU
     try:
         paths = generate_class_images(
-            comps, spec, args.count, folder, args.batch_size, device=best_device(), events=events
+            comps,
+            spec,
+            args.count,
+            folder,
+            args.batch_size,
+            device=device,
+            dtype=WEIGHT_DTYPES.get(precision),
+            events=events,
         )
     finally:
         listener.close()

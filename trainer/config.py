@@ -14,7 +14,7 @@ from .errors import DreamLoomError
 from .files.names import safe_name
 
 METHODS = ("lora", "ti")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # auto: bf16 where the GPU has it, else fp16; no on a CPU
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 SAMPLERS = ("dpmpp_2m", "euler", "euler_a", "ddim", "pndm")
 TI_TEMPLATES = ("style", "object", "captions")
@@ -79,8 +79,8 @@ class TrainConfig:
     use_8bit_adam: bool = False
     snr_gamma: float = 0.0
     noise_offset: float = 0.0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool | None = None  # None: on when the GPU's free memory is small (see precision.py)
     torch_compile: bool = False
     cache_latents: bool = True
     seed: int = 42
@@ -301,7 +301,9 @@ def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
     """Convert TOML/CLI values to the field's type; wrong types are a DreamLoomError."""
     type_name = str(f.type)
     try:
-        if type_name == "bool":
+        if type_name == "bool | None" and (value is None or (isinstance(value, str) and value.lower() == "auto")):
+            return None
+        if type_name in ("bool", "bool | None"):
             if isinstance(value, bool):
                 return value
             if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):

@@ -81,32 +81,25 @@ def generate_class_images(
     if events:
         events.emit("progress", phase="class images", step=done, total=count)
     if missing:
-        device = device or torch.device("cpu")
-        pipe = make_pipeline(comps, spec.sampler)
-        pipe.to(device, dtype) if dtype is not None else pipe.to(device)
-        for start in range(0, len(missing), batch_size):
-            if should_stop and should_stop():
-                raise InterruptedError(f"stopped after {done} of {count} class images")
-            idx = missing[start : start + batch_size]
-            images = generate(
-                pipe,
-                [spec.prompt] * len(idx),
-                [spec.image_seed(i) for i in idx],
-                spec.steps,
-                spec.guidance,
-                spec.resolution,
-                negative_prompt=spec.negative_prompt,
-                batch_size=batch_size,
-            )
-            for i, image in zip(idx, images):
-                atomic_save(folder / f"class_{i:05d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
-            done += len(idx)
-            if events:
-                events.emit("progress", phase="class images", step=done, total=count)
+        _generate_missing(
+            comps,
+            spec,
+            missing,
+            folder,
+            batch_size,
+            device or torch.device("cpu"),
+            dtype,
+            events,
+            should_stop,
+            done,
+            count,
+        )
     return [folder / f"class_{i:05d}.png" for i in range(count)]
 
 
-def prepare_class_images(cfg, comps, class_dir: Path | None, cache_root: Path, accelerator, events, should_stop):
+def prepare_class_images(
+    cfg, comps, class_dir: Path | None, cache_root: Path, accelerator, weight_dtype, events, should_stop
+):
     """The class images of a training run and their folder.
 
     A folder of existing images the user names (class_dir) is used as it is. Otherwise the cached set for
@@ -127,6 +120,9 @@ def prepare_class_images(cfg, comps, class_dir: Path | None, cache_root: Path, a
     ours = manifest.exists() and json.loads(manifest.read_text()).get("spec") == asdict(spec)
     given = class_dir is not None and folder.is_dir() and bool(list_image_files(folder)) and not ours
     if not given and accelerator.is_main_process:
+        # On a GPU, generated in the training precision (diffusers' --prior_generation_precision): a fp32
+        # SD1.5 pipeline at 512 px needs about 8 GB.
+        dtype = weight_dtype if accelerator.device.type == "cuda" else None
         generate_class_images(
             comps,
             spec,
@@ -134,6 +130,7 @@ def prepare_class_images(cfg, comps, class_dir: Path | None, cache_root: Path, a
             folder,
             cfg.class_batch_size,
             device=accelerator.device,
+            dtype=dtype,
             events=events,
             should_stop=should_stop,
         )
@@ -141,3 +138,37 @@ def prepare_class_images(cfg, comps, class_dir: Path | None, cache_root: Path, a
     images = load_image_folder(folder, cfg.resolution, use_captions=False)
     n = min(len(images), cfg.num_class_images) if cfg.num_class_images else len(images)
     return images.images[:n], folder
+
+
+def _generate_missing(comps, spec, missing, folder, batch_size, device, dtype, events, should_stop, done, count):
+    """Generate the missing images on `device` in `dtype`, then give the modules back as they were (device and
+    dtype), so training places them itself and nothing of the pipeline stays on the GPU."""
+    home = {name: (next(m.parameters()).device, next(m.parameters()).dtype) for name, m in comps.modules().items()}
+    pipe = make_pipeline(comps, spec.sampler)
+    pipe.to(device, dtype) if dtype is not None else pipe.to(device)
+    try:
+        for start in range(0, len(missing), batch_size):
+            if should_stop and should_stop():
+                raise InterruptedError(f"stopped after {done} of {count} class images")
+            idx = missing[start : start + batch_size]
+            images = generate(
+                pipe,
+                [spec.prompt] * len(idx),
+                [spec.image_seed(i) for i in idx],
+                spec.steps,
+                spec.guidance,
+                spec.resolution,
+                negative_prompt=spec.negative_prompt,
+                batch_size=batch_size,
+            )
+            for i, image in zip(idx, images):
+                atomic_save(folder / f"class_{i:05d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
+            done += len(idx)
+            if events:
+                events.emit("progress", phase="class images", step=done, total=count)
+    finally:
+        del pipe
+        for name, module in comps.modules().items():
+            module.to(*home[name])
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()

@@ -54,6 +54,8 @@ def generate(
     channels = pipe.unet.config.in_channels
     scale = pipe.vae_scale_factor
     images = []
+    # Decode one image at a time: a batch of 512 px decodes needs several GB of activations at once.
+    was_slicing, pipe.vae.use_slicing = getattr(pipe.vae, "use_slicing", False), True
     for start in range(0, len(prompts), batch_size):
         p = list(prompts[start : start + batch_size])
         s = list(seeds[start : start + batch_size])
@@ -83,6 +85,7 @@ def generate(
                 output_type="pil",
             )
         images.extend(out.images)
+    pipe.vae.use_slicing = was_slicing
     return images
 
 
