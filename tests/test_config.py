@@ -116,3 +116,23 @@ def test_cli_defaults_to_tiny_fabric_at_its_native_size(tmp_path):
     toml.write_text("[train]\nrank = 8\n")  # a file that names no model gets the CLI's default model
     cfg = _config_from_args(parse(["train", "--output-dir", str(tmp_path), "--config", str(toml)]))
     assert cfg.base_model == "tiny-fabric" and cfg.resolution == 128 and cfg.rank == 8
+
+
+def test_class_prompt_must_differ_from_the_instance_prompt_and_lack_the_token():
+    with pytest.raises(DreamLoomError, match="(?s)class_prompt = 'A sks  african fabric pattern'.*same as") as info:
+        TrainConfig(class_prompt="A sks  african fabric pattern").validate()
+    assert "instance_prompt = 'a sks african fabric pattern'" in info.value.message
+    assert "'an african fabric pattern'" in info.value.hint  # the instance prompt without the token
+    with pytest.raises(DreamLoomError, match="class_prompt = 'a fabric pattern, SKS style'.*contains the token 'sks'"):
+        TrainConfig(class_prompt="a fabric pattern, SKS style").validate()
+    TrainConfig(class_prompt="a pattern of tasks").validate()  # the token inside another word is no token
+    TrainConfig(class_prompt="a sks fabric", with_prior_preservation=False).validate()  # no class images
+    TrainConfig(class_prompt="a sks fabric", prior_loss_weight=0.0).validate()
+    TrainConfig(method="ti", class_prompt="a sks fabric").validate()  # TI trains no prior
+
+
+def test_builtin_resolution_table_matches_the_models():
+    from trainer.base_models.builtin import BUILTIN_RESOLUTION as of_the_models
+    from trainer.config import BUILTIN_RESOLUTION
+
+    assert BUILTIN_RESOLUTION == of_the_models

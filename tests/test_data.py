@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data.images import crop_resize, image_set_from_arrays, list_image_files, load_image_folder, load_rgb
+from trainer.data.images import (
+    caption_token_count,
+    crop_resize,
+    image_set_from_arrays,
+    list_image_files,
+    load_image_folder,
+    load_rgb,
+    unsupported_image_files,
+)
 from trainer.errors import DreamLoomError
 
 
@@ -131,3 +139,95 @@ def test_random_crop_and_batch_arrays():
     assert len(s) == 3 and s.images[0].size == (48, 32)
     with pytest.raises(DreamLoomError):
         image_set_from_arrays(np.zeros((0, 8, 8, 3)))
+
+
+def test_unreadable_picture_types_are_named_in_a_warning(tmp_path):
+    for i in range(3):
+        _png(tmp_path / f"ok{i}.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "anim.GIF")
+    (tmp_path / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (tmp_path / "logo.svg").write_text("<svg/>")
+    (tmp_path / "pic.avif").write_bytes(b"\x00")
+    (tmp_path / "scan.tif").write_bytes(b"II*\x00")
+    (tmp_path / ".hidden.gif").write_bytes(b"")
+    (tmp_path / "notes.md").write_text("not a picture")
+    s = load_image_folder(tmp_path, 64)
+    assert len(s) == 3
+    assert [p.name for p in unsupported_image_files(tmp_path)] == [
+        "anim.GIF",
+        "logo.svg",
+        "photo.heic",
+        "pic.avif",
+        "scan.tif",
+    ]
+    [warning] = [w for w in s.warnings if "does not read" in w]
+    for name in ("anim.GIF", "photo.heic", "logo.svg", "pic.avif", "scan.tif", ".jpg", ".png", ".webp", "PNG or JPEG"):
+        assert name in warning, name
+    assert ".hidden.gif" not in warning and "notes.md" not in warning
+
+
+def test_a_folder_of_only_unreadable_picture_types_says_so(tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.gif")
+    (tmp_path / "b.heic").write_bytes(b"\x00")
+    with pytest.raises(DreamLoomError, match="No images DreamLoom can read.*a.gif, b.heic are picture types") as info:
+        load_image_folder(tmp_path, 64)
+    assert "PNG or JPEG" in info.value.hint and ".webp" in info.value.hint
+
+
+def test_fewer_than_three_images_is_a_warning_not_an_error(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    s = load_image_folder(tmp_path, 64)
+    assert len(s) == 2
+    assert any("only 2 image(s)" in w and "at least 3" in w for w in s.warnings), s.warnings
+    _png(tmp_path / "c.png")
+    assert not any("only" in w for w in load_image_folder(tmp_path, 64).warnings)
+
+
+def test_caption_that_is_not_utf8_is_read_with_a_warning(tmp_path):
+    for name in ("a", "b", "c"):
+        _png(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_bytes(b"a sks \xff pattern")
+    (tmp_path / "b.txt").write_bytes("\ufeffa sks caf\u00e9 pattern".encode("utf-8"))  # a BOM is fine
+    s = load_image_folder(tmp_path, 64)
+    assert s.captions == ["a sks \ufffd pattern", "a sks caf\u00e9 pattern", None]
+    [warning] = [w for w in s.warnings if "UTF-8" in w]
+    assert "caption a.txt" in warning and "offset 6" in warning and "replaced with U+FFFD" in warning
+
+
+def test_caption_longer_than_clip_reads_warns_that_the_end_is_cut(tmp_path, monkeypatch):
+    import trainer.data.images as images
+
+    for name in ("a", "b", "c"):
+        _png(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text(" ".join(["sks kente fabric pattern"] * 25))  # 100 words
+    (tmp_path / "b.txt").write_text("a sks fabric pattern")
+
+    def no_tokenizer():
+        raise AssertionError("the bounds decide these captions; the tokenizer is not loaded")
+
+    monkeypatch.setattr(images, "_clip_tokenizer", no_tokenizer)
+    s = load_image_folder(tmp_path, 64)
+    [warning] = [w for w in s.warnings if "CLIP tokens" in w]
+    assert "caption a.txt is at least 102 CLIP tokens" in warning and "77" in warning and "cuts off the end" in warning
+    assert s.captions[0].endswith("pattern")  # the caption itself is kept whole; the trainer truncates
+
+
+def test_caption_token_count_agrees_with_the_shipped_tokenizer():
+    from trainer.data.images import _clip_tokenizer
+
+    tokenizer = _clip_tokenizer()
+    assert tokenizer is not None
+    texts = [
+        "a sks fabric pattern",
+        "a photo of sks, woven 1920s kente strips!! on a hand_made loom",
+        " ".join(["incomprehensibilities photographically"] * 20),  # few words, many tokens: tokenized
+        " ".join(["woven"] * 74),  # 76 tokens: fits
+        " ".join(["woven"] * 76),  # 78 tokens: cut
+    ]
+    for text in texts:
+        real = len(tokenizer.tokenize(text)) + 2
+        count, exact = caption_token_count(text)
+        assert (count > 77) == (real > 77), text
+        if exact:
+            assert count == real, text

@@ -138,3 +138,34 @@ def test_diffusers_folder_loads(sd15_components, tmp_path):
         load_base_model(str(folder))
     with pytest.raises(DreamLoomError, match="not a diffusers model folder"):
         load_base_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "markers,prediction,zero_snr",
+    [((), "epsilon", False), (("v_pred",), "v_prediction", False), (("v_pred", "ztsnr"), "v_prediction", True)],
+)
+def test_scheduler_follows_the_files_prediction_markers(markers, prediction, zero_snr):
+    from diffusers import DDPMScheduler
+
+    from trainer.base_models.sd15 import scheduler_config_for_file
+
+    config = scheduler_config_for_file(
+        {**{k: {"shape": [0]} for k in markers}, **{k: {"shape": v} for k, v in SD15_KEYS.items()}}
+    )
+    scheduler = DDPMScheduler.from_config(config)
+    assert scheduler.config.prediction_type == prediction
+    assert bool(scheduler.config.rescale_betas_zero_snr) == zero_snr
+    assert (float(scheduler.alphas_cumprod[-1]) < 1e-6) == zero_snr  # the last step is pure noise
+
+
+@pytest.mark.slow
+def test_v_prediction_checkpoint_loads_as_v_prediction(sd15_parts, tmp_path):
+    from helpers.ldm_layout import write_ldm_checkpoint
+
+    p = sd15_parts
+    path = tmp_path / "v.safetensors"
+    write_ldm_checkpoint(
+        path, p["unet"], p["vae"], p["text"], p["unet_config"], p["vae_config"], extra={"v_pred": torch.tensor([])}
+    )
+    comps = load_base_model(str(path))
+    assert comps.noise_scheduler().config.prediction_type == "v_prediction"

@@ -57,6 +57,71 @@ def test_disk_full_during_publish_leaves_nothing_half_written(tmp_path, monkeypa
     assert list(dest.iterdir()) == []  # no truncated file, no temp file
 
 
+@pytest.mark.parametrize("code", [errno.EPERM, errno.ENOTSUP, errno.EXDEV], ids=["EPERM", "ENOTSUP", "EXDEV"])
+def test_publish_without_hard_links_copies_and_never_overwrites(tmp_path, monkeypatch, code):
+    """exFAT and some network drives refuse hard links: publishing falls back to an exclusive create."""
+    calls = []
+
+    def no_links(src, dst, *a, **k):
+        calls.append(dst)
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "link", no_links)
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(os.urandom(3 << 20))  # more than one copy chunk
+    b.write_bytes(b"second")
+    dest = tmp_path / "loras"
+    first = publish(a, dest, "fabric", ".safetensors")
+    assert calls and first.name == "fabric.safetensors" and first.read_bytes() == a.read_bytes()
+    assert publish(a, dest, "fabric", ".safetensors") == first  # same bytes: reused
+    assert publish(b, dest, "fabric", ".safetensors").name == "fabric_v2.safetensors"
+    assert publish(a, dest, "fabric", ".safetensors") == first
+    assert first.read_bytes() == a.read_bytes() and (dest / "fabric_v2.safetensors").read_bytes() == b"second"
+    assert sorted(p.name for p in dest.iterdir()) == ["fabric.safetensors", "fabric_v2.safetensors"]  # no temp files
+
+
+def test_publish_without_hard_links_leaves_no_partial_file_when_the_copy_fails(tmp_path, monkeypatch):
+    src = tmp_path / "lora.safetensors"
+    src.write_bytes(os.urandom(1 << 20))
+    dest = tmp_path / "loras"
+    (dest / "fabric.safetensors").parent.mkdir()
+    (dest / "fabric.safetensors").write_bytes(b"someone else's file")
+    real_copyfileobj = shutil.copyfileobj
+
+    def no_links(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    def full_disk_into_final_name(fsrc, fdst, *a, **k):
+        if not Path(fdst.name).name.startswith("fabric"):  # the temp copy (if copyfile uses this) works
+            return real_copyfileobj(fsrc, fdst, *a, **k)
+        fdst.write(b"x" * 1000)
+        fdst.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(shutil, "copyfileobj", full_disk_into_final_name)
+    with pytest.raises(OSError) as info:
+        publish(src, dest, "fabric", ".safetensors")
+    assert info.value.errno == errno.ENOSPC
+    # The other file is untouched, nothing half-written under fabric_v2, no temp file.
+    assert sorted(p.name for p in dest.iterdir()) == ["fabric.safetensors"]
+    assert (dest / "fabric.safetensors").read_bytes() == b"someone else's file"
+
+
+def test_publish_reports_other_link_errors(tmp_path, monkeypatch):
+    """Only a file system without hard links falls back; a real fault (here: I/O error) is raised."""
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"first")
+
+    def broken(*a, **k):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "link", broken)
+    with pytest.raises(OSError) as info:
+        publish(src, tmp_path / "loras", "fabric", ".safetensors")
+    assert info.value.errno == errno.EIO and list((tmp_path / "loras").iterdir()) == []
+
+
 def test_disk_full_during_atomic_save_keeps_the_old_file(tmp_path):
     path = tmp_path / "loss.csv"
     atomic_write_text(path, "old")

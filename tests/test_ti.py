@@ -186,3 +186,16 @@ def test_bf16_keeps_frozen_modules_in_training_dtype(fabric_dir, tmp_path, metho
     frozen = [p.dtype for p in unet.parameters() if not p.requires_grad]
     trainable = [p.dtype for g in trainer.optimizer.param_groups for p in g["params"]]
     assert set(frozen) == {torch.bfloat16} and set(trainable) == {torch.float32}
+
+
+def test_multi_vector_sample_prompts_expand_once(fabric_dir, tmp_path):
+    """The pipeline expands '<tok>' into '<tok> <tok>_1'; sample prompts must not be expanded before it."""
+    from trainer.base_models.builtin import build_tiny
+    from trainer.inference.pipelines import make_pipeline
+
+    trainer = Trainer(ti_config(fabric_dir, num_vectors=2), tmp_path / "run", comps=build_tiny())
+    trainer.set_up()
+    pipe = make_pipeline(trainer.comps)
+    for prompt in trainer.method.sample_prompts()[:-1]:  # the last one is the class prompt
+        seen = pipe.maybe_convert_prompt(prompt, trainer.comps.tokenizer)
+        assert seen.count("<sks-fabric>_1") == 1 and "<sks-fabric>_1_1" not in seen, seen

@@ -220,3 +220,82 @@ def test_mixed_precision_keeps_trainable_initial_values_exact(fabric_dir, tmp_pa
     params = dict(mixed.comps.unet.named_parameters())
     assert expected and all(params[n].dtype == torch.float32 and torch.equal(params[n], v) for n, v in expected.items())
     assert {p.dtype for p in mixed.comps.unet.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_accumulation_syncs_through_the_wrapped_modules(fabric_dir, tmp_path, monkeypatch):
+    """accelerate skips the gradient all-reduce of micro-batches only for the (DDP-)wrapped modules it
+    prepared; handing it the plain modules made every micro-batch synchronise."""
+    from accelerate import Accelerator
+
+    from trainer.base_models.builtin import build_tiny
+
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    real_prepare, real_accumulate, seen = Accelerator.prepare, Accelerator.accumulate, []
+
+    def prepare(self, *objects):
+        return tuple(Wrapper(o) if isinstance(o, torch.nn.Module) else o for o in real_prepare(self, *objects))
+
+    def accumulate(self, *models):
+        seen.append(models)
+        return real_accumulate(self, *models)
+
+    monkeypatch.setattr(Accelerator, "prepare", prepare)
+    monkeypatch.setattr(Accelerator, "accumulate", accumulate)
+    cfg = tiny_config(fabric_dir, with_prior_preservation=False, max_train_steps=2, gradient_accumulation_steps=2)
+    trainer = Trainer(cfg, tmp_path / "run", comps=build_tiny())
+    trainer.run()
+    assert len(seen) == 4 and all(len(models) == 1 and isinstance(models[0], Wrapper) for models in seen)
+    assert seen[0][0] is trainer.wrapped["unet"] and seen[0][0].module is trainer.comps.unet
+
+
+def test_trained_modules_are_in_train_mode_with_checkpointing(fabric_dir, tmp_path):
+    """transformers checkpoints a text encoder only in train mode; CLIP has no dropout, so outputs are equal."""
+    from trainer.base_models.builtin import build_tiny
+
+    cfg = tiny_config(fabric_dir, with_prior_preservation=False, train_text_encoder=True, gradient_checkpointing=True)
+    trainer = Trainer(cfg, tmp_path / "run", comps=build_tiny())
+    trainer.set_up()
+    te = trainer.comps.text_encoder
+    assert te.training and trainer.comps.unet.training
+    assert any(getattr(m, "gradient_checkpointing", False) for m in te.modules())
+    ids = trainer.comps.family.tokenize(trainer.comps.tokenizer, ["a sks african fabric pattern"])
+    with torch.no_grad():
+        in_train_mode = te(ids)[0]
+        te.eval()
+        assert torch.equal(te(ids)[0], in_train_mode)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_weights_are_finite_at_zero_terminal_snr(prediction):
+    from diffusers import DDPMScheduler
+
+    from trainer.base_models.sd15 import sd15_scheduler_config
+    from trainer.training.loss import min_snr_weights
+
+    config = {**sd15_scheduler_config(), "rescale_betas_zero_snr": True, "prediction_type": prediction}
+    scheduler = DDPMScheduler.from_config(config)
+    t = torch.tensor([0, 500, 999])
+    weights = min_snr_weights(scheduler, t, 5.0)
+    assert torch.isfinite(weights).all()
+    assert float(weights[-1]) == (1.0 if prediction == "epsilon" else 0.0)  # SNR 0: the weights' limits
+
+
+def test_prediction_type_setting_trains_a_v_prediction_model(fabric_dir, tmp_path):
+    from trainer.base_models.builtin import build_tiny
+
+    runs = {}
+    for prediction in ("auto", "v_prediction"):
+        cfg = tiny_config(fabric_dir, with_prior_preservation=False, max_train_steps=2, prediction_type=prediction)
+        trainer = Trainer(cfg, tmp_path / prediction, comps=build_tiny())
+        result = trainer.run()
+        runs[prediction] = (trainer.noise_scheduler.config.prediction_type, [r["loss"] for r in result.losses])
+    assert runs["auto"][0] == "epsilon" and runs["v_prediction"][0] == "v_prediction"
+    assert all(torch.isfinite(torch.tensor(runs["v_prediction"][1])))
+    assert runs["auto"][1] != runs["v_prediction"][1]  # another target: the velocity, not the noise

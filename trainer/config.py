@@ -14,6 +14,7 @@ from .errors import DreamLoomError
 from .files.names import safe_name
 
 METHODS = ("lora", "ti")
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # auto: bf16 where the GPU has it, else fp16; no on a CPU
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 SAMPLERS = ("dpmpp_2m", "euler", "euler_a", "ddim", "pndm")
@@ -21,6 +22,9 @@ TI_TEMPLATES = ("style", "object", "captions")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_LR = {"lora": 1e-4, "ti": 5e-4}
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "dreamloom"  # class images, when no folder is given
+# Built-in model -> native size in pixels. The same table as base_models/builtin.py:BUILTIN_RESOLUTION, kept here
+# so the CLI can pick the size without importing torch; tests/test_config.py checks that the two agree.
+BUILTIN_RESOLUTION = {"tiny": 64, "tiny-fabric": 128}
 
 
 @dataclass
@@ -79,6 +83,7 @@ class TrainConfig:
     use_8bit_adam: bool = False
     snr_gamma: float = 0.0
     noise_offset: float = 0.0
+    prediction_type: str = "auto"  # auto: what the checkpoint declares (ComfyUI's v_pred marker), else epsilon
     mixed_precision: str = "auto"
     gradient_checkpointing: bool | None = None  # None: on when the GPU's free memory is small (see precision.py)
     torch_compile: bool = False
@@ -106,6 +111,7 @@ class TrainConfig:
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LR[self.method]
         self._choice("mixed_precision", MIXED_PRECISION)
+        self._choice("prediction_type", PREDICTION_TYPES)
         self._choice("lr_scheduler", LR_SCHEDULERS)
         self._choice("class_sampler", SAMPLERS)
         self._choice("ti_templates", TI_TEMPLATES)
@@ -224,6 +230,27 @@ class TrainConfig:
                 raise self._bad(
                     "class_prompt", "Give the class your subject belongs to, for example 'a fabric pattern'."
                 )
+            if self.prior_loss_weight > 0:
+                self._check_class_prompt_differs()
+
+    def _check_class_prompt_differs(self) -> None:
+        """Prior preservation teaches the model that the class prompt still means the plain class. The same
+        prompt as the instance prompt, or one containing the token, teaches the opposite of what is trained."""
+        instance, klass, token = self.instance_prompt, self.class_prompt, self.token
+        example = _without_word(instance, token) or "a fabric pattern"
+        if " ".join(klass.lower().split()) == " ".join(instance.lower().split()):
+            raise DreamLoomError(
+                f"Invalid setting class_prompt = {klass!r}: it is the same as instance_prompt = {instance!r}, so "
+                "prior preservation would train the subject and undo it on the same prompt.",
+                f"Make class_prompt the plain class without the token {token!r}, for example {example!r}; "
+                "or turn off with_prior_preservation.",
+            )
+        if _has_word(klass, token, ignore_case=True):
+            raise DreamLoomError(
+                f"Invalid setting class_prompt = {klass!r}: it contains the token {token!r} of instance_prompt = "
+                f"{instance!r}, so the class images would be trained as the subject.",
+                f"Remove the token from class_prompt, for example {example!r}; or turn off with_prior_preservation.",
+            )
 
     def check_device(self, device_type: str) -> None:
         """Options that depend on the device the run will use."""
@@ -284,10 +311,26 @@ class TrainConfig:
         return cls.from_dict(data)
 
 
-def _has_word(text: str, word: str) -> bool:
+def _word_pattern(word: str) -> str:
     import re
 
-    return re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", text) is not None
+    return rf"(?<![\w]){re.escape(word)}(?![\w])"
+
+
+def _has_word(text: str, word: str, ignore_case: bool = False) -> bool:
+    import re
+
+    return re.search(_word_pattern(word), text, flags=re.IGNORECASE if ignore_case else 0) is not None
+
+
+def _without_word(text: str, word: str) -> str:
+    """`text` with every whole-word `word` taken out (the class prompt an instance prompt suggests)."""
+    import re
+
+    if not word.strip():
+        return ""
+    rest = " ".join(re.sub(_word_pattern(word), " ", text, flags=re.IGNORECASE).split())
+    return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", rest)  # "a sks african ..." -> "an african ..."
 
 
 def _closest(name: str, options: dict) -> str | None:

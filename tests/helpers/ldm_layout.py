@@ -139,9 +139,18 @@ def to_ldm_state_dict(unet_sd: dict, vae_sd: dict, text_sd: dict, unet_config: d
 
 
 def write_ldm_checkpoint(
-    path, unet_sd: dict, vae_sd: dict, text_sd: dict, unet_config: dict, vae_config: dict, metadata: dict | None = None
+    path,
+    unet_sd: dict,
+    vae_sd: dict,
+    text_sd: dict,
+    unet_config: dict,
+    vae_config: dict,
+    metadata: dict | None = None,
+    extra: dict | None = None,
 ) -> None:
+    """`extra`: tensors stored as they are, e.g. ComfyUI's empty `v_pred` marker."""
     from safetensors.torch import save_file
 
     sd = {k: v.contiguous() for k, v in to_ldm_state_dict(unet_sd, vae_sd, text_sd, unet_config, vae_config).items()}
+    sd.update(extra or {})
     atomic_save(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata or {}))

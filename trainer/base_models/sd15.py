@@ -20,6 +20,18 @@ def sd15_scheduler_config() -> dict:
     return json.loads((SD15_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
 
 
+def scheduler_config_for_file(header: dict) -> dict:
+    """SD1.5's noise schedule as a single file declares it. ComfyUI writes an empty `v_pred` tensor into the
+    checkpoints of v-prediction models, and `ztsnr` beside it for zero-terminal-SNR schedules (the last
+    timestep is pure noise), which also need trailing timestep spacing when sampling."""
+    config = sd15_scheduler_config()
+    if "v_pred" in header:
+        config["prediction_type"] = "v_prediction"
+        if "ztsnr" in header:
+            config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return config
+
+
 def folder_fingerprint(path: Path) -> str:
     """The fingerprint of a diffusers folder: its weight files' names and fingerprints."""
     h = hashlib.sha256()
@@ -62,7 +74,7 @@ class SD15Family(ModelFamily):
             text_encoder=pipe.text_encoder,
             vae=pipe.vae,
             unet=pipe.unet,
-            scheduler_config=sd15_scheduler_config(),
+            scheduler_config=scheduler_config_for_file(header),
             fingerprint=single_file_fingerprint(path, header),
             source=str(path),
             kind="single_file",

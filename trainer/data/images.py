@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +13,16 @@ from pathlib import Path
 from ..errors import DreamLoomError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+# Picture types people keep next to their images that DreamLoom does not read: named in a warning, never
+# skipped without a word.
+OTHER_IMAGE_SUFFIXES = {
+    ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".svg", ".jxl", ".jp2", ".j2k", ".jfif", ".psd", ".ico",
+    ".tga", ".exr", ".hdr", ".dng", ".raw", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2",
+}  # fmt: skip
 MIN_SIDE = 16  # smaller than this cannot be trained on at all
+MIN_INSTANCE_IMAGES = 3  # fewer than this and DreamBooth copies the pictures instead of learning the subject
+CLIP_MAX_TOKENS = 77  # what the SD1.5 text encoder reads, start and end tokens included; the rest is cut
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "clip_tokenizer"  # the shipped CLIP tokenizer
 
 
 @dataclass
@@ -45,8 +56,44 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
         )
     if not folder.is_dir():
         raise DreamLoomError(f"{folder} is a file, not a folder.", "Give the folder that holds the training images.")
-    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    try:
+        entries = list(folder.iterdir())
+    except OSError as err:
+        raise DreamLoomError(
+            f"The image folder {folder} cannot be read ({err.strerror or err}).",
+            "Check that the folder exists and that you may read it.",
+        ) from None
+    files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
     return sorted(files, key=lambda p: p.name.lower())
+
+
+def unsupported_image_files(folder: str | os.PathLike) -> list[Path]:
+    """Picture files directly in `folder` of a type DreamLoom does not read (GIF, TIFF, HEIC, AVIF, SVG, RAW...)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    files = [
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in OTHER_IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    ]
+    return sorted(files, key=lambda p: p.name.lower())
+
+
+def _supported_types() -> str:
+    return ", ".join(sorted(IMAGE_SUFFIXES))
+
+
+def _name_list(paths: list[Path], limit: int = 10) -> str:
+    names = ", ".join(p.name for p in paths[:limit])
+    return names + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def skipped_files_warning(skipped: list[Path]) -> str:
+    return (
+        f"skipped {len(skipped)} file(s) of picture types DreamLoom does not read: {_name_list(skipped)}. "
+        f"Only {_supported_types()} are read; convert those files to PNG or JPEG to train on them"
+    )
 
 
 def load_rgb(path: str | os.PathLike):
@@ -87,6 +134,13 @@ def load_image_folder(folder: str | os.PathLike, resolution: int, use_captions: 
 
     folder = Path(folder)
     files = list_image_files(folder)
+    skipped = unsupported_image_files(folder)
+    if not files and skipped:
+        raise DreamLoomError(
+            f"No images DreamLoom can read in {folder}: {_name_list(skipped)} "
+            f"{'is a picture type' if len(skipped) == 1 else 'are picture types'} it does not read.",
+            f"Convert them to PNG or JPEG (DreamLoom reads {_supported_types()}).",
+        )
     if not files:
         others = [p.name for p in folder.iterdir() if p.is_file()][:5]
         found = f" (found only: {', '.join(others)})" if others else " (it is empty)"
@@ -94,7 +148,8 @@ def load_image_folder(folder: str | os.PathLike, resolution: int, use_captions: 
             f"No images in {folder}{found}.",
             "Put 5-20 .jpg, .png or .webp images of your subject in the folder.",
         )
-    images, captions, paths, problems, notes = [], [], [], [], []
+    images, captions, paths, problems = [], [], [], []
+    notes = [skipped_files_warning(skipped)] if skipped else []
     root = folder.resolve()
     for path in files:
         if path.is_symlink() and not _inside(path, root):
@@ -127,7 +182,7 @@ def load_image_folder(folder: str | os.PathLike, resolution: int, use_captions: 
         if use_captions:
             txt = path.with_suffix(".txt")
             if txt.exists():
-                caption = txt.read_text(encoding="utf-8", errors="replace").strip() or None
+                caption = read_caption(txt, notes)
         images.append(im)
         captions.append(caption)
         paths.append(str(path))
@@ -136,7 +191,74 @@ def load_image_folder(folder: str | os.PathLike, resolution: int, use_captions: 
             f"{len(problems)} of {len(files)} images in {folder} cannot be used:\n  - " + "\n  - ".join(problems),
             "Remove or replace the files listed (re-export them as PNG or JPEG).",
         )
+    if len(images) < MIN_INSTANCE_IMAGES:
+        notes.append(
+            f"only {len(images)} image(s) in {folder}; DreamBooth needs at least {MIN_INSTANCE_IMAGES} (5-20 is "
+            "typical), or the model copies the pictures instead of learning the subject. Add more images"
+        )
     return ImageSet(images, captions, paths, notes)
+
+
+def read_caption(txt: Path, notes: list[str]) -> str | None:
+    """A caption file's text; bytes that are not UTF-8 and text past CLIP's 77 tokens are noted in `notes`."""
+    try:
+        raw = txt.read_bytes()
+    except OSError as err:
+        notes.append(f"caption {txt.name} cannot be read ({err.strerror or err}); the instance prompt is used instead")
+        return None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        text = raw.decode("utf-8", errors="replace").lstrip("\ufeff")
+        notes.append(
+            f"caption {txt.name} is not valid UTF-8 (first bad byte at offset {err.start}); the bytes that could not "
+            "be read were replaced with U+FFFD. Save the file as UTF-8 to keep every character"
+        )
+    text = text.strip()
+    if not text:
+        return None
+    tokens, exact = caption_token_count(text)
+    if tokens > CLIP_MAX_TOKENS:
+        count = f"{tokens}" if exact else f"at least {tokens}"
+        notes.append(
+            f"caption {txt.name} is {count} CLIP tokens long (start and end included), more than the "
+            f"{CLIP_MAX_TOKENS} the text encoder reads: the trainer cuts off the end, so its last words are not "
+            "learned. Shorten it (about 60 words or fewer)"
+        )
+    return text
+
+
+# Pieces CLIP's pre-tokenizer splits text into (letters, single digits, runs of other symbols): each is at least
+# one token and at most one token per UTF-8 byte.
+_CLIP_PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
+
+
+def caption_token_count(text: str) -> tuple[int, bool]:
+    """(CLIP tokens of `text` with start and end, exact?). The shipped tokenizer is loaded lazily, only for a
+    caption whose length the cheap bounds cannot decide: at most one token per byte of each piece (fits) or at
+    least one per piece (too long)."""
+    pieces = _CLIP_PIECES.findall(text.lower())
+    at_least = len(pieces) + 2
+    at_most = sum(len(p.encode("utf-8")) for p in pieces) + 2
+    if at_most <= CLIP_MAX_TOKENS or at_least > CLIP_MAX_TOKENS:
+        return at_least, at_least == at_most
+    tokenizer = _clip_tokenizer()
+    if tokenizer is None:
+        return at_least, False
+    return len(tokenizer.tokenize(text)) + 2, True
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_tokenizer():
+    """The shipped CLIP tokenizer (transformers; no torch), or None where it cannot be loaded."""
+    try:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
+        tokenizer.model_max_length = 1 << 30  # we count long captions on purpose: no "too long" warning
+        return tokenizer
+    except Exception:  # noqa: BLE001 - it only refines a warning; the bounds still apply
+        return None
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -79,11 +80,49 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+# What os.link raises where the file system has no hard links (exFAT, FAT32, some network drives and FUSE
+# mounts) rather than because of the name or the disk: EPERM on Linux, EINVAL/ENOTSUP elsewhere; Windows
+# reports ERROR_INVALID_FUNCTION (1), ERROR_NOT_SAME_DEVICE (17) or ERROR_NOT_SUPPORTED (50).
+_NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EMLINK}
+_NO_HARD_LINKS_WINERROR = {1, 17, 50}
+
+
+def _hard_links_unsupported(err: OSError) -> bool:
+    return err.errno in _NO_HARD_LINKS or getattr(err, "winerror", None) in _NO_HARD_LINKS_WINERROR
+
+
+def _open_with_file_mode(path: str, flags: int) -> int:
+    return os.open(path, flags, _FILE_MODE)
+
+
+def _copy_to_new_file(tmp: Path, dest: Path) -> None:
+    """Create `dest` exclusively (FileExistsError if the name is taken) and copy the finished `tmp` into it.
+
+    The fallback for file systems without hard links. `tmp` is already complete and fsynced, so only this
+    copy can fail; if it does, `dest` is removed, leaving no partial file under the published name.
+    """
+    out = open(dest, "xb", opener=_open_with_file_mode)  # O_CREAT | O_EXCL: raises if the name exists
+    try:
+        with out, open(tmp, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            dest.unlink()
+        raise
+
+
 def publish(src: str | os.PathLike, folder: str | os.PathLike, name: str, suffix: str) -> Path:
     """Copy `src` into `folder` as `<name><suffix>`, atomically and never over a different file.
 
     If a file of that name exists with the same contents it is reused; if it differs, a version
     suffix (`_v2`, `_v3`, ...) is added. Returns the published path.
+
+    The file is hard-linked from a complete temp file, which cannot overwrite. Where the file system has
+    no hard links (exFAT, some network drives) it is created exclusively and filled from the temp file:
+    still never over another file, and a failed copy leaves nothing under the name (a reader may see the
+    file grow while it is copied).
     """
     name = safe_name(name)
     folder = Path(folder)
@@ -97,10 +136,21 @@ def publish(src: str | os.PathLike, folder: str | os.PathLike, name: str, suffix
         shutil.copyfile(src, tmp_path)
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        hard_links = True
         for version in range(1, 1000):
             candidate = folder / (f"{name}{suffix}" if version == 1 else f"{name}_v{version}{suffix}")
             try:
-                os.link(tmp_path, candidate)  # fails if the name exists: no clobbering, even in a race
+                if hard_links:
+                    try:
+                        os.link(tmp_path, candidate)  # fails if the name exists: no clobbering, even in a race
+                    except FileExistsError:
+                        raise
+                    except OSError as err:
+                        if not _hard_links_unsupported(err):
+                            raise
+                        hard_links = False
+                if not hard_links:
+                    _copy_to_new_file(tmp_path, candidate)  # also fails if the name exists
             except FileExistsError:
                 if file_sha256(candidate) == digest:
                     return candidate

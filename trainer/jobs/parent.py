@@ -26,6 +26,17 @@ from .worker import DONE_FILE, EXIT_STOPPED, STOP_FILE
 PACK_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds trainer/
 _PROCESS_LOCK = threading.Lock()
 
+# The worker's entry point. `python -m trainer` needs the pack on sys.path through PYTHONPATH or the
+# working folder, and an embedded Python with a `python3XX._pth` file (ComfyUI's Windows portable build)
+# honours neither: the child failed with "No module named trainer". This bootstrap puts the pack root on
+# sys.path itself. The pack root and the job file arrive as argv (never pasted into the code), so spaces,
+# quotes and non-ASCII letters in either path are passed through untouched. No double quotes in the
+# code: it survives Windows command-line quoting as one argument.
+_WORKER_BOOTSTRAP = (
+    "import sys; root, job = sys.argv[1], sys.argv[2]; sys.path.insert(0, root); "
+    "from trainer.cli import main; sys.exit(main(['worker', job]))"
+)
+
 
 class JobInterrupted(Exception):
     """The caller asked to stop; the worker checkpointed (when it could) and exited."""
@@ -155,6 +166,17 @@ def request_stop(run_dir: str | os.PathLike) -> None:
     (Path(run_dir) / STOP_FILE).write_text(str(time.time()))
 
 
+def worker_command(job_file: str | os.PathLike, pack_root: str | os.PathLike = PACK_ROOT) -> list[str]:
+    """The worker's command line: this interpreter, the bootstrap, the pack root and the job file.
+
+    It depends on neither PYTHONPATH nor the working folder, so it also runs under an isolated (`-I`) or
+    `._pth`-configured embedded Python. Such an interpreter also ignores PYTHON* variables, so `-u` says on
+    the command line what PYTHONUNBUFFERED says in the environment. Both paths are made absolute: the
+    worker runs in the pack root.
+    """
+    return [sys.executable, "-u", "-c", _WORKER_BOOTSTRAP, os.path.abspath(pack_root), os.path.abspath(job_file)]
+
+
 def _reader(stream, q: queue.Queue, log) -> None:
     for raw in iter(stream.readline, ""):
         line = raw.rstrip("\n")
@@ -193,6 +215,7 @@ def run_job(
         (run_dir / STOP_FILE).unlink(missing_ok=True)
         log_path = run_dir / "log.txt"
         child_env = {**os.environ, **(env or {})}
+        # Not needed by the worker itself (see worker_command); kept for what it may start.
         child_env["PYTHONPATH"] = os.pathsep.join([str(PACK_ROOT), child_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         child_env.setdefault("PYTHONUNBUFFERED", "1")
         # Keep matplotlib's font cache beside the runs, not in the user's home folder.
@@ -204,7 +227,7 @@ def run_job(
             log.write(f"--- worker started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             log.flush()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "trainer", "worker", str(run_dir / "job.json")],
+                worker_command(run_dir / "job.json"),
                 cwd=str(PACK_ROOT),
                 stdout=subprocess.PIPE,
                 stderr=log,

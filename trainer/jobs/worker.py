@@ -1,4 +1,6 @@
-"""The child process: `python -m trainer worker <run_dir>/job.json`.
+"""The child process: `trainer.cli.main(["worker", "<run_dir>/job.json"])`, started by parent.py's
+`worker_command` (a bootstrap that needs neither PYTHONPATH nor the working folder; `python -m trainer
+worker <job.json>` runs the same thing by hand).
 
 It runs one job (training or class images), writes JSON-lines events to stdout and events.jsonl,
 checks for a stop request file, and exits with a code the parent understands.

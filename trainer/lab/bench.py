@@ -193,7 +193,8 @@ def bench(
         class_steps=4,
         checkpoint_every=0,
         sample_every=0,
-        **(cfg_overrides or {}),
+        # the tutorial loop it is compared with runs in fp32, without checkpointing
+        **{"mixed_precision": "no", "gradient_checkpointing": False, **(cfg_overrides or {})},
     ).validate()
     spec = ClassImageSpec(
         comps.fingerprint, cfg.class_prompt, "", cfg.class_sampler, cfg.class_steps, cfg.class_guidance, res, cfg.seed

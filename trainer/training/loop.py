@@ -33,7 +33,9 @@ from .loss import diffusion_loss
 from .loss_log import LossLog
 from .methods import make_method
 from .precision import (
+    enable_checkpointing,
     enable_tf32,
+    keep_freed_memory,
     make_accelerator,
     make_optimizer,
     place_modules,
@@ -103,8 +105,9 @@ class Trainer:
         except torch.cuda.OutOfMemoryError as err:
             raise DreamLoomError(
                 f"Out of GPU memory at step {step}: {err}",
-                "Turn on gradient_checkpointing and use_8bit_adam, use mixed_precision fp16/bf16, lower the "
-                "resolution or batch size, or close other GPU programs.",
+                "Use mixed_precision fp16 or bf16 (auto does), turn on gradient_checkpointing (SD1.5 512 px LoRA: "
+                "3.9 -> 3.1 GiB), lower the resolution or batch size, or close other GPU programs. 8-bit AdamW "
+                "saves almost nothing for a LoRA (its optimizer state is a few MB).",
             ) from None
         return self.finish()
 
@@ -126,11 +129,17 @@ class Trainer:
             "gradient_checkpointing": f"{'on' if checkpointing else 'off'} ({checkpointing_why})",
             "tf32": "on" if enable_tf32(self.acc.device) else "off",
         }
-        events.log("settings: " + "; ".join(f"{k} {v}" for k, v in self.settings.items()))
+        if self.acc.device.type == "cpu":
+            self.settings["malloc"] = "keep freed memory" if keep_freed_memory() else "default"
         torch.manual_seed(cfg.seed)
 
         events.emit("progress", phase="loading", step=0, total=cfg.max_train_steps)
         self.comps = self.comps or load_base_model(cfg.base_model, dtype=torch.float32)
+        if cfg.prediction_type != "auto":  # a fine-tune whose file does not say what it predicts
+            self.comps.scheduler_config = {**self.comps.scheduler_config, "prediction_type": cfg.prediction_type}
+        prediction = self.comps.scheduler_config.get("prediction_type", "epsilon")
+        self.settings["prediction_type"] = f"{prediction} ({'set' if cfg.prediction_type != 'auto' else 'auto'})"
+        events.log("settings: " + "; ".join(f"{k} {v}" for k, v in self.settings.items()))
         self.instance = self.instance or load_image_folder(cfg.instance_dir, cfg.resolution, cfg.use_captions)
         for note in self.instance.warnings:
             events.log(note, level="warning")
@@ -155,9 +164,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # LoRA init is seeded
         self.method.setup(self.comps)
         if self.gradient_checkpointing:
-            self.comps.unet.enable_gradient_checkpointing()
-            if self.method.trains_text_encoder:
-                self.comps.text_encoder.gradient_checkpointing_enable()
+            enable_checkpointing(self.comps, text_encoder_too=self.method.trains_text_encoder)
+        # Modules that train are in train mode: transformers checkpoints a text encoder only in train mode. SD1.5's
+        # UNet and CLIP have no dropout, so the numbers are the same as in eval mode.
+        for module in self.method.trainable_modules(self.comps).values():
+            module.train()
 
     def place_on_device(self) -> None:
         place_modules(self.comps, self.acc.device, self.weight_dtype)
@@ -254,7 +265,7 @@ class Trainer:
         if ckpt["meta"].get("train_id") != self.train_id:
             raise DreamLoomError(
                 f"{self.run_dir} holds checkpoints of a different run (other settings, images or base model).",
-                "Use a new output folder, or delete its checkpoints/ folder to start over.",
+                "Use a new output folder (the old one keeps its checkpoints and any result).",
             )
         self.method.load_trainable_state(comps, ckpt["trainable"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -453,10 +464,9 @@ class Trainer:
         """A labelled grid of the sample prompts at a fixed seed; the training RNG is untouched."""
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process and cfg.sample_every >= 0:
-            unet, text_encoder = self.comps.unet, self.comps.text_encoder
-            was_training = unet.training
-            unet.eval()
-            text_encoder.eval()
+            training = [m for m in (self.comps.unet, self.comps.text_encoder) if m.training]
+            for module in training:
+                module.eval()
             for name in self.offloaded:
                 getattr(self.comps, name).to(acc.device)
             pipe = make_pipeline(self.comps, SAMPLE_SAMPLER)
@@ -475,8 +485,8 @@ class Trainer:
             )
             path = self.run_dir / "samples" / f"step_{step:05d}.png"
             atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
-            if was_training:
-                unet.train()
+            for module in training:
+                module.train()
             for name in self.offloaded:
                 getattr(self.comps, name).to("cpu")
             if self.offloaded:

@@ -8,12 +8,16 @@ from diffusers.training_utils import compute_snr
 
 
 def min_snr_weights(noise_scheduler, timesteps, gamma: float):
-    """Min-SNR-gamma loss weights (Hang et al. 2023) for eps or v prediction."""
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for eps or v prediction.
+
+    A zero-terminal-SNR schedule has SNR 0 at its last timestep: there the epsilon weight min(snr, gamma) / snr
+    is taken at its limit, 1, instead of 0 / 0.
+    """
     snr = compute_snr(noise_scheduler, timesteps)
     clipped = torch.clamp(snr, max=gamma)
     if noise_scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1)
-    return clipped / snr
+    return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
 
 
 def diffusion_loss(

@@ -184,11 +184,11 @@ class TextualInversionMethod(Method):
             norms = rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
             rows.mul_(torch.clamp(self.init_norm / norms, max=1.0))
 
-    def with_token(self, prompt: str) -> str:
-        return prompt.replace(self.cfg.placeholder_token, self.phrase)
-
+    # Sample prompts go through a diffusers pipeline, whose textual-inversion loader expands a multi-vector
+    # token '<t>' into '<t> <t>_1 ...' itself; expanding here too gave '<t> <t>_1 <t> <t>_1_1'. So samples
+    # carry the bare token, and only the training prompts (encoded by us) carry the expanded phrase.
     def default_sample_prompts(self) -> list[str]:
-        p = self.phrase
+        p = self.cfg.placeholder_token
         return [
             f"a pattern in the style of {p}",
             f"a dress made of fabric in the style of {p}",
