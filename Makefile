@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dreamloom-installed
 
-.PHONY: venv demo lint test test-fast bench clean
+.PHONY: venv demo lint test test-fast test-min-deps bench clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,13 @@ test: venv lint
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
+
+# The fast suite on the lowest versions requirements.txt allows (pins made from its floors by tools/min_deps.py),
+# in a venv of its own under build/ (rebuilt when the floors change).
+test-min-deps: MIN_VENV ?= build/venv-min-deps
+test-min-deps:
+	$(PYTHON) tools/min_deps.py install --venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pytest -q -m "not slow and not cuda" -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

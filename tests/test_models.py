@@ -169,3 +169,31 @@ def test_v_prediction_checkpoint_loads_as_v_prediction(sd15_parts, tmp_path):
     )
     comps = load_base_model(str(path))
     assert comps.noise_scheduler().config.prediction_type == "v_prediction"
+
+
+def test_prompts_are_cut_at_clips_77_positions_whatever_the_tokenizer_claims():
+    from trainer.base_models.components import load_tokenizer
+    from trainer.base_models.sd15 import SD15
+
+    tokenizer = load_tokenizer()
+    tokenizer.model_max_length = 8192  # as some diffusers folders' tokenizer_config.json say
+    ids = SD15.tokenize(tokenizer, ["a sks african fabric pattern " * 40, "short"])
+    assert ids.shape == (2, 77)
+
+
+def test_text_encoder_files_load_across_the_text_model_level_change():
+    """transformers 5.6 dropped CLIPTextModel's `text_model.` level; files written on either side load on both."""
+    from trainer.base_models.components import match_text_model_level
+
+    class Nested:
+        def state_dict(self):
+            return {"text_model.embeddings.token_embedding.weight": 0}
+
+    class Flat:
+        def state_dict(self):
+            return {"embeddings.token_embedding.weight": 0}
+
+    flat = {"embeddings.token_embedding.weight": 1}
+    nested = {"text_model.embeddings.token_embedding.weight": 1}
+    assert match_text_model_level(flat, Nested()) == nested and match_text_model_level(nested, Nested()) == nested
+    assert match_text_model_level(nested, Flat()) == flat and match_text_model_level(flat, Flat()) == flat

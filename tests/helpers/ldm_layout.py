@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
+from trainer.base_models.components import text_model_path
 from trainer.files.atomic import atomic_save
-from trainer.formats.kohya_names import text_model_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -15,7 +15,7 @@ import torch
 from ..errors import DreamLoomError
 from ..files.atomic import atomic_path
 from ..files.safetensors_header import fingerprint_file
-from .components import ASSETS, Components, load_tokenizer, state_fingerprint
+from .components import ASSETS, Components, load_tokenizer, match_text_model_level, state_fingerprint
 from .sd15 import SD15, sd15_scheduler_config
 
 TINY_FABRIC_PATH = ASSETS / "tiny_fabric" / "tiny_fabric.safetensors"
@@ -157,6 +157,8 @@ def load_tiny_fabric(path: Path):
     )
     for prefix, module in (("vae.", vae), ("unet.", unet), ("text_encoder.", text_encoder)):
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if module is text_encoder:
+            state = match_text_model_level(state, text_encoder)
         missing, unexpected = module.load_state_dict(state, strict=False)
         missing = [m for m in missing if not m.endswith("position_ids")]
         if missing or unexpected:

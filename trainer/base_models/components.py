@@ -46,6 +46,22 @@ class Components:
         return self
 
 
+TEXT_MODEL = "text_model."  # CLIPTextModel's top level up to transformers 5.5; 5.6 and later have none
+
+
+def text_model_path(path: str) -> str:
+    """A CLIP text-encoder module path with its `text_model.` level, as kohya, ComfyUI and the LDM layout name it."""
+    return path if path.startswith(TEXT_MODEL) else TEXT_MODEL + path
+
+
+def match_text_model_level(state: dict, text_encoder) -> dict:
+    """A CLIP text-encoder state dict in the layout of the installed transformers (with or without `text_model.`),
+    so files written under one version load under the other."""
+    if any(k.startswith(TEXT_MODEL) for k in text_encoder.state_dict()):
+        return {text_model_path(k): v for k, v in state.items()}
+    return {k.removeprefix(TEXT_MODEL): v for k, v in state.items()}
+
+
 def load_tokenizer(folder: str | os.PathLike | None = None):
     """The CLIP tokenizer shipped in trainer/assets (or one from a diffusers folder), never downloaded."""
     from transformers import CLIPTokenizer

@@ -14,6 +14,7 @@ from .components import ASSETS, Components, load_tokenizer
 from .family import ModelFamily
 
 SD15_CONFIG_DIR = ASSETS / "sd15"
+CLIP_POSITIONS = 77  # SD1.5's text encoder has 77 position embeddings
 
 
 def sd15_scheduler_config() -> dict:
@@ -97,6 +98,7 @@ class SD15Family(ModelFamily):
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True, dtype=dtype)
         tokenizer = load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else None)
+        tokenizer.model_max_length = min(tokenizer.model_max_length, CLIP_POSITIONS)  # pipelines read it too
         sched = path / "scheduler" / "scheduler_config.json"
         return Components(
             tokenizer=tokenizer,
@@ -111,9 +113,11 @@ class SD15Family(ModelFamily):
         ).freeze()
 
     def tokenize(self, tokenizer, prompts: list[str]):
-        """Token ids padded to the tokenizer's length (77 for CLIP), longer prompts truncated."""
+        """Token ids padded to CLIP's 77 positions, longer prompts truncated. Some diffusers folders' tokenizers
+        claim a model_max_length of 8192, which the text encoder's position table cannot take."""
+        length = min(tokenizer.model_max_length, CLIP_POSITIONS)
         return tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
         ).input_ids
 
     def encode_prompts(self, comps, prompts: list[str], device, text_encoder=None):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from ..base_models.components import text_model_path
 from ..files.atomic import atomic_save
-from .kohya_names import kohya_module_name, text_model_path
+from .kohya_names import kohya_module_name
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 

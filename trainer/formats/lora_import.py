@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from ..base_models.components import text_model_path
 from ..errors import DreamLoomError
 from ..files.safetensors_header import read_safetensors_header
-from .kohya_names import kohya_module_name, text_model_path
+from .kohya_names import kohya_module_name
 
 _DOWN_UP = [
     (".lora_A.weight", ".lora_B.weight"),

@@ -1,0 +1,206 @@
+"""`python -m trainer bench`: every contender in its own process, the allocator comparison, and the comparison
+with diffusers' example script (here a stand-in that takes the same arguments and prints tqdm-like lines).
+No test asserts a speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+
+import pytest
+
+from trainer.config import TrainConfig
+from trainer.lab import bench as B
+
+RUN_FIELDS = {
+    "pid",
+    "malloc",
+    "step_times",
+    "minor_faults",
+    "sys_s",
+    "user_s",
+    "median_step_s",
+    "faults_per_step",
+    "sys_s_per_step",
+    "user_s_per_step",
+    "peak_rss",
+    "peak_rss_process",
+    "peak_cuda",
+    "peak_gpu_process",
+    "first_step_at_s",
+    "process_wall_s",
+}
+SUMMARY_FIELDS = {
+    "timed_steps",
+    "median_step_s",
+    "steps_per_s",
+    "faults_per_step",
+    "sys_s_per_step",
+    "user_s_per_step",
+    "peak_rss_mb",
+    "peak_rss_process_mb",
+    "peak_cuda_mb",
+    "peak_gpu_process_mb",
+    "malloc",
+}
+
+# Accepts what bench passes to diffusers' train_dreambooth_lora.py (argparse refuses anything else), checks the
+# folders the way the real script reads them, records its arguments, and prints a tqdm-like "Steps" bar.
+STAND_IN = textwrap.dedent(
+    """
+    import argparse, json, os, sys, time
+    from pathlib import Path
+
+    p = argparse.ArgumentParser()
+    for name in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt", "class_data_dir",
+                 "class_prompt", "output_dir", "lr_scheduler", "mixed_precision", "report_to"):
+        p.add_argument("--" + name, required=True)
+    for name in ("num_class_images", "seed", "resolution", "train_batch_size", "gradient_accumulation_steps",
+                 "max_train_steps", "checkpointing_steps", "rank", "dataloader_num_workers"):
+        p.add_argument("--" + name, type=int, required=True)
+    for name in ("prior_loss_weight", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay",
+                 "adam_epsilon", "max_grad_norm"):
+        p.add_argument("--" + name, type=float, required=True)
+    for name in ("with_prior_preservation", "center_crop", "gradient_checkpointing"):
+        p.add_argument("--" + name, action="store_true")
+    a = p.parse_args()
+    model = Path(a.pretrained_model_name_or_path)
+    assert (model / "model_index.json").is_file() and (model / "unet").is_dir(), model
+    for folder in (a.instance_data_dir, a.class_data_dir):
+        assert all(f.suffix == ".png" for f in Path(folder).iterdir()), os.listdir(folder)
+    assert len(os.listdir(a.class_data_dir)) == a.num_class_images  # so the real script would generate none
+    record = Path(__file__).with_name("stand_in_runs.jsonl")
+    with open(record, "a") as fh:
+        fh.write(json.dumps({"pid": os.getpid(), "args": vars(a), "env_offline": os.environ.get("HF_HUB_OFFLINE"),
+                             "glibc": os.environ.get("GLIBC_TUNABLES")}) + "\\n")
+    n = a.max_train_steps
+    keep = []
+    sys.stderr.write(f"Steps:   0%|          | 0/{n} [00:00<?, ?it/s]")
+    for i in range(1, n + 1):
+        keep.append(bytearray(4 * 2**20))
+        time.sleep(0.05)
+        bar = f"\\rSteps: {100 * i // n:3d}%|#####     | {i}/{n} [00:01<00:01,  9.00it/s"
+        sys.stderr.write(bar + "]")
+        sys.stderr.write(bar + ", loss=0.1, lr=1e-4]")  # set_postfix repeats the line
+        sys.stderr.flush()
+    sys.stderr.write("\\n")
+    """
+)
+
+
+def test_parse_step_line():
+    assert B.parse_step_line("Steps:  40%|████      | 2/5 [00:03<00:04,  1.50s/it, loss=0.123, lr=0.0001]") == 2
+    assert B.parse_step_line("Steps: 100%|##########| 12/12 [00:09<00:00,  1.3it/s]") == 12
+    assert B.parse_step_line("Steps:   0%|          | 0/5 [00:00<?, ?it/s]") == 0
+    assert B.parse_step_line("Generating class images: 50%|#####     | 1/2") is None
+    assert B.parse_step_line("03/01/2026 12:00:00 - INFO - __main__ - Num examples = 8") is None
+
+
+def test_per_step_rows_share_a_skipped_step_and_skip_the_warm_up():
+    # step -> [time, faults, sys, user]; step 4's line was skipped, so steps 4 and 5 share that interval
+    marks = {1: [10.0, 100, 1.0, 2.0], 2: [11.0, 110, 1.5, 3.0], 3: [12.0, 130, 2.0, 4.0], 5: [16.0, 170, 3.0, 8.0]}
+    rows = B.per_step_rows(marks, warmup=2)
+    assert rows == [[1.0, 20.0, 0.5, 1.0], [2.0, 20.0, 0.5, 2.0], [2.0, 20.0, 0.5, 2.0]]
+    assert B.window(marks, 2) == (11.0, 16.0)
+    assert B.per_step_rows({1: [0.0, 0, 0.0, 0.0]}, warmup=1) == []
+
+
+def test_nvidia_smi_lines():
+    out = "1234, 5120\n99, 10\n1234, 1024\n"
+    assert B.nvidia_smi_used(out, 1234) == 6144 * 2**20
+    assert B.nvidia_smi_used(out, 7) is None
+    assert B.nvidia_smi_used("No running processes found\n", 7) is None
+
+
+def test_proc_readers_read_this_process():
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc")
+    rss, hwm = B.read_status(os.getpid())
+    assert 0 < rss <= hwm
+    faults, sys_s, user_s = B.read_counters(os.getpid())
+    assert faults > 0 and sys_s >= 0 and user_s > 0
+    mark = B.step_mark()
+    assert len(mark) == 5 and mark[1] > 0
+
+
+def test_diffusers_args_match_our_settings():
+    cfg = TrainConfig(base_model="tiny", instance_dir="x", resolution=64, rank=4, mixed_precision="no").validate()
+    spec = {
+        "cfg": cfg.to_dict(),
+        "warmup": 2,
+        "steps": 3,
+        "resolution": 64,
+        "diffusers_model": "m",
+        "diffusers_instance_dir": "i",
+        "diffusers_class_dir": "c",
+        "diffusers_class_count": 8,
+    }
+    args = B.diffusers_args(spec, B.Path("out"))
+    given = dict(zip(args, args[1:]))  # each flag -> the word after it
+    assert given["--max_train_steps"] == "5" and int(given["--checkpointing_steps"]) > 5
+    assert given["--rank"] == "4" and float(given["--learning_rate"]) == 1e-4
+    assert given["--mixed_precision"] == "no" and given["--train_batch_size"] == "1"
+    assert given["--num_class_images"] == "8" and given["--resolution"] == "64"
+    assert "--with_prior_preservation" in args and "--center_crop" in args
+    assert "--validation_prompt" not in args
+
+
+@pytest.mark.slow
+def test_bench_runs_each_contender_in_its_own_process(tmp_path, capsys):
+    script = tmp_path / "train_dreambooth_lora.py"
+    script.write_text(STAND_IN)
+    out = tmp_path / "bench.json"
+    report = B.bench(
+        "tiny",
+        steps=2,
+        warmup=1,
+        repeats=1,
+        morph=True,
+        out=str(out),
+        malloc="both",
+        compare_diffusers=str(script),
+    )
+    saved = json.loads(out.read_text())
+    assert saved["contenders"].keys() == report["contenders"].keys()
+    assert list(saved["contenders"]) == ["ours", "ours-malloc-default", "tutorial", "diffusers"]
+    pids = set()
+    for name, c in saved["contenders"].items():
+        assert SUMMARY_FIELDS <= c["summary"].keys(), name
+        assert len(c["runs"]) == 1
+        run = c["runs"][0]
+        assert RUN_FIELDS <= run.keys(), name
+        assert len(run["step_times"]) == len(run["minor_faults"]) == len(run["sys_s"]) == 2
+        assert run["median_step_s"] > 0 and run["user_s_per_step"] >= 0
+        if sys.platform.startswith("linux"):
+            assert run["peak_rss"] > 0 and run["peak_rss_process"] >= run["peak_rss"]
+        pids.add(run["pid"])
+    assert len(pids) == 4 and os.getpid() not in pids
+
+    ours, default = (saved["contenders"][k]["runs"][0] for k in ("ours", "ours-malloc-default"))
+    if sys.platform.startswith("linux"):
+        assert ours["malloc"] == "keep freed memory" and default["malloc"] == "default"
+        assert saved["contenders"]["tutorial"]["runs"][0]["malloc"] == "keep freed memory"
+    assert saved["contenders"]["ours"]["summary"]["phases_ms"].keys() == set(B.PHASES)
+    assert set(saved["ratios"]) == {"ours/ours-malloc-default", "ours/tutorial", "ours/diffusers"}
+    assert saved["ratios"]["ours/diffusers"]["step_time"] > 0 and saved["ratios"]["ours/diffusers"]["peak_rss"] > 0
+    assert saved["morph"]["frames"] == 24
+
+    (called,) = [json.loads(line) for line in (tmp_path / "stand_in_runs.jsonl").read_text().splitlines()]
+    assert called["pid"] == saved["contenders"]["diffusers"]["runs"][0]["pid"]
+    assert called["args"]["max_train_steps"] == 3 and called["args"]["resolution"] == 64
+    assert called["args"]["seed"] == TrainConfig.seed and called["env_offline"] == "1"
+    if sys.platform.startswith("linux"):
+        assert B.GLIBC_TUNED in called["glibc"]
+    printed = capsys.readouterr().out
+    assert "ours/diffusers" in printed and "faults/step" in printed and "morph rendering" in printed
+
+
+def test_bench_refuses_a_missing_script_before_any_work(tmp_path):
+    from trainer.errors import DreamLoomError
+
+    with pytest.raises(DreamLoomError, match="no such file"):
+        B.bench("tiny", compare_diffusers=str(tmp_path / "nope.py"))
+    with pytest.raises(DreamLoomError, match="warmup"):
+        B.bench("tiny", warmup=0)

@@ -1,0 +1,230 @@
+"""`python -m trainer doctor`: the report, the memory model against the measured H100 peaks, the loader's errors,
+and that it reads no weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer
+from trainer.errors import DreamLoomError
+from trainer.lab import doctor as doctor_mod
+from trainer.lab.doctor import doctor, predict_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SD15_KEYS = {
+    "model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3],
+    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": [320, 768],
+    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
+    "first_stage_model.encoder.conv_in.weight": [128, 3, 3, 3],
+}
+SDXL_KEYS = {
+    "model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3],
+    "conditioner.embedders.1.model.ln_final.weight": [1280],
+}
+
+
+def header_only_checkpoint(path: Path, keys: dict) -> Path:
+    """A safetensors file whose header names full-size tensors but holds none of their data: reading the header
+    works, loading the weights would fail."""
+    header = {k: {"dtype": "F16", "shape": shape, "data_offsets": [0, 0]} for k, shape in keys.items()}
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return path
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if hasattr(torch.backends, "mps"):
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+def test_report_names_versions_and_cpu(cpu_only):
+    report = doctor()
+    for name in ("Python", "torch", "diffusers", "peft", "accelerate", "transformers", "safetensors", "bitsandbytes"):
+        assert f"\n  {name} " in report, name
+    for dist in ("diffusers", "peft", "accelerate", "transformers", "safetensors"):
+        assert metadata.version(dist) in report, dist
+    assert torch.__version__ in report
+    assert f"DreamLoom     {trainer.__version__}" in report
+    assert "CPU: " in report and " cores, " in report and "GiB RAM" in report
+    assert "mixed_precision         no (auto: fp32 on the CPU)" in report
+    assert "gradient_checkpointing  off" in report and "TF32                    off" in report
+    assert "(predicted, +-25%, on a GPU" in report
+    assert "fp16       on " in report and "bf16       off" in report and "fp32 (no)" in report
+    assert "about" in report and "in RAM" in report  # the CPU note
+    assert "mixed_precision fp16/bf16" in report  # the hint
+
+
+def test_builtin_model_needs_well_under_a_gigabyte(cpu_only):
+    report = doctor(base_model="tiny-fabric")
+    assert "128 px" in report and "well under 1 GB" in report
+    assert "Peak GPU memory" not in report
+
+
+# The runs tests/test_cuda.py measured on an H100 (torch 2.11), SD1.5 at 512 px, LoRA rank 4, batch 1 + 1 prior.
+MEASURED = [
+    (dict(method="lora", precision="fp16", checkpointing=False), 3.87),
+    (dict(method="lora", precision="fp16", checkpointing=True), 3.11),
+    (dict(method="lora", precision="bf16", checkpointing=False), 3.87),
+    (dict(method="lora", precision="bf16", checkpointing=True), 2.95),
+    (dict(method="lora", precision="fp16", checkpointing=True, train_text_encoder=True), 3.11),
+    (dict(method="ti", precision="fp16", checkpointing=True), 3.10),
+]
+
+
+@pytest.mark.parametrize("settings,measured", MEASURED)
+def test_prediction_reproduces_measured_runs(settings, measured):
+    # The measured runs had their class images already, so their peak is training or sampling.
+    pred = predict_memory(resolution=512, batch_size=1, prior=settings["method"] == "lora", **settings)
+    peak = max(pred.training, pred.samples)
+    assert abs(peak - measured) / measured < 0.10, (settings, peak, measured)
+
+
+def test_prediction_reproduces_class_images():
+    pred = predict_memory(method="lora", resolution=512, precision="fp16")
+    assert abs(pred.class_images - 2.67) / 2.67 < 0.10
+    assert predict_memory(method="ti").class_images is None
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "no"])
+@pytest.mark.parametrize("method", ["lora", "ti"])
+def test_prediction_grows_and_shrinks_the_right_way(precision, method):
+    def predict(**kw):
+        settings = dict(method=method, resolution=512, batch_size=1, precision=precision, checkpointing=False)
+        settings.update(kw)
+        return predict_memory(**settings)
+
+    def peak(**kw):
+        return predict(**kw).peak
+
+    assert peak(resolution=384) < peak(resolution=512) < peak(resolution=768) < peak(resolution=1024)
+    assert peak(batch_size=1) < peak(batch_size=2) < peak(batch_size=4)
+    for res in (512, 768):
+        for batch in (1, 2):
+            on, off = (
+                predict(checkpointing=True, resolution=res, batch_size=batch),
+                predict(resolution=res, batch_size=batch),
+            )
+            assert on.training < off.training
+            # The peak can be the sample grid, which checkpointing does not touch (TI, 1 row, 512 px).
+            assert on.peak < off.peak or on.peak == off.peak == on.samples
+    assert predict(checkpointing=True, batch_size=2).peak < predict(batch_size=2).peak
+    if precision != "no":
+        for ckpt in (False, True):
+            assert peak(checkpointing=ckpt) < peak(checkpointing=ckpt, precision="no")
+
+
+def test_pickle_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"\x80\x04\x95not really a pickle")
+    with pytest.raises(DreamLoomError, match="pickle-based checkpoint") as err:
+        doctor(base_model=str(path))
+    assert ".safetensors" in err.value.hint
+
+
+def test_missing_model_is_refused(tmp_path):
+    with pytest.raises(DreamLoomError, match="Base model not found: .*nothing.safetensors"):
+        doctor(base_model=str(tmp_path / "nothing.safetensors"))
+
+
+def test_other_family_is_refused(tmp_path):
+    path = header_only_checkpoint(tmp_path / "xl.safetensors", SDXL_KEYS)
+    with pytest.raises(DreamLoomError, match="looks like SDXL, not Stable Diffusion 1.5"):
+        doctor(base_model=str(path))
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(DreamLoomError, match="resolution"):
+        doctor(resolution=500)
+    with pytest.raises(DreamLoomError, match="gradient_checkpointing"):
+        doctor(gradient_checkpointing="maybe")
+
+
+def fake_gpu(monkeypatch, free_gib: float, bf16: bool = True):
+    device = doctor_mod._Device("cuda", ["CUDA GPU: a test card"], free_gib=free_gib, bf16=bf16, capability=(8, 6))
+    monkeypatch.setattr(doctor_mod, "_device", lambda: device)
+
+
+def test_verdict_on_a_roomy_gpu(monkeypatch):
+    fake_gpu(monkeypatch, free_gib=40.0)
+    report = doctor(mixed_precision="bf16", gradient_checkpointing="false")
+    flat = " ".join(report.split())
+    assert "TF32                    on (Ampere or newer)" in report
+    assert "bf16       off                 3.87" in report and "<- chosen" in report
+    assert "fits with 35.4 GiB to spare." in flat
+
+
+def test_verdict_suggests_the_first_change_that_fits(monkeypatch):
+    fake_gpu(monkeypatch, free_gib=4.5)
+    report = " ".join(doctor(mixed_precision="fp16", gradient_checkpointing="false").split())
+    assert "does not fit: try gradient_checkpointing true (predicted 3.10 GiB)" in report
+    report = " ".join(doctor(mixed_precision="no", gradient_checkpointing="false").split())
+    assert "does not fit: try mixed_precision bf16 + gradient_checkpointing true" in report
+    fake_gpu(monkeypatch, free_gib=4.5, bf16=False)
+    report = " ".join(doctor(mixed_precision="no", gradient_checkpointing="true", resolution=768).split())
+    assert "does not fit: try mixed_precision fp16 + resolution 640 (predicted" in report
+    assert "no bf16 on this GPU" in report
+    fake_gpu(monkeypatch, free_gib=3.0)
+    report = " ".join(doctor(mixed_precision="fp16", gradient_checkpointing="true").split())
+    assert "does not fit: even the smallest settings do not fit" in report
+
+
+PROBE = """
+import atexit, json, os, sys
+import torch
+
+built = [0]
+_init = torch.nn.Module.__init__
+
+
+def _counting_init(self, *args, **kwargs):
+    built[0] += 1
+    _init(self, *args, **kwargs)
+
+
+torch.nn.Module.__init__ = _counting_init
+
+
+@atexit.register
+def _report():
+    heavy = [m for m in ("diffusers", "transformers", "peft") if m in sys.modules]
+    with open(os.environ["DOCTOR_PROBE"], "w") as fh:
+        json.dump({"modules_built": built[0], "imported": heavy}, fh)
+"""
+
+
+def test_cli_doctor_reads_no_weights(tmp_path):
+    """`python -m trainer doctor` on a checkpoint that has a header but no tensor data (loading it would fail):
+    exit 0, the table, and no torch module constructed nor diffusers/transformers/peft imported."""
+    checkpoint = header_only_checkpoint(tmp_path / "v1-5-header-only.safetensors", SD15_KEYS)
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    (probe_dir / "sitecustomize.py").write_text(PROBE)
+    env = dict(os.environ, PYTHONPATH=str(probe_dir), DOCTOR_PROBE=str(tmp_path / "probe.json"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "doctor", "--base-model", str(checkpoint), "--resolution", "768"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "v1-5-header-only.safetensors: SD1.5, single file" in out
+    assert "768 px, batch 1 + 1 prior image = 2 UNet rows" in out
+    assert "precision  checkpointing   training  samples  class img      peak" in out
+    assert out.count(" GiB") >= 6 and "(predicted" in out
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    assert probe == {"modules_built": 0, "imported": []}

@@ -1,0 +1,67 @@
+"""CLI flags for every TrainConfig field, and a TrainConfig from flags plus an optional TOML file."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from ..config import BUILTIN_RESOLUTION, TrainConfig
+
+HELP = {
+    "method": "lora (DreamBooth LoRA) or ti (textual inversion)",
+    "base_model": "'tiny-fabric' (built-in, pretrained), 'tiny' (random weights), an SD1.5 .safetensors "
+    "checkpoint, or a diffusers folder",
+    "instance_dir": "folder of 5-20 instance images (.jpg/.png/.webp, optional .txt captions)",
+    "instance_prompt": "prompt for the instance images; must contain the token",
+    "token": "the rare word that stands for the subject",
+    "class_dir": "folder for class images (default: a cache folder keyed by the settings)",
+    "alpha": "LoRA alpha; the LoRA scale is alpha/rank and is stored in the file",
+    "max_train_steps": "number of optimizer updates",
+    "sample_every": "make a sample grid every N steps (0: only at start and end)",
+    "checkpoint_every": "write a resumable checkpoint every N steps (0: only at the end)",
+    "snr_gamma": "min-SNR gamma loss weighting (0 = off, 5 is typical)",
+    "mixed_precision": "auto (bf16 on GPUs that have it, else fp16; no on a CPU), no, fp16 (CUDA) or bf16",
+    "gradient_checkpointing": "true, false or auto (on when the GPU has less than 12 GiB free)",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training settings (also accepted in a TOML file via --config)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{HELP.get(f.name, '')} (default: {default!r})".strip()
+        group.add_argument(
+            flag, dest=f.name, default=None, metavar=str(f.type).upper().replace("LIST[STR]", "A,B"), help=help_text
+        )
+
+
+def _toml_keys(path) -> set[str]:
+    import tomllib
+
+    raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    return set(raw["train"] if set(raw) == {"train"} and isinstance(raw["train"], dict) else raw)
+
+
+def _config_from_args(args) -> TrainConfig:
+    data = {}
+    if getattr(args, "config", None):
+        from_file = TrainConfig.from_toml(args.config).to_dict()  # validated; keep only the keys the file sets
+        data.update({k: from_file[k] for k in _toml_keys(args.config)})
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            data[f.name] = value
+    # The CLI's base model is the pretrained tiny-fabric unless told otherwise; a built-in model trains at
+    # its native size unless a resolution is given.
+    data.setdefault("base_model", "tiny-fabric")
+    if "resolution" not in data and data["base_model"] in BUILTIN_RESOLUTION:
+        data["resolution"] = BUILTIN_RESOLUTION[data["base_model"]]
+    return TrainConfig.from_dict(data)
+
+
+# --------------------------------------------------------------------------- checks before heavy imports
+# They read only the file system, the settings and safetensors headers, so a wrong path, file or setting is
+# reported in a fraction of a second, before torch and diffusers are imported (5-15 s), and before anything
+# is written.

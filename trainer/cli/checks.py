@@ -1,0 +1,287 @@
+"""Checks of CLI arguments, paths and finished run folders, made before torch is imported."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import MISSING
+from pathlib import Path
+
+from ..config import BUILTIN_RESOLUTION, DEFAULT_CACHE_DIR, SAMPLERS, TrainConfig
+from ..errors import DreamLoomError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+BUILTIN_MODELS = tuple(BUILTIN_RESOLUTION)
+MODEL_HINT = (
+    "Give 'tiny-fabric' or 'tiny', the path of an SD1.5 .safetensors checkpoint, or a diffusers folder "
+    "(one with model_index.json)."
+)
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """A folder the command may create (with its parents) and write in; refused before anything is written."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise DreamLoomError(
+            f"{flag} {folder} is a file, not a folder.",
+            f"Give {flag} a folder (it is created if missing), or move the file away.",
+        )
+    _check_can_create(folder, flag)
+    return folder
+
+
+def check_output_file(path: str | os.PathLike, flag: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """A file the command may write (replacing an older file of that name); refused before any work is done."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise DreamLoomError(f"{flag} {out} is a folder, not a file.", f"Give {flag} a file name, e.g. {out / 'out'}.")
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise DreamLoomError(
+            f"{flag} {out} has an unknown file type {out.suffix or '(none)'!r}.",
+            f"End the name in {', '.join(suffixes)}.",
+        )
+    _check_can_create(out.parent, flag, of=out)
+    return out
+
+
+def _check_can_create(folder: Path, flag: str, of: Path | None = None) -> None:
+    """The nearest existing folder at or above `folder` must be a folder this user may write in."""
+    target = of or folder
+    existing = folder.absolute()
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "a link to nothing" if existing.is_symlink() and not existing.exists() else "a file"
+        raise DreamLoomError(
+            f"{flag} {target} cannot be created: {existing} is {what}, not a folder.",
+            f"Give {flag} a path whose parent folders are folders (or move {existing} away).",
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DreamLoomError(
+            f"{flag} {target} cannot be written: this user has no permission to write in {existing}.",
+            f"Give {flag} a folder you can write to (for example under your home folder), or change the "
+            "folder's permissions.",
+        )
+
+
+def check_safetensors_file(path: str | os.PathLike, what: str, convert_hint: str) -> Path:
+    """An existing .safetensors file with a sound header; pickles (.ckpt/.pt/.bin) are refused unread."""
+    from ..files.safetensors_header import read_safetensors_header
+
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise DreamLoomError(f"{what} not found: {path}", convert_hint)
+    if file.is_dir():
+        raise DreamLoomError(f"{what} {file} is a folder, not a file.", convert_hint)
+    suffix = file.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise DreamLoomError(
+            f"{file.name} is a pickle-based file ({suffix}); DreamLoom loads only .safetensors, because loading a "
+            "pickle can run arbitrary code.",
+            "Convert it to .safetensors, or download the .safetensors version.",
+        )
+    if suffix not in SAFETENSORS_SUFFIXES:
+        raise DreamLoomError(f"{file.name} is not a .safetensors file, the only kind DreamLoom loads.", convert_hint)
+    read_safetensors_header(file)
+    return file
+
+
+def check_base_model(spec: str) -> None:
+    """What load_base_model refuses for paths and file types, without loading anything."""
+    if spec in BUILTIN_MODELS:
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DreamLoomError(f"Base model not found: {spec}", MODEL_HINT)
+    if path.is_dir():
+        if not (path / "model_index.json").exists() or not (path / "unet").is_dir():
+            raise DreamLoomError(
+                f"{path} is not a diffusers model folder (no model_index.json or unet/).",
+                "Point to the folder that holds model_index.json, or to a single .safetensors checkpoint.",
+            )
+        return
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise DreamLoomError(
+            f"{path.name} is a pickle-based checkpoint ({path.suffix.lower()}); DreamLoom loads only .safetensors, "
+            "because loading a pickle can run arbitrary code.",
+            "Convert it to .safetensors (many tools do this, e.g. ComfyUI's CheckpointSave node), or download the "
+            ".safetensors version.",
+        )
+    check_safetensors_file(path, "Base model", "Use an SD1.5 .safetensors checkpoint or a diffusers folder.")
+
+
+def check_whole(value: int, flag: str, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise DreamLoomError(f"Invalid value {flag} {value}.", f"Use a whole number from {low} to {high}.")
+
+
+def check_number(value: float, flag: str, low: float, high: float, low_open: bool = False) -> None:
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        lowest = f"more than {low:g}" if low_open else f"at least {low:g}"
+        raise DreamLoomError(f"Invalid value {flag} {value:g}.", f"Use a number {lowest} and at most {high:g}.")
+
+
+def check_resolution(value: int) -> None:
+    if value != 0 and (not 64 <= value <= 2048 or value % 8):
+        raise DreamLoomError(
+            f"Invalid value --resolution {value}.",
+            "Use a multiple of 8 from 64 to 2048 (SD1.5: 512), or leave it out for the model's native size.",
+        )
+
+
+def check_sampling_args(args) -> None:
+    """The settings every picture-making command shares: steps, guidance, size, sampler, seed, batch, model."""
+    check_whole(args.steps, "--steps", 1, 1000)
+    check_number(args.guidance, "--guidance", 0.0, 50.0)
+    check_resolution(args.resolution)
+    if args.sampler not in SAMPLERS:
+        raise DreamLoomError(f"Invalid value --sampler {args.sampler!r}.", f"Use one of: {', '.join(SAMPLERS)}.")
+    if hasattr(args, "seed"):
+        check_whole(args.seed, "--seed", 0, 2**63 - 1)
+    check_whole(args.batch_size, "--batch-size", 1, 256)
+    check_base_model(args.base_model)
+
+
+def check_adapter_args(args) -> None:
+    """--lora and --embedding (generate, morph): .safetensors files only, checked without torch."""
+    check_number(args.lora_scale, "--lora-scale", -16.0, 16.0)
+    if args.lora:
+        check_safetensors_file(
+            args.lora, "LoRA file", "Give the .safetensors file written by training (result/<name>.safetensors)."
+        )
+    if args.embedding:
+        check_safetensors_file(args.embedding, "Embedding file", "Give the .safetensors file written by TI training.")
+        token = args.embedding_token
+        if not token.strip() or any(c.isspace() for c in token):
+            raise DreamLoomError(
+                f"Invalid value --embedding-token {token!r}.", "Use one word with no spaces, e.g. '<sks-fabric>'."
+            )
+
+
+def uses_prior(cfg: TrainConfig) -> bool:
+    return cfg.method == "lora" and cfg.with_prior_preservation and cfg.prior_loss_weight > 0
+
+
+def check_train_paths(cfg: TrainConfig, args) -> Path:
+    """The run folder, base model and class-image folder of a training run; returns the run folder."""
+    if not cfg.instance_dir:
+        raise DreamLoomError(
+            "No instance images given.", "Pass --instance-dir FOLDER with 5-20 images of your subject."
+        )
+    run_dir = check_output_folder(args.output_dir, "--output-dir")
+    check_base_model(cfg.base_model)
+    if uses_prior(cfg):
+        if not cfg.class_dir:
+            check_output_folder(args.cache_dir or DEFAULT_CACHE_DIR, "--cache-dir")
+        elif not Path(cfg.class_dir).expanduser().is_dir():  # a folder of existing images may be read-only
+            check_output_folder(cfg.class_dir, "--class-dir")
+    return run_dir
+
+
+# --------------------------------------------------------------------------- a finished run folder
+# A CLI run folder holds one run. When it holds a finished result (result/ and a `done` event), a run with the
+# same settings and images prints that result instead of training again, and a run with other settings is
+# refused: it would replace result/. The folder is the user's, so DreamLoom never moves or deletes it.
+
+
+def finished_outputs(run_dir: Path, cfg: TrainConfig, dataset_fingerprint: str) -> dict | None:
+    """The outputs of the finished run of these settings in `run_dir`, None if there is none to reuse, or a
+    DreamLoomError if `run_dir` holds the result of another run."""
+    result_dir = run_dir / "result"
+    if not result_dir.is_dir() or not any(p.is_file() for p in result_dir.iterdir()):
+        return None
+    outputs = _last_done_outputs(run_dir / "events.jsonl")
+    job = _read_json(run_dir / "job.json")
+    old = job.get("config") if isinstance(job, dict) else None
+    keep_both = (
+        f"Pass another --output-dir (for example {_free_sibling(run_dir)}) to keep both; to replace the old "
+        f"result, move or delete {run_dir} yourself first."
+    )
+    if not isinstance(old, dict):
+        raise DreamLoomError(
+            f"{run_dir} already holds a result/ folder whose settings are unknown (job.json is missing or "
+            "unreadable); training here could replace it.",
+            keep_both,
+        )
+    new = cfg.to_dict()
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, MISSING) != new.get(k, MISSING))
+    if job.get("dataset_fingerprint") != dataset_fingerprint:
+        changed.append("the instance images")
+    elif "instance_dir" in changed:  # the same pictures and captions, named by another path: the same data
+        changed.remove("instance_dir")
+    if changed:
+        state = "the finished result" if outputs is not None else "the result"
+        raise DreamLoomError(
+            f"{run_dir} already holds {state} of a different run (changed: {', '.join(changed)}); training here "
+            "would replace its result/.",
+            keep_both,
+        )
+    if outputs is None:
+        return None  # the same run, stopped before it finished: training resumes and finishes it
+    outputs = _rebased(outputs, run_dir)
+    missing = [p for p in _output_paths(outputs) if not Path(p).exists()]
+    if missing:
+        print(
+            f"note: the finished result in {run_dir} lacks {', '.join(missing)}; finishing the run again",
+            file=sys.stderr,
+        )
+        return None
+    return outputs
+
+
+def _rebased(outputs: dict, run_dir: Path) -> dict:
+    """The outputs with the run folder as this command names it (the first run may have named it from
+    another working folder): every run writes loss.csv at the top of its folder."""
+    loss_csv = outputs.get("loss_csv")
+    if not isinstance(loss_csv, str):
+        return outputs
+    old = str(Path(loss_csv).parent)
+
+    def rebase(value):
+        if isinstance(value, str) and (value == old or value.startswith((old + os.sep, old + "/"))):
+            return str(run_dir) + value[len(old) :]
+        return value
+
+    return {k: [rebase(v) for v in value] if isinstance(value, list) else rebase(value) for k, value in outputs.items()}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _last_done_outputs(events_file: Path) -> dict | None:
+    outputs = None
+    try:
+        with open(events_file, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if '"done"' not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("event") == "done" and isinstance(record.get("outputs"), dict):
+                    outputs = record["outputs"]
+    except OSError:
+        return None
+    return outputs or None
+
+
+def _output_paths(outputs: dict) -> list[str]:
+    values = [v for value in outputs.values() for v in (value if isinstance(value, list) else [value])]
+    return [v for v in values if isinstance(v, str) and (os.sep in v or "/" in v)]
+
+
+def _free_sibling(run_dir: Path) -> Path:
+    for n in range(2, 1000):
+        candidate = run_dir.with_name(f"{run_dir.name}-{n}")
+        if not os.path.lexists(candidate):
+            return candidate
+    return run_dir.with_name(f"{run_dir.name}-new")

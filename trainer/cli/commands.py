@@ -1,0 +1,400 @@
+"""The CLI commands: each validates its arguments first, then imports what it runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import DreamLoomError
+from ..inference.prompts import GRID_CONTEXTS
+from .args import _config_from_args
+from .checks import (
+    check_adapter_args,
+    check_base_model,
+    check_number,
+    check_output_file,
+    check_output_folder,
+    check_resolution,
+    check_sampling_args,
+    check_train_paths,
+    check_whole,
+    finished_outputs,
+)
+
+
+def cmd_train(args) -> int:
+    cfg = _config_from_args(args).validate()
+    run_dir = check_train_paths(cfg, args)
+    from ..data.images import load_image_folder  # PIL only: bad images are reported before torch is imported
+
+    instance = load_image_folder(cfg.instance_dir, cfg.resolution, cfg.use_captions)
+    done = finished_outputs(run_dir, cfg, instance.fingerprint())
+    if done is not None:
+        print(
+            f"{run_dir} already holds the finished result of this run (same settings and images); not training "
+            "again. Its outputs:",
+            file=sys.stderr,
+        )
+        print(json.dumps(done, indent=2))
+        return 0
+
+    from ..errors import StopRequested
+    from ..events import Events, TqdmListener
+    from ..training.loop import train
+
+    events = Events(run_dir)
+    listener = TqdmListener("train")
+    events.listeners.append(listener)
+    try:
+        with CtrlC() as ctrl_c:
+            result = train(
+                cfg,
+                run_dir,
+                events=events,
+                cache_root=args.cache_dir,
+                instance_set=instance,
+                should_stop=ctrl_c.pressed,
+            )
+    except (StopRequested, InterruptedError) as stopped:
+        where = (
+            f"at step {stopped.step}; checkpoint {stopped.checkpoint}"
+            if isinstance(stopped, StopRequested)
+            else (f"while making class images ({stopped}); the images made so far are kept")
+        )
+        print(f"\nstopped {where}.\nRun the same command again to resume.", file=sys.stderr)
+        return 130
+    except DreamLoomError as err:  # a failure before or during training: events.jsonl says so too
+        events.emit("error", message=err.message, hint=err.hint)
+        raise
+    finally:
+        listener.close()
+    if result.outputs:  # only the main process of a distributed run has outputs
+        print(json.dumps(result.outputs, indent=2))
+    return 0
+
+
+class CtrlC:
+    """The first Ctrl-C asks the trainer to finish its step, checkpoint and stop; a second one stops at once."""
+
+    def __init__(self):
+        self.count = 0
+
+    def pressed(self) -> bool:
+        return self.count > 0
+
+    def _handler(self, signum, frame):
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+        print("\nstopping after this step to save a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def cmd_class_images(args) -> int:
+    check_whole(args.count, "--count", 1, 100_000)
+    check_sampling_args(args)
+    if not args.class_prompt.strip():
+        raise DreamLoomError("The class prompt is empty.", "Give --class-prompt, for example 'a fabric pattern'.")
+    root = check_output_folder(args.output_dir or args.cache_dir, "--output-dir" if args.output_dir else "--cache-dir")
+
+    from ..base_models.load import load_base_model
+    from ..data.class_images import MANIFEST, ClassImageSpec, class_dir_for, generate_class_images
+    from ..events import Events, TqdmListener
+    from ..training.precision import WEIGHT_DTYPES, best_device, resolve_mixed_precision
+
+    comps = load_base_model(args.base_model)
+    spec = ClassImageSpec(
+        comps.fingerprint,
+        args.class_prompt,
+        args.negative_prompt,
+        args.sampler,
+        args.steps,
+        args.guidance,
+        args.resolution or comps.native_resolution,
+        args.seed,
+    )
+    folder = root if args.output_dir else class_dir_for(root, spec)
+    events = Events(None)
+    listener = TqdmListener("class images")
+    events.listeners.append(listener)
+    device = best_device()
+    precision, _ = resolve_mixed_precision("auto", device.type)  # fp16/bf16 on a GPU, fp32 on a CPU
+    created = _missing_folders(folder)
+    had_manifest = (folder / MANIFEST).exists()
+    try:
+        paths = generate_class_images(
+            comps,
+            spec,
+            args.count,
+            folder,
+            args.batch_size,
+            device=device,
+            dtype=WEIGHT_DTYPES.get(precision),
+            events=events,
+        )
+    except BaseException:
+        _remove_if_unused(folder, created, had_manifest, MANIFEST)
+        raise
+    finally:
+        listener.close()
+    print(f"{len(paths)} class images in {folder}")
+    return 0
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing, p = [], folder.absolute()
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _remove_if_unused(folder: Path, created: list[Path], had_manifest: bool, manifest: str) -> None:
+    """After a refused or failed class-image run that made no image: take back the manifest and the folders
+    this run created, so nothing half-made is left behind. Images already made are kept (the set resumes)."""
+    if not folder.is_dir() or any(folder.glob("class_*.png")):
+        return
+    if not had_manifest:
+        (folder / manifest).unlink(missing_ok=True)
+    for path in created:
+        try:
+            path.rmdir()  # only an empty folder
+        except OSError:
+            break
+
+
+def pipeline_with_adapters(args):
+    """The base model as a pipeline on the best device, with --lora and --embedding applied."""
+    from ..base_models.load import load_base_model
+    from ..formats.embeddings import load_embedding_into_pipeline
+    from ..inference.pipelines import load_lora_into_pipeline, make_pipeline
+    from ..training.precision import WEIGHT_DTYPES, best_device, resolve_mixed_precision
+
+    comps = load_base_model(args.base_model)
+    pipe = make_pipeline(comps, args.sampler)
+    device = best_device()
+    precision, _ = resolve_mixed_precision("auto", device.type)  # fp16/bf16 on a GPU: half the memory
+    dtype = WEIGHT_DTYPES.get(precision)
+    pipe.to(device, dtype) if dtype is not None else pipe.to(device)
+    if args.lora:
+        load_lora_into_pipeline(pipe, args.lora, args.lora_scale)
+    if args.embedding:
+        load_embedding_into_pipeline(pipe, args.embedding, args.embedding_token)
+    return comps, pipe
+
+
+def cmd_generate(args) -> int:
+    check_sampling_args(args)
+    check_adapter_args(args)
+    check_output_file(args.out, "--out", (".png",))
+
+    from ..files.atomic import atomic_save
+    from ..inference.pipelines import generate
+    from ..pictures.grid import labelled_grid
+
+    comps, pipe = pipeline_with_adapters(args)
+    subject = args.subject
+    if args.prompt:
+        prompts, labels = list(args.prompt), list(args.prompt)
+    else:
+        prompts = [tpl.format(s=subject) for _, tpl in GRID_CONTEXTS]
+        labels = [f"{name}: {p}" for (name, _), p in zip(GRID_CONTEXTS, prompts)]
+    seeds = [args.seed] * len(prompts)
+    resolution = args.resolution or comps.native_resolution
+    images = generate(
+        pipe,
+        prompts,
+        seeds,
+        args.steps,
+        args.guidance,
+        resolution,
+        negative_prompt=args.negative_prompt,
+        batch_size=args.batch_size,
+    )
+    grid = labelled_grid(images, labels, cols=3, tile=max(resolution, 160), title=args.title)
+    atomic_save(args.out, lambda tmp: grid.save(tmp, format="PNG"))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_morph(args) -> int:
+    from ..inference.slerp import parse_seeds  # no torch
+
+    check_sampling_args(args)
+    check_adapter_args(args)
+    check_number(args.seconds, "--seconds", 0.0, 3600.0, low_open=True)
+    check_number(args.fps, "--fps", 0.0, 120.0, low_open=True)
+    check_whole(args.keyframes, "--keyframes", 0, 1000)
+    check_whole(args.hold_frames, "--hold-frames", 0, 10_000)
+    seeds = parse_seeds(args.seeds)
+    check_output_file(args.out, "--out", (".gif", ".webp", ".mp4"))
+
+    from ..events import TqdmListener
+    from ..inference.morph import MorphSpec, render_morph
+    from ..pictures.animation import write_animation
+
+    comps, pipe = pipeline_with_adapters(args)
+    if args.keyframes and args.keyframes != len(seeds):
+        seeds = (
+            (seeds * args.keyframes)[: args.keyframes]
+            if args.keyframes < len(seeds)
+            else seeds + [seeds[-1] + 1000 * i for i in range(1, args.keyframes - len(seeds) + 1)]
+        )
+    spec = MorphSpec(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seeds=seeds,
+        seconds=args.seconds,
+        fps=args.fps,
+        easing=args.easing,
+        hold_frames=args.hold_frames,
+        loop=not args.open,
+        steps=args.steps,
+        guidance=args.guidance,
+        resolution=args.resolution or comps.native_resolution,
+        sampler=args.sampler,
+    )
+    bar = TqdmListener("morph")
+    frames = render_morph(
+        pipe,
+        spec,
+        args.batch_size,
+        on_progress=lambda done, total: bar({"event": "progress", "phase": "morph", "step": done, "total": total}),
+    )
+    bar.close()
+    notes = write_animation(frames, args.out, args.fps)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {args.out}: {len(frames)} frames, {len(frames) / args.fps:.2f} s at {args.fps:g} fps")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from ..lab.doctor import doctor
+
+    print(
+        doctor(
+            base_model=args.base_model,
+            resolution=args.resolution or None,
+            method=args.method,
+            batch_size=args.train_batch_size,
+            train_text_encoder=args.train_text_encoder,
+            mixed_precision=args.mixed_precision,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
+    )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.run_one:  # one contender, in the fresh process `bench` started for it
+        from ..lab.bench import run_one
+
+        run_one(args.run_one, args.spec, args.json)
+        return 0
+    check_base_model(args.base_model)
+    check_whole(args.steps, "--steps", 1, 100_000)
+    check_whole(args.warmup, "--warmup", 1, 10_000)
+    check_whole(args.repeats, "--repeats", 1, 1000)
+    if args.resolution:
+        check_resolution(args.resolution)
+    if args.compare_diffusers and not Path(args.compare_diffusers).expanduser().is_file():
+        raise DreamLoomError(
+            f"--compare-diffusers {args.compare_diffusers}: no such file.",
+            "Give the path of diffusers' examples/dreambooth/train_dreambooth_lora.py (the version that matches "
+            "the installed diffusers).",
+        )
+    check_output_file(args.json, "--json")
+    from ..lab.bench import bench
+
+    bench(
+        args.base_model,
+        steps=args.steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        resolution=args.resolution or None,
+        morph=not args.skip_morph,
+        out=args.json,
+        compile_unet=args.compile,
+        malloc=args.malloc,
+        compare_diffusers=args.compare_diffusers,
+    )
+    return 0
+
+
+def cmd_demo(args) -> int:
+    check_base_model(args.base_model)
+    check_output_folder(args.output_dir, "--output-dir")
+    from ..lab.demo import run_demo
+
+    run_demo(Path(args.output_dir), steps=args.steps, quick=args.quick, base_model=args.base_model)
+    return 0
+
+
+def cmd_pretrain_tiny(args) -> int:
+    check_output_folder(args.output_dir, "--output-dir")
+    from ..lab.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(
+        out=Path(args.output_dir),
+        per_family=args.per_family,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        crop_steps=min(args.crop_steps, args.unet_steps),
+        seed=args.seed,
+        threads=args.threads or None,
+        time_budget_s=args.time_budget * 60 if args.time_budget else None,
+        resume_vae=args.resume_vae,
+    )
+    info = pretrain(cfg)
+    if args.install:
+        import shutil
+
+        from ..base_models.builtin import TINY_FABRIC_PATH
+        from ..files.atomic import atomic_save
+
+        atomic_save(TINY_FABRIC_PATH, lambda tmp: shutil.copyfile(info["path"], tmp))
+        print(f"installed as the built-in tiny-fabric model: {TINY_FABRIC_PATH}")
+    return 0
+
+
+def cmd_quality(args) -> int:
+    check_base_model(args.base_model)
+    check_output_folder(args.output_dir, "--output-dir")
+    from ..lab.quality import QualitySpec, run_quality
+
+    spec = QualitySpec(
+        base_model=args.base_model,
+        training_seeds=tuple(int(s) for s in args.training_seeds.split(",")),
+        sample_seeds=tuple(int(s) for s in args.sample_seeds.split(",")),
+        lora_steps=args.lora_steps,
+        ti_steps=args.ti_steps,
+        num_class_images=args.class_images,
+        gen_steps=args.gen_steps,
+        train_text_encoder=not args.unet_only,
+    )
+    report = run_quality(Path(args.output_dir), spec)
+    return 0 if all(report["summary"]["targets"].values()) or not args.strict else 1
+
+
+def cmd_worker(args) -> int:
+    from ..jobs.worker import main as worker_main
+
+    return worker_main(args.job)

@@ -1,0 +1,411 @@
+"""`python -m trainer doctor`: will a run fit? Versions, the device, the settings `auto` picks and the predicted
+peak GPU memory, in a second or two and without loading any model weights.
+
+The memory prediction is a small model of an SD1.5-family run, calibrated to these runs, measured by
+tests/test_cuda.py on an H100 with torch 2.11 (SD1.5 at 512 px, LoRA rank 4, batch 1 instance + 1 prior image
+= 2 UNet rows; the peak of `torch.cuda.max_memory_allocated()` over the whole run, sample grids included):
+
+    LoRA fp16                              3.87 GiB    LoRA bf16 + checkpointing            2.95 GiB
+    LoRA fp16 + checkpointing              3.11 GiB    LoRA + text-encoder LoRA, fp16 + ckpt 3.11 GiB
+    LoRA bf16                              3.87 GiB    TI fp16 + checkpointing (1 row)       3.10 GiB
+    class images, 4 at a time, fp16        2.67 GiB
+
+It is approximate: expect +-25% away from those settings (other GPUs, torch versions and attention kernels
+differ). A run goes through phases and its peak is the largest of them:
+
+    training      = UNet weights + trainable state + rows x A x p          (+ text encoder, when it is on the GPU)
+    samples       = UNet + text encoder + VAE weights + trainable state + S x p
+    class images  = UNet + text encoder + VAE weights + C x p               (LoRA with prior preservation)
+
+where p = (resolution / 512)^2 (activations grow with the pixel count), rows = batch size x 2 with prior
+preservation (LoRA's default) and x 1 without (TI), weights are counted as parameters x bytes: frozen weights in
+the training dtype (fp32 when mixed_precision is no), the VAE in fp32 under fp16 (place_modules), and trainable
+parameters as 16 bytes each (fp32 weight, gradient and AdamW's two moments). During training the VAE (latents
+cached) and a frozen, cached text encoder wait on the CPU, so they count only in the sampling phases.
+
+Fitted constants (GiB at 512 px, fp16/bf16):
+    A = 1.13 per UNet row without checkpointing: (3.87 - 1.60 UNet - 0.01 LoRA state) / 2; bf16 measured the same.
+    A = 0.29 per UNet row with checkpointing. The measured checkpointed runs peak while sampling, so they only
+        bound it (<= 0.6); 0.29 is A x 0.26, the ratio of saved activations with and without checkpointing in a
+        FakeTensor trace of the SD1.5 UNet with rank-4 LoRA under bf16 autocast (torch 2.13, diffusers 0.42).
+    T = 0.03 per row for a text encoder that trains (TI, text-encoder LoRA): 77 tokens, so no p; from the same kind
+        of trace (about 0.025), too small to show in the measured peaks.
+    S = 0.95 for the sample grid (4 prompts with CFG, one batch, decoded one image at a time): the mean of the four
+        checkpointed runs after their weights (0.96, 0.95, 0.95, 0.96).
+    C = 0.68 for class images (4 at a time with CFG, all modules in fp16): 2.67 - 1.99 weights.
+fp32 (mixed_precision no) is extrapolated, not measured: weights x2 and activations x2.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import textwrap
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..base_models.load import (
+    BUILTIN_MODELS,
+    _check_diffusers_folder,
+    _check_model_file,
+    family_of_file,
+    resolve_model_path,
+)
+from ..config import BUILTIN_RESOLUTION
+from ..errors import DreamLoomError
+from ..files.safetensors_header import read_safetensors_header
+from ..training.precision import CHECKPOINTING_FREE_GIB, resolve_gradient_checkpointing, resolve_mixed_precision
+
+GIB = 2**30
+SD15_NAME = "sd15"  # the CLI's default: the SD1.5 architecture, no file
+SD15_RESOLUTION = 512
+
+# Parameter counts of SD1.5 and of DreamLoom's rank-4 LoRA (to_q/k/v/out.0 on the UNet, q/k/v/out_proj on CLIP).
+UNET_PARAMS, TEXT_ENCODER_PARAMS, VAE_PARAMS = 859.5e6, 123.1e6, 83.7e6
+LORA_UNET_PARAMS, LORA_TEXT_PARAMS, TI_PARAMS = 797_184, 294_912, 768
+TRAINABLE_BYTES = 16  # fp32 weight + gradient + AdamW's two moments
+
+# Fitted activation constants, GiB at 512 px in fp16/bf16 (see the module docstring for how each was fitted).
+ROW_GIB = {False: 1.13, True: 0.29}  # per UNet row, without / with gradient checkpointing
+TEXT_ROW_GIB = 0.03  # per row, when the text encoder trains
+SAMPLES_GIB = 0.95  # the sample grid: 4 prompts with CFG
+CLASS_IMAGES_GIB = 0.68  # class images, 4 at a time with CFG
+FP32_ACTIVATIONS = 2.0  # extrapolated
+ERROR = 0.25  # the model's stated accuracy
+CONTEXT_GIB = 0.75  # the CUDA context and PyTorch's cache on top of the allocated peak (README: 0.5-1 GB)
+
+PRECISIONS = ("fp16", "bf16", "no")
+ROW_LABELS = {"fp16": "fp16", "bf16": "bf16", "no": "fp32 (no)"}
+HINT = (
+    "If it does not fit, in order of what they save: mixed_precision fp16/bf16 (auto does), gradient_checkpointing "
+    "true (512 px LoRA: 3.9 -> 3.1 GiB), a lower resolution, a smaller batch; 8-bit Adam saves almost nothing for a "
+    "LoRA; close other GPU programs."
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted peak allocated GPU memory (GiB) of each phase of a run; `peak` is the largest."""
+
+    training: float
+    samples: float
+    class_images: float | None  # None: no class images are generated (TI, or no prior preservation)
+
+    @property
+    def peak(self) -> float:
+        return max(self.training, self.samples, self.class_images or 0.0)
+
+
+def predict_memory(
+    method: str = "lora",
+    resolution: int = SD15_RESOLUTION,
+    batch_size: int = 1,
+    train_text_encoder: bool = False,
+    precision: str = "fp16",
+    checkpointing: bool = False,
+    prior: bool | None = None,
+) -> Prediction:
+    """The predicted peak of an SD1.5-family run on a CUDA GPU (GiB), phase by phase; see the module docstring.
+
+    `precision` is fp16, bf16 or no (fp32); `prior` defaults to the method's default (LoRA on, TI off)."""
+    if prior is None:
+        prior = method == "lora"
+    prior = prior and method == "lora"
+    weight_bytes = 4 if precision == "no" else 2
+    act = FP32_ACTIVATIONS if precision == "no" else 1.0
+    p = (resolution / SD15_RESOLUTION) ** 2
+    rows = batch_size * (2 if prior else 1)
+    unet = UNET_PARAMS * weight_bytes / GIB
+    text = TEXT_ENCODER_PARAMS * weight_bytes / GIB
+    vae_train = VAE_PARAMS * (4 if precision == "fp16" else weight_bytes) / GIB  # fp16's VAE stays fp32
+    vae_class = VAE_PARAMS * weight_bytes / GIB  # class images run every module in the training dtype
+    text_trains = method == "ti" or train_text_encoder
+    if method == "ti":
+        trainable = TI_PARAMS
+    else:
+        trainable = LORA_UNET_PARAMS + (LORA_TEXT_PARAMS if train_text_encoder else 0)
+    state = trainable * TRAINABLE_BYTES / GIB
+    training = unet + state + rows * ROW_GIB[checkpointing] * p * act
+    if text_trains:  # not cached, so it stays on the GPU and keeps activations for its backward pass
+        training += text + rows * TEXT_ROW_GIB * act
+    samples = unet + text + vae_train + state + SAMPLES_GIB * p * act
+    class_images = unet + text + vae_class + CLASS_IMAGES_GIB * p * act if prior else None
+    return Prediction(training, samples, class_images)
+
+
+def predict_ram(method, resolution, batch_size, train_text_encoder, precision, checkpointing) -> float:
+    """A CPU run, GiB (extrapolated): the GPU model in `precision` (bf16, else fp32), with the VAE and text encoder
+    counted in the training phase too, since they stay in RAM."""
+    precision = "bf16" if precision == "bf16" else "no"
+    pred = predict_memory(method, resolution, batch_size, train_text_encoder, precision, checkpointing)
+    weight_bytes = 2 if precision == "bf16" else 4
+    resident = VAE_PARAMS * weight_bytes
+    if not (method == "ti" or train_text_encoder):  # otherwise already counted in the training phase
+        resident += TEXT_ENCODER_PARAMS * weight_bytes
+    return max(pred.training + resident / GIB, pred.samples)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _torch_version() -> str:
+    if torch.version.cuda:
+        return f"{torch.__version__} (CUDA {torch.version.cuda})"
+    if getattr(torch.version, "hip", None):
+        return f"{torch.__version__} (ROCm {torch.version.hip})"
+    return f"{torch.__version__} (CPU build)"
+
+
+def _versions() -> list[tuple[str, str]]:
+    rows = [("Python", f"{platform.python_version()} ({platform.system()} {platform.machine()})")]
+    rows.append(("torch", _torch_version()))
+    for dist in ("diffusers", "peft", "accelerate", "transformers", "safetensors", "bitsandbytes"):
+        rows.append((dist, _version(dist)))
+    rows.append(("DreamLoom", __version__))
+    return rows
+
+
+def _ram_gib() -> tuple[float | None, float | None]:
+    """(total, available) RAM in GiB where the system says."""
+    total = available = None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    except (AttributeError, ValueError, OSError):
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024 / GIB
+    except (OSError, ValueError, IndexError):
+        pass
+    return total, available
+
+
+@dataclass
+class _Device:
+    kind: str  # cuda, mps or cpu
+    lines: list[str]
+    free_gib: float | None = None
+    bf16: bool = True
+    capability: tuple[int, int] | None = None
+
+
+def _device() -> _Device:
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        free, total = torch.cuda.mem_get_info(index)
+        capability = torch.cuda.get_device_capability(index)
+        bf16 = torch.cuda.is_bf16_supported()
+        count = torch.cuda.device_count()
+        which = f"GPU {index} of {count}" if count > 1 else "GPU"
+        lines = [
+            f"CUDA {which}: {props.name}, compute capability {capability[0]}.{capability[1]}",
+            f"memory: {total / GIB:.1f} GiB total, {free / GIB:.1f} GiB free",
+            f"bf16: {'yes' if bf16 else 'no'}",
+        ]
+        return _Device("cuda", lines, free / GIB, bf16, capability)
+    cores = os.cpu_count() or 1
+    total, available = _ram_gib()
+    ram = f"{total:.1f} GiB RAM" if total else "RAM unknown"
+    if available is not None:
+        ram += f" ({available:.1f} GiB available)"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return _Device("mps", [f"Apple MPS GPU (memory not reported); CPU: {cores} cores, {ram}"], bf16=False)
+    return _Device("cpu", [f"CPU: {cores} cores, {ram}; no CUDA GPU"], bf16=False)
+
+
+def _describe_model(spec: str) -> tuple[str, bool]:
+    """(what the model is, whether it is SD1.5-size); raises the loader's DreamLoomError for a bad path or file."""
+    if spec in BUILTIN_MODELS:
+        return f"{spec}: DreamLoom's built-in {BUILTIN_RESOLUTION[spec]} px model", False
+    if spec == SD15_NAME and not Path(spec).exists():
+        return "the SD1.5 architecture (no checkpoint given: any SD1.5 fine-tune is the same size)", True
+    path = resolve_model_path(spec)
+    if path.is_dir():
+        _check_diffusers_folder(path)
+        return f"{path}: a diffusers folder, loaded as SD1.5", True
+    _check_model_file(path)
+    family = family_of_file(path, read_safetensors_header(path))
+    return f"{path}: {family.name}, single file, {path.stat().st_size / 1e9:.2f} GB (header read, no weights)", True
+
+
+def _parse_checkpointing(value) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    choices = {"auto": None, "true": True, "false": False}
+    if str(value).lower() not in choices:
+        raise DreamLoomError(f"Invalid gradient_checkpointing {value!r}.", "Use auto, true or false.")
+    return choices[str(value).lower()]
+
+
+def _check_arguments(method, resolution, batch_size, mixed_precision) -> None:
+    if method not in ("lora", "ti"):
+        raise DreamLoomError(f"Invalid method {method!r}.", "Use lora or ti.")
+    if mixed_precision not in ("auto", *PRECISIONS):
+        raise DreamLoomError(f"Invalid mixed_precision {mixed_precision!r}.", "Use auto, no, fp16 or bf16.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DreamLoomError(f"Invalid batch size {batch_size!r}.", "Use a whole number of 1 or more.")
+    if resolution is not None and (not 64 <= resolution <= 2048 or resolution % 8):
+        raise DreamLoomError(
+            f"Invalid resolution {resolution}.", "Use a multiple of 8 from 64 to 2048, for example 512."
+        )
+
+
+def _wrap(text: str, indent: str = "") -> list[str]:
+    return textwrap.wrap(text, 112, initial_indent=indent, subsequent_indent=indent + "  ")
+
+
+def _fits(peak: float, free: float) -> bool:
+    return peak + CONTEXT_GIB <= free
+
+
+def _suggestion(settings: dict, free: float, bf16: bool) -> str:
+    """The first change, taken in the README's order (precision, checkpointing, resolution, batch), that fits."""
+    s = dict(settings)
+    changes = []
+    steps = []
+    if s["precision"] == "no":
+        steps.append(("precision", "bf16" if bf16 else "fp16", f"mixed_precision {'bf16' if bf16 else 'fp16'}"))
+    if not s["checkpointing"]:
+        steps.append(("checkpointing", True, "gradient_checkpointing true"))
+    for res in range(s["resolution"] - 64, 255, -64):
+        steps.append(("resolution", res, f"resolution {res}"))
+    if s["batch_size"] > 1:
+        steps.append(("batch_size", 1, "batch size 1"))
+    for key, value, text in steps:
+        s[key] = value
+        if key == "resolution":
+            changes = [c for c in changes if not c.startswith("resolution")]
+        changes.append(text)
+        peak = predict_memory(**s).peak
+        if _fits(peak, free):
+            return f"try {' + '.join(changes)} (predicted {peak:.2f} GiB)"
+    return "even the smallest settings do not fit: close other GPU programs or use a GPU with more memory"
+
+
+def _table(args: dict, chosen: tuple[str, bool], device: _Device) -> list[str]:
+    head = f"  {'precision':<10} {'checkpointing':<14} {'training':>9} {'samples':>8} {'class img':>10} {'peak':>9}"
+    lines = [head]
+    for precision in PRECISIONS:
+        for ckpt in (False, True):
+            pred = predict_memory(precision=precision, checkpointing=ckpt, **args)
+            cls = f"{pred.class_images:.2f}" if pred.class_images is not None else "-"
+            notes = []
+            if (precision, ckpt) == chosen:
+                notes.append("<- chosen")
+            if precision == "no":
+                notes.append("extrapolated")
+            if precision == "bf16" and device.kind == "cuda" and not device.bf16:
+                notes.append("no bf16 on this GPU")
+            label, on = ROW_LABELS[precision], "on" if ckpt else "off"
+            line = f"  {label:<10} {on:<14} {pred.training:>9.2f} {pred.samples:>8.2f} {cls:>10} {pred.peak:>5.2f} GiB"
+            lines.append(line + (f"  {', '.join(notes)}" if notes else ""))
+    return lines
+
+
+def doctor(
+    base_model: str = SD15_NAME,
+    resolution: int | None = None,
+    method: str = "lora",
+    batch_size: int = 1,
+    train_text_encoder: bool = False,
+    mixed_precision: str = "auto",
+    gradient_checkpointing="auto",
+) -> str:
+    """A plain-text report: versions, device, the settings DreamLoom would choose and the predicted peak memory.
+
+    Reads at most a checkpoint's safetensors header; raises the loader's DreamLoomError for a missing file, a
+    pickle checkpoint or another model family."""
+    _check_arguments(method, resolution, batch_size, mixed_precision)
+    requested_ckpt = _parse_checkpointing(gradient_checkpointing)
+    model_text, sd15_size = _describe_model(base_model)
+    if resolution is None:
+        resolution = BUILTIN_RESOLUTION.get(base_model, SD15_RESOLUTION)
+    device = _device()
+
+    out = ["DreamLoom doctor", "", "Versions"]
+    out += [f"  {name:<13} {value}" for name, value in _versions()]
+    out += ["", "Device"] + [f"  {line}" for line in device.lines]
+
+    prior = method == "lora"
+    rows = batch_size * (2 if prior else 1)
+    what = f"LoRA rank 4{' + text-encoder LoRA' if train_text_encoder else ''}" if method == "lora" else "TI"
+    plural = "s" if batch_size > 1 else ""
+    batch = f"batch {batch_size} + {batch_size} prior image{plural}" if prior else f"batch {batch_size}"
+    out += ["", "Run", f"  model: {model_text}"]
+    out.append(f"  {what}, {resolution} px, {batch} = {rows} UNet row{'s' if rows > 1 else ''} per step")
+
+    precision, precision_why = resolve_mixed_precision(mixed_precision, device.kind)
+    ckpt, ckpt_why = resolve_gradient_checkpointing(requested_ckpt, device.kind)
+    tf32 = device.capability is not None and device.capability[0] >= 8
+    tf32_why = "Ampere or newer" if tf32 else ("needs compute capability 8.0+" if device.kind == "cuda" else "no GPU")
+    out += ["", "Settings DreamLoom would choose"]
+    out.append(f"  mixed_precision         {precision} ({precision_why})")
+    out.append(f"  gradient_checkpointing  {'on' if ckpt else 'off'} ({ckpt_why})")
+    out.append(f"  TF32                    {'on' if tf32 else 'off'} ({tf32_why})")
+    if device.kind != "cuda":
+        out += _wrap(
+            "On a CUDA GPU, auto picks bf16 (fp16 where the GPU has no bf16) and turns gradient checkpointing on "
+            f"when less than {CHECKPOINTING_FREE_GIB:g} GiB is free.",
+            "  ",
+        )
+
+    out += [""]
+    if not sd15_size:
+        out.append(f"Memory: {base_model} is tiny: a run needs well under 1 GB on any device (not modelled).")
+        return "\n".join(out)
+
+    args = dict(method=method, resolution=resolution, batch_size=batch_size, train_text_encoder=train_text_encoder)
+    where = "" if device.kind == "cuda" else ", on a GPU"
+    out.append(f"Peak GPU memory (predicted, +-{ERROR:.0%}{where}; GiB allocated, CUDA context not included)")
+    out += _table(args, (precision, ckpt), device)
+    chosen = predict_memory(precision=precision, checkpointing=ckpt, **args)
+    out += _wrap(
+        "phases: training = the training steps; samples = the sample grid (VAE and text encoder back on the GPU)"
+        f"{'; class img = making prior images, 4 at a time' if prior else ''}.",
+        "  ",
+    )
+    out.append("")
+    if device.kind == "cuda":
+        need = chosen.peak + CONTEXT_GIB
+        if _fits(chosen.peak, device.free_gib):
+            spare = device.free_gib - need
+            tight = " (tight: within the prediction's error)" if spare < ERROR * chosen.peak else ""
+            verdict = f"fits with {spare:.1f} GiB to spare{tight}"
+        else:
+            settings = dict(args, precision=precision, checkpointing=ckpt)
+            verdict = f"does not fit: {_suggestion(settings, device.free_gib, device.bf16)}"
+        out += _wrap(
+            f"Verdict: {chosen.peak:.2f} GiB (predicted) + ~{CONTEXT_GIB} GiB CUDA context and cache = "
+            f"{need:.1f} GiB of {device.free_gib:.1f} GiB free: {verdict}."
+        )
+    else:
+        ram = predict_ram(method, resolution, batch_size, train_text_encoder, precision, ckpt)
+        total, available = _ram_gib()
+        have = f"{available:.1f} GiB available" if available is not None else "RAM unknown"
+        if total is not None:
+            have += f" of {total:.1f} GiB"
+        kind = "Apple MPS" if device.kind == "mps" else "no CUDA GPU"
+        out += _wrap(
+            f"Verdict: {kind}, so the table is for a CUDA GPU. Here the run keeps everything in RAM in "
+            f"{'bf16' if precision == 'bf16' else 'fp32'}: about {ram:.1f} GiB (extrapolated), {have}."
+        )
+        if precision == "fp16":
+            out.append("  fp16 training is not supported on the CPU: use mixed_precision no (or bf16) here.")
+        if available is not None and ram > available:
+            out.append("  That is more than is available: lower the resolution or batch size, or use a GPU.")
+    out += _wrap(HINT)
+    return "\n".join(out)
