@@ -204,3 +204,5 @@ def test_bench_refuses_a_missing_script_before_any_work(tmp_path):
         B.bench("tiny", compare_diffusers=str(tmp_path / "nope.py"))
     with pytest.raises(DreamLoomError, match="warmup"):
         B.bench("tiny", warmup=0)
+    with pytest.raises(DreamLoomError, match="malloc"):
+        B.bench("tiny", malloc="fast")

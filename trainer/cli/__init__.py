@@ -124,10 +124,11 @@ def _add_lab_commands(sub) -> None:
     )
     p.add_argument(
         "--malloc",
-        choices=["tuned", "default", "both"],
+        choices=["tuned", "default", "both", "all"],
         default=None,
-        help="glibc allocator: tuned (keep freed memory, as training does on a CPU), default, or both (ours "
-        "also with glibc's defaults); default: both on a Linux CPU, else tuned",
+        help="glibc allocator: tuned (keep freed memory, as training does on a CPU), default, both (ours also "
+        "with glibc's defaults) or all (both, and ours with the tuning as GLIBC_TUNABLES from its start); "
+        "default: both on a Linux CPU, else tuned",
     )
     p.add_argument(
         "--compare-diffusers",

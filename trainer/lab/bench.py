@@ -43,7 +43,7 @@ from ..errors import DreamLoomError
 
 PHASES = ("data", "vae", "text_encoder", "unet_forward", "backward", "optimizer")
 ROLES = ("prepare", "ours", "tutorial")
-MALLOC_CHOICES = ("tuned", "default", "both")
+MALLOC_CHOICES = ("tuned", "default", "both", "all")
 # The same effect as training/precision.py:keep_freed_memory, for a process we cannot call mallopt in.
 GLIBC_TUNED = "glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=33554432"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -473,6 +473,8 @@ def _measure(raw: dict, marks: dict[int, list], warmup: int, sampler: ProcSample
     in_window = [m[4] for n, m in marks.items() if n >= warmup and len(m) > 4 and m[4] is not None]
     peaks = [p for p in (sampler.peak_rss(t0, t1), *in_window) if p is not None]
     process_peak = raw.get("peak_rss_process") or sampler.hwm_at(t1)
+    if process_peak is not None and peaks:  # VmHWM is kept lazily by the kernel: never below an RSS seen
+        process_peak = max(process_peak, *peaks)
     walls = [r[0] for r in rows]
     return {
         "pid": raw["pid"],
@@ -605,7 +607,9 @@ def _run_diffusers(script: Path, spec: dict, work: Path, tag: str, tuned: bool) 
         )
     raw = {"pid": proc.pid, "malloc": malloc, "peak_rss_process": None, "process_wall_s": time.monotonic() - t_start}
     run = _measure(raw, marks, spec["warmup"], sampler, t_start)
-    run["peak_rss_process"] = max(filter(None, [hwm[0], sampler.hwm_at(marks[max(marks)][0])]), default=None)
+    run["peak_rss_process"] = max(
+        filter(None, [hwm[0], sampler.hwm_at(marks[max(marks)][0]), run["peak_rss"]]), default=None
+    )
     run["command"] = cmd
     return run
 
@@ -675,7 +679,8 @@ def bench(
     """Prepare the data in one process, then run the contenders, each in a fresh process, `repeats` rounds.
 
     malloc: "tuned" (every contender keeps freed memory, as our trainer does on a CPU), "default" (glibc's
-    defaults for all) or "both" (tuned, plus ours once more with glibc's defaults); None: both on a Linux CPU.
+    defaults for all), "both" (tuned, plus ours once more with glibc's defaults) or "all" (both, plus ours with
+    the same settings given as GLIBC_TUNABLES from the process's start); None: both on a Linux CPU.
     """
     if warmup < 1 or steps < 1 or repeats < 1:
         raise DreamLoomError("bench needs --warmup, --steps and --repeats of 1 or more.", "Use the defaults 5, 30, 3.")
@@ -714,8 +719,11 @@ def bench(
         malloc = "both" if on_cpu and sys.platform.startswith("linux") else "tuned"
     tuned = malloc != "default"
     plan = [("ours", "ours", {} if tuned else {"DREAMLOOM_MALLOC": "default"})]
-    if malloc == "both":
+    if malloc in ("both", "all"):
         plan.append(("ours-malloc-default", "ours", {"DREAMLOOM_MALLOC": "default"}))
+    if malloc == "all":  # the same settings as keep_freed_memory, but from the process's start (as diffusers gets)
+        tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), GLIBC_TUNED]))
+        plan.append(("ours-glibc-tunables", "ours", {"DREAMLOOM_MALLOC": "default", "GLIBC_TUNABLES": tunables}))
     plan.append(("tutorial", "tutorial", {} if tuned else {"DREAMLOOM_MALLOC": "default"}))
     names = [name for name, _, _ in plan] + (["diffusers"] if script else [])
     print(
@@ -728,6 +736,8 @@ def bench(
     for r in range(repeats):
         for name, role, env in plan:
             runs[name].append(_run_loop_contender(role, spec_path, work, f"{name}-{r + 1}", env, spec))
+            if "GLIBC_TUNABLES" in env:
+                runs[name][-1]["malloc"] = "keep freed memory (GLIBC_TUNABLES)"
         if script:
             runs["diffusers"].append(_run_diffusers(script, spec, work, f"diffusers-{r + 1}", tuned))
         print(
@@ -771,6 +781,10 @@ def _mb(value) -> str:
     return f"{value:9.0f} MB" if value is not None else f"{'-':>12}"
 
 
+def _x(ratio: float) -> str:
+    return f"{ratio:.2f}x" if ratio < 1000 else ">1000x"
+
+
 def format_report(r: dict) -> str:
     contenders = r["contenders"]
     n = next(iter(contenders.values()))["summary"]["timed_steps"]
@@ -799,14 +813,14 @@ def format_report(r: dict) -> str:
             + ", ".join(f"{k} {_mb(c['summary']['peak_gpu_process_mb']).strip()}" for k, c in contenders.items())
         )
     for key, q in r["ratios"].items():
-        parts = [f"step time {q['step_time']:.2f}x ({q['speedup']:.2f}x the speed)"]
+        parts = [f"step time {_x(q['step_time'])} ({_x(q['speedup'])} the speed)"]
         for label, field in (("faults", "faults"), ("sys CPU", "sys_cpu"), ("peak RSS", "peak_rss")):
             if q[field] is not None:
-                parts.append(f"{label} {q[field]:.2f}x")
+                parts.append(f"{label} {_x(q[field])}")
         if q["peak_cuda"] is not None:
-            parts.append(f"peak CUDA {q['peak_cuda']:.2f}x")
+            parts.append(f"peak CUDA {_x(q['peak_cuda'])}")
         elif q["peak_gpu_process"] is not None:
-            parts.append(f"GPU memory {q['peak_gpu_process']:.2f}x")
+            parts.append(f"GPU memory {_x(q['peak_gpu_process'])}")
         lines.append(f"  {key:<24} " + ", ".join(parts))
     with_phases = [(k, c["summary"]["phases_ms"]) for k, c in contenders.items() if c["summary"]["phases_ms"]]
     if with_phases:
