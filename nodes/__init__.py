@@ -1,5 +1,6 @@
 """ComfyUI node classes (V1 API). Only nodes/comfy.py touches ComfyUI, and only inside functions."""
 
+from .checkpoint import EmptyLatent, LoadCheckpoint
 from .datasets import GenerateClassImages, LoadTrainingImages
 from .grid import ImageGrid, PromptBatch
 from .loader import LoadDreamLoomLoRA
@@ -8,6 +9,8 @@ from .settings import TrainingSettings
 from .training import TrainDreamBoothLoRA, TrainTextualInversion
 
 NODE_CLASS_MAPPINGS = {
+    "DreamLoomLoadCheckpoint": LoadCheckpoint,
+    "DreamLoomEmptyLatent": EmptyLatent,
     "DreamLoomLoadTrainingImages": LoadTrainingImages,
     "DreamLoomGenerateClassImages": GenerateClassImages,
     "DreamLoomTrainingSettings": TrainingSettings,
@@ -23,6 +26,8 @@ NODE_CLASS_MAPPINGS = {
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
+    "DreamLoomLoadCheckpoint": "Load Checkpoint (DreamLoom)",
+    "DreamLoomEmptyLatent": "Empty Latent (DreamLoom)",
     "DreamLoomLoadTrainingImages": "Load Training Images (DreamLoom)",
     "DreamLoomGenerateClassImages": "Generate Class Images (DreamLoom)",
     "DreamLoomTrainingSettings": "Training Settings (DreamLoom)",

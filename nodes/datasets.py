@@ -89,7 +89,12 @@ class LoadTrainingImages:
                     "is the bundled sample set.",
                 ),
                 "resolution": int_widget(
-                    512, 64, 2048, "Training resolution in pixels (square). 512 for SD1.5.", step=8
+                    0,
+                    0,
+                    2048,
+                    "Training resolution in pixels (square); 0 = the base model's native size (512 for SD1.5, "
+                    "128 for tiny-fabric).",
+                    step=8,
                 ),
                 "crop": choice_widget(
                     ["center", "random"],
@@ -124,7 +129,8 @@ class LoadTrainingImages:
         from ..trainer.jobs.parent import folder_fingerprint
 
         path = _save_batch(images, captions) if images is not None else resolve_folder(folder)
-        loaded = load_image_folder(path, resolution, use_captions)  # every bad file is reported here, early
+        check_size = int(resolution) or runner.SD15_RESOLUTION
+        loaded = load_image_folder(path, check_size, use_captions)  # every bad file is reported here, early
         dataset = TrainingImages(
             str(path),
             bool(use_captions or (images is not None and bool(captions.strip()))),
@@ -134,7 +140,7 @@ class LoadTrainingImages:
             len(loaded),
             folder_fingerprint(path),
         )
-        preview = files_to_batch(list_image_files(path), square=min(int(resolution), 512))
+        preview = files_to_batch(list_image_files(path), square=min(check_size, 512))
         return (dataset, preview)
 
 
@@ -164,7 +170,14 @@ class GenerateClassImages:
                 ),
                 "negative_prompt": string_widget("", "Negative prompt for the class images."),
                 "count": int_widget(100, 1, 10000, "How many class images (the tutorial uses 100)."),
-                "resolution": int_widget(512, 64, 2048, "Size in pixels; use the training resolution.", step=8),
+                "resolution": int_widget(
+                    0,
+                    0,
+                    2048,
+                    "Size in pixels; use the training resolution. 0 = the model's native size (512 for SD1.5, 128 "
+                    "for tiny-fabric).",
+                    step=8,
+                ),
                 "steps": int_widget(25, 1, 200, "Sampling steps per image."),
                 "cfg": float_widget(7.5, 0.0, 30.0, 0.1, "Classifier-free guidance scale."),
                 "sampler": choice_widget(SCHEDULERS, "dpmpp_2m", "Sampler (diffusers scheduler) for the class images."),
@@ -177,6 +190,7 @@ class GenerateClassImages:
                 ),
                 "batch_size": int_widget(4, 1, 64, "Images generated at once (lower it if you run out of memory)."),
             },
+            "optional": {"base_model": runner.BASE_MODEL_INPUT},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -192,6 +206,7 @@ class GenerateClassImages:
         sampler,
         seed,
         batch_size,
+        base_model=None,
         unique_id=None,
     ):
         from ..trainer.data.class_images import ClassImageSpec, class_dir_for
@@ -199,7 +214,8 @@ class GenerateClassImages:
 
         if not class_prompt.strip():
             raise DreamLoomError("The class prompt is empty.", "Describe the class, e.g. 'a fabric pattern'.")
-        base = runner.resolve_checkpoint(ckpt_name)
+        base = runner.resolve_checkpoint(base_model or ckpt_name)
+        resolution = int(resolution) or runner.native_resolution(base)
         model_fp = runner.model_fingerprint(base)
         spec_fields = dict(
             prompt=class_prompt,

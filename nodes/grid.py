@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..trainer.errors import DreamLoomError
 from .images import batch_to_pil, pil_to_batch
+from .loader import check_embeddings
 from .widgets import int_widget, string_widget
 
 CATEGORY = "DreamLoom/utils"
@@ -59,6 +60,7 @@ class PromptBatch:
                 label, text = line, line
             texts.append(text.replace("{s}", subject))
             labels.append(label.replace("{s}", subject))
+        check_embeddings(clip, texts)
         conds, pooled = [], []
         for text in texts:
             tokens = clip.tokenize(text)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 
 from ..trainer.errors import DreamLoomError
-from . import comfy
+from . import comfy, runner
+from .checkpoint import SIZE_TOOLTIP, latent_size
 from .images import batch_to_pil
 from .widgets import bool_widget, choice_widget, float_widget, int_widget, string_widget
 
@@ -93,19 +94,27 @@ class SlerpNoise:
                 "loop": bool_widget(
                     True, "Return to the first keyframe: a seamless loop with no duplicated frame at the seam."
                 ),
-                "width": int_widget(512, 64, 4096, "Frame width in pixels.", step=8),
-                "height": int_widget(512, 64, 4096, "Frame height in pixels.", step=8),
-            }
+                "width": int_widget(0, 0, 4096, SIZE_TOOLTIP.format("Frame width"), step=8),
+                "height": int_widget(0, 0, 4096, SIZE_TOOLTIP.format("Frame height"), step=8),
+            },
+            "optional": {
+                "vae": ("VAE", {"tooltip": "The VAE that decodes the frames: sizes the latent (SD1.5 8x, tiny 4x)."}),
+            },
         }
 
-    def build(self, seeds, frames_per_transition, easing, hold_frames, loop, width, height):
+    def build(self, seeds, frames_per_transition, easing, hold_frames, loop, width, height, vae=None):
         import torch
 
         from ..trainer.inference.slerp import parse_seeds
 
         source = SlerpNoiseSource(parse_seeds(seeds), int(frames_per_transition), easing, int(hold_frames), bool(loop))
         n = source.num_frames()
-        latent = torch.zeros((n, 4, int(height) // 8, int(width) // 8))
+        if vae is not None:
+            channels, h, w, _ = latent_size(vae, width, height)
+        else:  # without a VAE: SD1.5's 4 channels at 1/8 of the size
+            size = runner.SD15_RESOLUTION
+            channels, h, w = 4, (int(height) or size) // 8, (int(width) or size) // 8
+        latent = torch.zeros((n, channels, h, w))
         return (source, {"samples": latent}, n)
 
 
@@ -271,7 +280,10 @@ class SaveAnimation:
         name = f"{stem}.{format}"
         path = os.path.join(folder, name)
         notes = write_animation(frames, path, float(fps), format, bool(loop))
-        ui = {"images": [{"filename": name, "subfolder": subfolder, "type": "output"}], "animated": (True,)}
+        # The editor shows an "animated" output whose name has neither webp nor png in it as a <video>, which
+        # cannot play a GIF: a GIF goes out as a still image entry, which the browser's <img> animates anyway.
+        animated = format != "gif"
+        ui = {"images": [{"filename": name, "subfolder": subfolder, "type": "output"}], "animated": (animated,)}
         if notes:
             ui["text"] = notes
         return {"ui": ui, "result": (path,)}

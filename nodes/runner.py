@@ -10,7 +10,13 @@ from . import comfy
 
 BUILTIN_TINY = "tiny (built-in test model)"
 BUILTIN_TINY_FABRIC = "tiny-fabric (built-in 128 px fabric model)"
+BUILTIN_MODELS = ("tiny", "tiny-fabric")
 PREVIEW_MAX_PX = 512
+SD15_RESOLUTION = 512
+BASE_MODEL_INPUT = (
+    "DL_BASE_MODEL",
+    {"tooltip": "From Load Checkpoint (DreamLoom): train on the model it loads (overrides ckpt_name)."},
+)
 
 
 def checkpoint_choices() -> list[str]:
@@ -29,6 +35,13 @@ def resolve_checkpoint(name: str) -> str:
             "Pick an SD1.5 checkpoint from the list (put .safetensors files in models/checkpoints).",
         )
     return path
+
+
+def native_resolution(base_model: str) -> int:
+    """The size a model was trained at: the built-in models' own, 512 for a checkpoint file (SD1.5)."""
+    from ..trainer.config import BUILTIN_RESOLUTION
+
+    return BUILTIN_RESOLUTION.get(base_model, SD15_RESOLUTION)
 
 
 def model_fingerprint(base_model: str) -> str:
@@ -59,15 +72,16 @@ def run_with_progress(run_dir: Path, total: int, node_id=None) -> dict:
 
     def on_event(event: dict) -> None:
         kind = event["event"]
+        if kind not in ("progress", "sample"):
+            return
         if kind == "progress":
             state["step"], state["total"] = int(event.get("step", 0)), max(int(event.get("total", total)), 1)
-        elif kind == "sample" and event.get("path"):
+        picture = event.get("path") if kind == "sample" else event.get("latest")  # a grid, or a new class image
+        if picture:
             try:
-                state["preview"] = ("PNG", _load_preview(event["path"]), PREVIEW_MAX_PX)
+                state["preview"] = ("PNG", _load_preview(picture), PREVIEW_MAX_PX)
             except OSError:
                 pass
-        else:
-            return
         pbar.update_absolute(min(state["step"], state["total"]), state["total"], state["preview"])
 
     try:

@@ -19,7 +19,7 @@ def _common_inputs(method: str) -> dict:
     return {
         "ckpt_name": (
             runner.checkpoint_choices(),
-            {"tooltip": "SD1.5 checkpoint to personalise (from models/checkpoints)."},
+            {"tooltip": "SD1.5 checkpoint to personalise (from models/checkpoints); base_model overrides it."},
         ),
         "instance_images": ("DL_DATASET", {"tooltip": "Your 5-20 images, from Load Training Images."}),
         "output_name": string_widget(
@@ -38,12 +38,18 @@ def _common_inputs(method: str) -> dict:
             "Seed for the whole run: same seed and inputs give the same result.",
             control_after_generate=True,
         ),
-        "sample_every": int_widget(100, 0, 100000, "Preview samples every N steps (also at the start and the end)."),
+        "sample_every": int_widget(
+            100,
+            0,
+            100000,
+            "A preview grid every N steps, and at the start and the end; 0 = no previews at all (each grid costs "
+            "minutes for SD1.5 on a CPU; the run's log says how long).",
+        ),
     }
 
 
-def _config(method: str, ckpt_name, dataset, settings, **fields) -> TrainConfig:
-    base = runner.resolve_checkpoint(ckpt_name)
+def _config(method: str, ckpt_name, dataset, settings, base_model=None, **fields) -> TrainConfig:
+    base = runner.resolve_checkpoint(base_model or ckpt_name)
     if dataset is None:
         raise DreamLoomError("No training images connected.", "Connect Load Training Images to instance_images.")
     extra = dict(settings or {})
@@ -51,7 +57,7 @@ def _config(method: str, ckpt_name, dataset, settings, **fields) -> TrainConfig:
         method=method,
         base_model=base,
         instance_dir=dataset.folder,
-        resolution=dataset.resolution,
+        resolution=dataset.resolution or runner.native_resolution(base),
         center_crop=dataset.center_crop,
         random_flip=dataset.random_flip,
         use_captions=dataset.use_captions,
@@ -161,6 +167,7 @@ class TrainDreamBoothLoRA:
                 **{k: common[k] for k in ("learning_rate", "max_train_steps", "seed", "sample_every", "output_name")},
             },
             "optional": {
+                "base_model": runner.BASE_MODEL_INPUT,
                 "class_images": (
                     "DL_DATASET",
                     {"tooltip": "Class images from Generate Class Images (otherwise they are generated here)."},
@@ -189,6 +196,7 @@ class TrainDreamBoothLoRA:
         output_name,
         class_images=None,
         settings=None,
+        base_model=None,
         unique_id=None,
     ):
         from ..trainer.files.atomic import publish
@@ -198,6 +206,7 @@ class TrainDreamBoothLoRA:
             ckpt_name,
             instance_images,
             settings,
+            base_model,
             instance_prompt=instance_prompt,
             token=token,
             class_prompt=class_prompt,
@@ -259,6 +268,7 @@ class TrainTextualInversion:
                 **{k: common[k] for k in ("learning_rate", "max_train_steps", "seed", "sample_every", "output_name")},
             },
             "optional": {
+                "base_model": runner.BASE_MODEL_INPUT,
                 "settings": ("DL_TRAIN_SETTINGS", {"tooltip": "Advanced options from DreamLoom Training Settings."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
@@ -276,6 +286,7 @@ class TrainTextualInversion:
         sample_every,
         output_name,
         settings=None,
+        base_model=None,
         unique_id=None,
     ):
         from ..trainer.files.atomic import publish
@@ -285,6 +296,7 @@ class TrainTextualInversion:
             ckpt_name,
             instance_images,
             settings,
+            base_model,
             placeholder_token=placeholder_token.strip(),
             initializer_token=initializer_token.strip(),
             learning_rate=float(learning_rate),

@@ -62,7 +62,7 @@ def sd15_parts():
 
 @pytest.fixture(scope="session")
 def sd15_checkpoint(sd15_parts, tmp_path_factory) -> Path:
-    from helpers.ldm_layout import write_ldm_checkpoint
+    from trainer.formats.ldm_layout import write_ldm_checkpoint
 
     path = tmp_path_factory.mktemp("sd15") / "v1-5-random.safetensors"
     p = sd15_parts
@@ -177,6 +177,65 @@ class FakeComfy:
         self.applied = (lora, sm, sc)
         return ("patched-model", "patched-clip")
 
+    def weight_shapes(self, model, clip):
+        shapes = {}
+        for holder in (getattr(model, "model", None), getattr(clip, "cond_stage_model", None)):
+            if holder is not None:  # older tests pass plain strings for MODEL and CLIP
+                shapes.update({k: tuple(v.shape) for k, v in holder.state_dict().items()})
+        return shapes
+
+    # checkpoint loading: stand-ins that record what they were given (the real ones need ComfyUI)
+    def load_builtin(self, comps):
+        self.loaded = ("builtin", comps.source)
+        return FakeModel(), FakeClip(int(comps.text_encoder.config.hidden_size)), FakeVAE(4)
+
+    def load_checkpoint_file(self, path):
+        self.loaded = ("file", path)
+        return FakeModel(), FakeClip(768), FakeVAE(8)
+
+
+class FakeModel:
+    """Looks like a ComfyUI ModelPatcher to our nodes: .model holds the weights."""
+
+    def __init__(self, shapes: dict | None = None):
+        import torch
+
+        self.model = torch.nn.Module()
+        self.shapes = shapes or {}
+
+        def state_dict():
+            return {k: torch.empty(shape) for k, shape in self.shapes.items()}
+
+        self.model.state_dict = state_dict
+
+
+class FakeClip:
+    """A CLIP whose SD1 tokenizer takes embeddings `width` wide; encodes any text to zeros."""
+
+    def __init__(self, width: int):
+        import torch
+
+        self.width = width
+        self.tokenizer = type("Tokenizers", (), {})()
+        self.tokenizer.clip_l = type("SDTokenizer", (), {"embedding_size": width, "embedding_key": "clip_l"})()
+        self.cond_stage_model = torch.nn.Module()
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        import torch
+
+        return torch.zeros(1, 77, self.width), torch.zeros(1, self.width)
+
+
+class FakeVAE:
+    def __init__(self, ratio: int):
+        self.ratio, self.latent_channels = ratio, 4
+
+    def spacial_compression_encode(self):
+        return self.ratio
+
 
 @pytest.fixture
 def fake_comfy(tmp_path, monkeypatch):
@@ -195,6 +254,9 @@ def fake_comfy(tmp_path, monkeypatch):
         "free_memory",
         "lora_key_map",
         "apply_lora",
+        "weight_shapes",
+        "load_builtin",
+        "load_checkpoint_file",
         "save_path",
         "sample_with_noise",
         "vae_decode",

@@ -8,11 +8,15 @@ import json
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+from trainer import cpu_malloc
 from trainer.config import TrainConfig
 from trainer.lab import bench as B
+from trainer.lab import bench_diffusers as D
+from trainer.lab import bench_measure as M
 
 RUN_FIELDS = {
     "pid",
@@ -90,38 +94,42 @@ STAND_IN = textwrap.dedent(
 )
 
 
+def _tunables(value: str | None) -> dict[str, str]:
+    return dict(item.partition("=")[::2] for item in (value or "").split(":") if item)
+
+
 def test_parse_step_line():
-    assert B.parse_step_line("Steps:  40%|████      | 2/5 [00:03<00:04,  1.50s/it, loss=0.123, lr=0.0001]") == 2
-    assert B.parse_step_line("Steps: 100%|##########| 12/12 [00:09<00:00,  1.3it/s]") == 12
-    assert B.parse_step_line("Steps:   0%|          | 0/5 [00:00<?, ?it/s]") == 0
-    assert B.parse_step_line("Generating class images: 50%|#####     | 1/2") is None
-    assert B.parse_step_line("03/01/2026 12:00:00 - INFO - __main__ - Num examples = 8") is None
+    assert D.parse_step_line("Steps:  40%|████      | 2/5 [00:03<00:04,  1.50s/it, loss=0.123, lr=0.0001]") == 2
+    assert D.parse_step_line("Steps: 100%|##########| 12/12 [00:09<00:00,  1.3it/s]") == 12
+    assert D.parse_step_line("Steps:   0%|          | 0/5 [00:00<?, ?it/s]") == 0
+    assert D.parse_step_line("Generating class images: 50%|#####     | 1/2") is None
+    assert D.parse_step_line("03/01/2026 12:00:00 - INFO - __main__ - Num examples = 8") is None
 
 
 def test_per_step_rows_share_a_skipped_step_and_skip_the_warm_up():
     # step -> [time, faults, sys, user]; step 4's line was skipped, so steps 4 and 5 share that interval
     marks = {1: [10.0, 100, 1.0, 2.0], 2: [11.0, 110, 1.5, 3.0], 3: [12.0, 130, 2.0, 4.0], 5: [16.0, 170, 3.0, 8.0]}
-    rows = B.per_step_rows(marks, warmup=2)
+    rows = M.per_step_rows(marks, warmup=2)
     assert rows == [[1.0, 20.0, 0.5, 1.0], [2.0, 20.0, 0.5, 2.0], [2.0, 20.0, 0.5, 2.0]]
-    assert B.window(marks, 2) == (11.0, 16.0)
-    assert B.per_step_rows({1: [0.0, 0, 0.0, 0.0]}, warmup=1) == []
+    assert M.window(marks, 2) == (11.0, 16.0)
+    assert M.per_step_rows({1: [0.0, 0, 0.0, 0.0]}, warmup=1) == []
 
 
 def test_nvidia_smi_lines():
     out = "1234, 5120\n99, 10\n1234, 1024\n"
-    assert B.nvidia_smi_used(out, 1234) == 6144 * 2**20
-    assert B.nvidia_smi_used(out, 7) is None
-    assert B.nvidia_smi_used("No running processes found\n", 7) is None
+    assert M.nvidia_smi_used(out, 1234) == 6144 * 2**20
+    assert M.nvidia_smi_used(out, 7) is None
+    assert M.nvidia_smi_used("No running processes found\n", 7) is None
 
 
 def test_proc_readers_read_this_process():
     if not os.path.exists("/proc/self/status"):
         pytest.skip("no /proc")
-    rss, hwm = B.read_status(os.getpid())
+    rss, hwm = M.read_status(os.getpid())
     assert 0 < rss <= hwm
-    faults, sys_s, user_s = B.read_counters(os.getpid())
+    faults, sys_s, user_s = M.read_counters(os.getpid())
     assert faults > 0 and sys_s >= 0 and user_s > 0
-    mark = B.step_mark()
+    mark = M.step_mark()
     assert len(mark) == 5 and mark[1] > 0
 
 
@@ -137,7 +145,7 @@ def test_diffusers_args_match_our_settings():
         "diffusers_class_dir": "c",
         "diffusers_class_count": 8,
     }
-    args = B.diffusers_args(spec, B.Path("out"))
+    args = D.diffusers_args(spec, Path("out"))
     given = dict(zip(args, args[1:]))  # each flag -> the word after it
     assert given["--max_train_steps"] == "5" and int(given["--checkpointing_steps"]) > 5
     assert given["--rank"] == "4" and float(given["--learning_rate"]) == 1e-4
@@ -159,12 +167,13 @@ def test_bench_runs_each_contender_in_its_own_process(tmp_path, capsys):
         repeats=1,
         morph=True,
         out=str(out),
-        malloc="both",
+        malloc="all",
         compare_diffusers=str(script),
     )
     saved = json.loads(out.read_text())
     assert saved["contenders"].keys() == report["contenders"].keys()
-    assert list(saved["contenders"]) == ["ours", "ours-malloc-default", "tutorial", "diffusers"]
+    names = ["ours", "ours-malloc-default", "tutorial", "diffusers", "diffusers-tuned"]
+    assert list(saved["contenders"]) == names
     pids = set()
     for name, c in saved["contenders"].items():
         assert SUMMARY_FIELDS <= c["summary"].keys(), name
@@ -176,23 +185,32 @@ def test_bench_runs_each_contender_in_its_own_process(tmp_path, capsys):
         if sys.platform.startswith("linux"):
             assert run["peak_rss"] > 0 and run["peak_rss_process"] >= run["peak_rss"]
         pids.add(run["pid"])
-    assert len(pids) == 4 and os.getpid() not in pids
+    assert len(pids) == len(names) and os.getpid() not in pids
 
-    ours, default = (saved["contenders"][k]["runs"][0] for k in ("ours", "ours-malloc-default"))
-    if sys.platform.startswith("linux"):
-        assert ours["malloc"] == "keep freed memory" and default["malloc"] == "default"
-        assert saved["contenders"]["tutorial"]["runs"][0]["malloc"] == "keep freed memory"
-    assert saved["contenders"]["ours"]["summary"]["phases_ms"].keys() == set(B.PHASES)
-    assert set(saved["ratios"]) == {"ours/ours-malloc-default", "ours/tutorial", "ours/diffusers"}
+    malloc = {name: c["runs"][0]["malloc"] for name, c in saved["contenders"].items()}
+    if sys.platform.startswith("linux") and saved["device"] == "cpu":  # each reports what its environment gave it
+        tuned, default = "tuned (GLIBC_TUNABLES)", "default (DREAMLOOM_MALLOC=default)"
+        assert malloc == {
+            "ours": tuned,
+            "ours-malloc-default": default,
+            "tutorial": tuned,
+            "diffusers": default,
+            "diffusers-tuned": tuned,
+        }
+    assert saved["contenders"]["ours"]["summary"]["phases_ms"].keys() == set(M.PHASES)
+    assert set(saved["ratios"]) == {f"ours/{name}" for name in names[1:]}
     assert saved["ratios"]["ours/diffusers"]["step_time"] > 0 and saved["ratios"]["ours/diffusers"]["peak_rss"] > 0
     assert saved["morph"]["frames"] == 24
 
-    (called,) = [json.loads(line) for line in (tmp_path / "stand_in_runs.jsonl").read_text().splitlines()]
-    assert called["pid"] == saved["contenders"]["diffusers"]["runs"][0]["pid"]
-    assert called["args"]["max_train_steps"] == 3 and called["args"]["resolution"] == 64
-    assert called["args"]["seed"] == TrainConfig.seed and called["env_offline"] == "1"
-    if sys.platform.startswith("linux"):
-        assert B.GLIBC_TUNED in called["glibc"]
+    called = [json.loads(line) for line in (tmp_path / "stand_in_runs.jsonl").read_text().splitlines()]
+    assert [c["pid"] for c in called] == [saved["contenders"][k]["runs"][0]["pid"] for k in names[3:]]
+    for c in called:
+        assert c["args"]["max_train_steps"] == 3 and c["args"]["resolution"] == 64
+        assert c["args"]["seed"] == TrainConfig.seed and c["env_offline"] == "1"
+    plain, tuned_run = (_tunables(c["glibc"]) for c in called)
+    assert not set(cpu_malloc.TUNED) & set(plain)  # diffusers, the target, runs in the default environment
+    if saved["device"] == "cpu":
+        assert set(cpu_malloc.TUNED) <= set(tuned_run)  # diffusers-tuned: our settings from its start
     printed = capsys.readouterr().out
     assert "ours/diffusers" in printed and "faults/step" in printed and "morph rendering" in printed
 
@@ -206,3 +224,72 @@ def test_bench_refuses_a_missing_script_before_any_work(tmp_path):
         B.bench("tiny", warmup=0)
     with pytest.raises(DreamLoomError, match="malloc"):
         B.bench("tiny", malloc="fast")
+
+
+@pytest.mark.parametrize(
+    "malloc, script, expected",
+    [
+        ("tuned", None, [("ours", "ours", True), ("tutorial", "tutorial", True)]),
+        (
+            "tuned",
+            "s.py",
+            [("ours", "ours", True), ("tutorial", "tutorial", True), ("diffusers", "diffusers", False)],
+        ),
+        (
+            "default",
+            "s.py",
+            [("ours", "ours", False), ("tutorial", "tutorial", False), ("diffusers", "diffusers", False)],
+        ),
+        (
+            "both",
+            "s.py",
+            [
+                ("ours", "ours", True),
+                ("ours-malloc-default", "ours", False),
+                ("tutorial", "tutorial", True),
+                ("diffusers", "diffusers", False),
+            ],
+        ),
+        (
+            "all",
+            "s.py",
+            [
+                ("ours", "ours", True),
+                ("ours-malloc-default", "ours", False),
+                ("tutorial", "tutorial", True),
+                ("diffusers", "diffusers", False),
+                ("diffusers-tuned", "diffusers", True),
+            ],
+        ),
+        ("all", None, [("ours", "ours", True), ("ours-malloc-default", "ours", False), ("tutorial", "tutorial", True)]),
+    ],
+)
+def test_contender_plan(malloc, script, expected):
+    assert B.contender_plan(malloc, Path(script) if script else None) == expected
+
+
+def test_contender_env_gives_tuning_from_the_start_or_none_of_ours(monkeypatch):
+    # as after `python -m trainer` re-executed itself with our settings, plus one of the user's own
+    ours = cpu_malloc.with_tuned_malloc({})["GLIBC_TUNABLES"]
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:" + ours)
+    monkeypatch.setenv(cpu_malloc.OPT_OUT, "default")
+
+    tuned = B.contender_env(True, "cpu")
+    assert set(cpu_malloc.TUNED) <= set(_tunables(tuned["GLIBC_TUNABLES"]))
+    assert _tunables(tuned["GLIBC_TUNABLES"])["glibc.malloc.arena_max"] == "2"
+    assert cpu_malloc.OPT_OUT not in tuned and cpu_malloc.is_tuned(tuned)
+    assert tuned["HF_HUB_OFFLINE"] == "1" and str(M.REPO_ROOT) in tuned["PYTHONPATH"]
+
+    default = B.contender_env(False, "cpu")  # e.g. diffusers in mode "tuned", or ours-malloc-default
+    assert _tunables(default.get("GLIBC_TUNABLES")) == {"glibc.malloc.arena_max": "2"}
+    assert default[cpu_malloc.OPT_OUT] == "default" and not cpu_malloc.wants_tuning(default, cuda=False)
+
+    monkeypatch.setenv("GLIBC_TUNABLES", ours)
+    assert "GLIBC_TUNABLES" not in B.contender_env(False, "cpu")
+    off_cpu = B.contender_env(True, "cuda")  # training off a CPU is not tuned
+    assert "GLIBC_TUNABLES" not in off_cpu and cpu_malloc.OPT_OUT not in off_cpu
+
+    if sys.platform.startswith("linux"):
+        assert M.malloc_label("cpu", tuned) == "tuned (GLIBC_TUNABLES)"
+        assert M.malloc_label("cpu", default) == "default (DREAMLOOM_MALLOC=default)"
+    assert M.malloc_label("cuda", tuned) == "default (not on a CPU)"

@@ -34,7 +34,10 @@ def test_job_runs_reports_progress_in_order_and_is_reused(fabric_dir, tmp_path):
     assert steps == sorted(steps) and steps[-1] == 8
     kinds = [e["event"] for e in seen]
     assert kinds[-1] == "done" and "sample" in kinds and "checkpoint" in kinds
-    assert (run_dir / "log.txt").exists()
+    log = (run_dir / "log.txt").read_text()
+    for line in ("progress: phase=training", "sample: step=0", "checkpoint: step=2", "done: "):
+        assert line in log, line  # the run's story, not only "worker started"
+    assert log.count("progress: phase=training") == 1  # routine progress is not logged step by step
     assert load_file(outputs["lora"])  # readable
     # Same request -> same run dir -> finished result returned without a new worker.
     again = _run_dir(tmp_path, fabric_dir)
@@ -57,6 +60,8 @@ def test_interrupt_keeps_checkpoint_and_resume_matches(fabric_dir, tmp_path):
         run_job(run_dir, on_event=on_event, should_interrupt=lambda: state["stop"])
     assert info.value.checkpoint and os.path.isdir(info.value.checkpoint)
     assert finished_outputs(run_dir) is None
+    stopped = [ln for ln in (run_dir / "events.jsonl").read_text().splitlines() if '"event": "stopped"' in ln]
+    assert len(stopped) == 1, stopped  # written once, by the trainer, with its checkpoint
     seen = []
     outputs = run_job(run_dir, on_event=seen.append)
     assert any(e["event"] == "log" and "resumed from checkpoint" in e["message"] for e in seen)

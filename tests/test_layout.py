@@ -18,6 +18,7 @@ LAYERS = [
     "files",
     "config",
     "events",
+    "cpu_malloc",
     "base_models",
     "pictures",
     "inference",

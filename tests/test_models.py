@@ -160,7 +160,7 @@ def test_scheduler_follows_the_files_prediction_markers(markers, prediction, zer
 
 @pytest.mark.slow
 def test_v_prediction_checkpoint_loads_as_v_prediction(sd15_parts, tmp_path):
-    from helpers.ldm_layout import write_ldm_checkpoint
+    from trainer.formats.ldm_layout import write_ldm_checkpoint
 
     p = sd15_parts
     path = tmp_path / "v.safetensors"

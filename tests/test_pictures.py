@@ -42,3 +42,14 @@ def test_save_png_is_atomic_and_readable(tmp_path):
     path = save_png(_solid((1, 2, 3)), tmp_path / "sub" / "g.png")
     assert Image.open(path).getpixel((0, 0)) == (1, 2, 3)
     assert [p.name for p in path.parent.iterdir()] == ["g.png"]
+
+
+def test_a_long_title_wraps_on_small_tiles_instead_of_being_cut_off():
+    title = "sks african fabric pattern in nine contexts (LoRA)"
+    grid = labelled_grid([_solid((200, 0, 0), 16)] * 2, cols=2, tile=48, title=title)
+    arr = np.asarray(grid)
+    title_h = grid.height - (48 + 2 * PAD)
+    assert title_h > 22  # more than one line
+    band = arr[:title_h]
+    assert (band < 128).any()  # the title is drawn
+    assert (band[:, -3:] == 255).all()  # and nothing of it runs into the right edge

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -122,6 +124,15 @@ def test_trainer_writes_outputs_and_freezes_base(tiny, fabric_dir, tmp_path):
         assert torch.equal(v, base_sd[k.replace(".base_layer", "")]), k
     events = (run / "events.jsonl").read_text().splitlines()
     assert '"event": "done"' in events[-1]
+    samples = [json.loads(e) for e in events if '"event": "sample"' in e]
+    assert [e["step"] for e in samples] == [0, 3, 6] and all(e["seconds"] >= 0 for e in samples)  # cost in the log
+
+
+def test_sample_every_0_makes_no_samples_at_all(tiny, fabric_dir, tmp_path):
+    cfg = tiny_config(fabric_dir, max_train_steps=2, sample_every=0, with_prior_preservation=False)
+    Trainer(cfg, tmp_path / "run", comps=tiny, cache_root=tmp_path / "cache").run()
+    assert not list((tmp_path / "run").glob("samples/*.png"))
+    assert '"event": "sample"' not in (tmp_path / "run" / "events.jsonl").read_text()
 
 
 def test_resume_matches_uninterrupted_run(fabric_dir, tmp_path):

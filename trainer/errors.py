@@ -16,7 +16,13 @@ class DreamLoomError(Exception):
 class StopRequested(Exception):
     """Raised inside the training loop when a stop was requested; a checkpoint has been written."""
 
-    def __init__(self, step: int, checkpoint: str | None):
+    def __init__(self, step: int, checkpoint: str | None, announced: bool = False):
         super().__init__(f"stopped at step {step}")
         self.step = step
         self.checkpoint = checkpoint
+        self.announced = announced  # the "stopped" event is already written
+
+
+# ComfyUI loads the pack by path, so the module would read as a full folder path in its error panel
+# ("/home/.../custom_nodes/DreamLoom.trainer.errors.DreamLoomError"); the panel shows this name instead.
+DreamLoomError.__module__ = StopRequested.__module__ = "DreamLoom"

@@ -40,7 +40,7 @@ def random_sd15_parts(seed: int = 0) -> dict:
 
 def write_random_sd15(path: Path, seed: int = 0) -> Path:
     """A random-weight SD1.5 single-file checkpoint (original key layout), as users keep real ones."""
-    from helpers.ldm_layout import write_ldm_checkpoint
+    from trainer.formats.ldm_layout import write_ldm_checkpoint
 
     p = random_sd15_parts(seed)
     write_ldm_checkpoint(path, p["unet"], p["vae"], p["text"], p["unet_config"], p["vae_config"])

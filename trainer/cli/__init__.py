@@ -126,9 +126,10 @@ def _add_lab_commands(sub) -> None:
         "--malloc",
         choices=["tuned", "default", "both", "all"],
         default=None,
-        help="glibc allocator: tuned (keep freed memory, as training does on a CPU), default, both (ours also "
-        "with glibc's defaults) or all (both, and ours with the tuning as GLIBC_TUNABLES from its start); "
-        "default: both on a Linux CPU, else tuned",
+        help="glibc allocator: tuned (ours and the tutorial loop with the GLIBC_TUNABLES training gets on a CPU; "
+        "diffusers' script in the default environment), default (glibc's defaults for all), both (tuned, and ours "
+        "also with glibc's defaults) or all (both, and diffusers' script also tuned); default: both on a Linux "
+        "CPU, else tuned",
     )
     p.add_argument(
         "--compare-diffusers",

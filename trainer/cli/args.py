@@ -18,7 +18,7 @@ HELP = {
     "class_dir": "folder for class images (default: a cache folder keyed by the settings)",
     "alpha": "LoRA alpha; the LoRA scale is alpha/rank and is stored in the file",
     "max_train_steps": "number of optimizer updates",
-    "sample_every": "make a sample grid every N steps (0: only at start and end)",
+    "sample_every": "make a sample grid every N steps, and at the start and the end (0: no samples at all)",
     "checkpoint_every": "write a resumable checkpoint every N steps (0: only at the end)",
     "snr_gamma": "min-SNR gamma loss weighting (0 = off, 5 is typical)",
     "mixed_precision": "auto (bf16 on GPUs that have it, else fp16; no on a CPU), no, fp16 (CUDA) or bf16",

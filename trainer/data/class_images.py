@@ -29,6 +29,20 @@ class ClassImageSpec:
     resolution: int
     seed: int
 
+    @classmethod
+    def for_training(cls, cfg, model_fingerprint: str) -> ClassImageSpec:
+        """The class images a training config asks for (its class_* settings, resolution and seed)."""
+        return cls(
+            model_fingerprint,
+            cfg.class_prompt,
+            cfg.class_negative_prompt,
+            cfg.class_sampler,
+            cfg.class_steps,
+            cfg.class_guidance,
+            cfg.resolution,
+            cfg.seed,
+        )
+
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -105,16 +119,7 @@ def prepare_class_images(
     A folder of existing images the user names (class_dir) is used as it is. Otherwise the cached set for
     these settings is generated, or completed, by the main process while the others wait.
     """
-    spec = ClassImageSpec(
-        comps.fingerprint,
-        cfg.class_prompt,
-        cfg.class_negative_prompt,
-        cfg.class_sampler,
-        cfg.class_steps,
-        cfg.class_guidance,
-        cfg.resolution,
-        cfg.seed,
-    )
+    spec = ClassImageSpec.for_training(cfg, comps.fingerprint)
     folder = class_dir or class_dir_for(cache_root, spec)
     manifest = folder / MANIFEST
     ours = manifest.exists() and json.loads(manifest.read_text()).get("spec") == asdict(spec)
@@ -164,8 +169,9 @@ def _generate_missing(comps, spec, missing, folder, batch_size, device, dtype, e
             for i, image in zip(idx, images):
                 atomic_save(folder / f"class_{i:05d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
             done += len(idx)
-            if events:
-                events.emit("progress", phase="class images", step=done, total=count)
+            if events:  # `latest`: the node shows the newest image while the set is made
+                latest = str(folder / f"class_{idx[-1]:05d}.png")
+                events.emit("progress", phase="class images", step=done, total=count, latest=latest)
     finally:
         del pipe
         for name, module in comps.modules().items():

@@ -38,6 +38,7 @@ class ImportedLoRA:
     source_format: str
     modules: list[str] = field(default_factory=list)  # kohya module names, e.g. lora_unet_down_blocks_0_...
     notes: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)  # the file's safetensors metadata
 
 
 def _is_text_path(path: str) -> bool:
@@ -294,4 +295,28 @@ def load_lora_file(path: str | Path) -> ImportedLoRA:
             raise DreamLoomError(
                 f"{cfg_path} has no 'r' or 'lora_alpha'.", "Use the adapter_config.json PEFT wrote with the weights."
             )
-    return convert_state_dict(sd, metadata, adapter_config)
+    imported = convert_state_dict(sd, metadata, adapter_config)
+    imported.metadata = dict(metadata)
+    return imported
+
+
+def trained_on(metadata: dict) -> str | None:
+    """The base model a LoRA or embedding file says it was trained on, as a short name; None if it does not say."""
+    base = metadata.get("dreamloom.base_model") or metadata.get("ss_sd_model_name")
+    if base:
+        return Path(base).name
+    return metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture")
+
+
+def lora_shape_mismatches(tensors: dict, modules: list[str], key_map: dict, weight_shapes: dict) -> list[str]:
+    """LoRA modules whose down/up matrices do not fit the layer they map to, e.g. 'lora_unet_...: LoRA 64->64,
+    layer 320->320'. `key_map`: module -> the layer's weight key; `weight_shapes`: weight key -> shape."""
+    bad = []
+    for module in modules:
+        down, up = tensors.get(f"{module}.lora_down.weight"), tensors.get(f"{module}.lora_up.weight")
+        shape = weight_shapes.get(key_map.get(module))
+        if down is None or up is None or shape is None:
+            continue
+        if tuple(shape[:2]) != (up.shape[0], down.shape[1]):
+            bad.append(f"{module}: LoRA {down.shape[1]}->{up.shape[0]}, layer {shape[1]}->{shape[0]}")
+    return bad

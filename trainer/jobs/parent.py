@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import cpu_malloc
 from ..errors import DreamLoomError
 from .worker import DONE_FILE, EXIT_STOPPED, STOP_FILE
 
@@ -177,16 +178,28 @@ def worker_command(job_file: str | os.PathLike, pack_root: str | os.PathLike = P
     return [sys.executable, "-u", "-c", _WORKER_BOOTSTRAP, os.path.abspath(pack_root), os.path.abspath(job_file)]
 
 
+def describe_event(record: dict, last_phase: list) -> str | None:
+    """A line for log.txt: every event but routine progress (which is logged once per phase)."""
+    kind = record["event"]
+    if kind == "progress":
+        if record.get("phase") == (last_phase[0] if last_phase else None):
+            return None
+        last_phase[:] = [record.get("phase")]
+    details = ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("event", "time") and v is not None)
+    return f"{time.strftime('%H:%M:%S')} {kind}: {details}"
+
+
 def _reader(stream, q: queue.Queue, log) -> None:
+    last_phase: list = []
     for raw in iter(stream.readline, ""):
         line = raw.rstrip("\n")
         try:
             record = json.loads(line)
-            if isinstance(record, dict) and "event" in record:
-                q.put(record)
-                continue
         except json.JSONDecodeError:
-            pass
+            record = None
+        if isinstance(record, dict) and "event" in record:
+            q.put(record)
+            line = describe_event(record, last_phase) or ""
         if line:
             log.write(line + "\n")
             log.flush()
@@ -220,6 +233,8 @@ def run_job(
         child_env.setdefault("PYTHONUNBUFFERED", "1")
         # Keep matplotlib's font cache beside the runs, not in the user's home folder.
         child_env.setdefault("MPLCONFIGDIR", str(run_dir.parent.parent / ".cache" / "matplotlib"))
+        if cpu_malloc.wants_tuning(child_env, cuda=cpu_malloc.cuda_in_this_process()):
+            child_env = cpu_malloc.with_tuned_malloc(child_env)  # read by glibc at start-up only
         kwargs = {}
         if os.name == "nt":  # pragma: no cover
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP

@@ -115,7 +115,8 @@ def main(job_path: str) -> int:
             events.emit("done", outputs=outputs)
         return EXIT_OK
     except StopRequested as stop:
-        events.emit("stopped", step=stop.step, checkpoint=stop.checkpoint)
+        if not stop.announced:  # the trainer writes its own, with the checkpoint
+            events.emit("stopped", step=stop.step, checkpoint=stop.checkpoint)
         return EXIT_STOPPED
     except DreamLoomError as err:
         events.emit("error", message=err.message, hint=err.hint)

@@ -1,12 +1,13 @@
 """`python -m trainer bench`: our training step against a faithful re-implementation of the tutorial's loop and,
 optionally, diffusers' own example script; plus batched vs per-frame morph rendering.
 
-Every contender runs in a fresh Python process (`python -m trainer bench --run-one ROLE`), one after the other,
-alternating for `repeats` rounds, so no contender inherits another's heap, caches or threads. The instance and
-class images (and, for diffusers, a diffusers copy of the base model) are made before, in a process of their own,
-which then also runs the morph benchmark; allocator settings are set per contender (see `bench`).
+Every contender runs in a fresh Python process (`python -m trainer bench --run-one ROLE`, or diffusers' script),
+one after the other, alternating for `repeats` rounds, so no contender inherits another's heap, caches or threads.
+The instance and class images (and, for diffusers, a diffusers copy of the base model) are made before, in a
+process of their own, which then also runs the morph benchmark. Each contender's glibc allocator settings are in
+the environment it starts with (see `contender_plan` and `contender_env`), as our trainer gets them.
 
-What is measured, the same way for each contender:
+What is measured, the same way for each contender (bench_measure.py):
 
 * the wall time of every step, from the end of one step to the end of the next (the median is reported);
 * minor page faults, kernel (system) and user CPU time over the timed steps (getrusage in our processes,
@@ -15,178 +16,42 @@ What is measured, the same way for each contender:
   high-water mark (VmHWM) at the end of the last step;
 * peak CUDA memory (torch's allocator) in our processes, and the GPU memory nvidia-smi reports for every one.
 
-diffusers' script runs unchanged; its step ends are the times its tqdm bar (stderr) reaches each step.
+diffusers' script runs unchanged (bench_diffusers.py); its step ends are the times its tqdm bar (stderr) reaches
+each step.
 """
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
-import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-try:
-    import resource
-except ImportError:  # Windows
-    resource = None
-
+from .. import cpu_malloc
 from ..config import BUILTIN_RESOLUTION, TrainConfig
 from ..errors import DreamLoomError
+from .bench_diffusers import run_diffusers
+from .bench_measure import (
+    NOT_ON_CPU,
+    PHASES,
+    ProcSampler,
+    StepMarks,
+    child_env,
+    log_tail,
+    malloc_label,
+    measure,
+    process_peak,
+    ratios,
+    summarise,
+)
 
-PHASES = ("data", "vae", "text_encoder", "unet_forward", "backward", "optimizer")
 ROLES = ("prepare", "ours", "tutorial")
 MALLOC_CHOICES = ("tuned", "default", "both", "all")
-# The same effect as training/precision.py:keep_freed_memory, for a process we cannot call mallopt in.
-GLIBC_TUNED = "glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=33554432"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-MB = 2**20
-
-
-# --------------------------------------------------------------------------------------------- /proc readers
-def read_status(pid: int | str = "self") -> tuple[int, int] | None:
-    """(VmRSS, VmHWM) in bytes from /proc/<pid>/status; None where there is no /proc or the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    values = {}
-    for line in text.splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            key, value = line.split(":", 1)
-            values[key] = int(value.split()[0]) * 1024
-    if len(values) < 2:
-        return None
-    return values["VmRSS"], values["VmHWM"]
-
-
-def read_counters(pid: int | str) -> tuple[int, float, float] | None:
-    """(minor faults, system CPU s, user CPU s) of a whole process from /proc/<pid>/stat (all its threads)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()  # fields[0] is field 3 (state) of proc(5)
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[7]), int(fields[12]) / tick, int(fields[11]) / tick
-
-
-def step_mark() -> list:
-    """[monotonic time, minor faults, system CPU s, user CPU s, RSS bytes] of this process, now."""
-    t = time.monotonic()
-    status = read_status()
-    rss = status[0] if status else None
-    if resource is None:
-        return [t, 0, 0.0, 0.0, rss]
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return [t, ru.ru_minflt, ru.ru_stime, ru.ru_utime, rss]
-
-
-class ProcSampler:
-    """RSS and VmHWM of another process, sampled every `interval` seconds from /proc on a thread of this one
-    (so the measured process runs no sampler); GPU memory from nvidia-smi every half second when asked."""
-
-    def __init__(self, pid: int, interval: float = 0.01, gpu: bool = False):
-        self.pid, self.interval = pid, interval
-        self.samples: list[tuple[float, int, int]] = []  # (monotonic time, RSS, VmHWM)
-        self.gpu_peak: int | None = None
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True)]
-        if gpu and shutil.which("nvidia-smi"):
-            self._threads.append(threading.Thread(target=self._run_gpu, daemon=True))
-
-    def _run(self):
-        while not self._stop.is_set():
-            status = read_status(self.pid)
-            if status is not None:
-                self.samples.append((time.monotonic(), *status))
-            self._stop.wait(self.interval)
-
-    def _run_gpu(self):
-        while not self._stop.is_set():
-            try:
-                out = subprocess.run(
-                    ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                    capture_output=True,
-                    text=True,
-                    timeout=10,
-                ).stdout
-            except (OSError, subprocess.SubprocessError):
-                return
-            used = nvidia_smi_used(out, self.pid)
-            if used is not None:
-                self.gpu_peak = max(self.gpu_peak or 0, used)
-            self._stop.wait(0.5)
-
-    def __enter__(self):
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
-
-    def peak_rss(self, t0: float, t1: float) -> int | None:
-        inside = [rss for t, rss, _ in self.samples if t0 <= t <= t1]
-        return max(inside) if inside else None
-
-    def hwm_at(self, t1: float) -> int | None:
-        before = [hwm for t, _, hwm in self.samples if t <= t1]
-        return max(before) if before else None
-
-
-def nvidia_smi_used(out: str, pid: int) -> int | None:
-    """Bytes of GPU memory nvidia-smi lists for `pid` (csv, noheader, nounits: "PID, MiB" lines), or None."""
-    total = None
-    for line in out.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():
-            total = (total or 0) + int(parts[1]) * MB
-    return total
-
-
-# --------------------------------------------------------------------------------------------- step marks
-class StepMarks(list):
-    """The list a loop appends each step's wall time to (PhaseTimer.step_times). Each append also takes a
-    step_mark(), and once the warm-up steps are done the phase totals start again, so they cover the timed
-    steps only."""
-
-    def __init__(self, timer, warmup: int):
-        super().__init__()
-        self.timer, self.warmup, self.marks = timer, warmup, []
-
-    def append(self, seconds: float) -> None:
-        super().append(seconds)
-        self.marks.append(step_mark())
-        if len(self) == self.warmup:
-            self.timer.totals.clear()
-
-
-def per_step_rows(marks: dict[int, list], warmup: int) -> list[list[float]]:
-    """[wall s, minor faults, system s, user s] for each step after `warmup`, from marks taken at the end of
-    steps (step number -> mark). A step with no mark of its own (a tqdm line tqdm skipped) shares the interval
-    it falls in equally with its neighbours."""
-    ns = sorted(n for n in marks if n >= warmup)
-    rows = []
-    for a, b in zip(ns, ns[1:]):
-        rows += [[(y - x) / (b - a) for x, y in zip(marks[a][:4], marks[b][:4])]] * (b - a)
-    return rows
-
-
-def window(marks: dict[int, list], warmup: int) -> tuple[float, float] | None:
-    ns = sorted(n for n in marks if n >= warmup)
-    return (marks[ns[0]][0], marks[ns[-1]][0]) if len(ns) >= 2 else None
 
 
 # --------------------------------------------------------------------------------------------- child processes
@@ -215,7 +80,6 @@ def _prepare(req: dict) -> dict:
     import torch
 
     from ..data.class_images import ClassImageSpec, class_dir_for, generate_class_images
-    from ..data.images import list_image_files
     from ..data.sample_set import write_fabric_samples
     from ..training.precision import best_device
 
@@ -238,16 +102,7 @@ def _prepare(req: dict) -> dict:
         # the tutorial loop and diffusers' script run in fp32 here, without checkpointing
         **{"mixed_precision": "no", "gradient_checkpointing": False, **req["cfg_overrides"]},
     ).validate()
-    spec = ClassImageSpec(
-        comps.fingerprint,
-        cfg.class_prompt,
-        cfg.class_negative_prompt,
-        cfg.class_sampler,
-        cfg.class_steps,
-        cfg.class_guidance,
-        res,
-        cfg.seed,
-    )
+    spec = ClassImageSpec.for_training(cfg, comps.fingerprint)
     class_dir = class_dir_for(work, spec)
     generate_class_images(comps, spec, cfg.num_class_images, class_dir, device=best_device())
     out = {
@@ -261,24 +116,33 @@ def _prepare(req: dict) -> dict:
         "versions": _versions(),
     }
     if req["diffusers"]:
-        # diffusers' script reads every file in its image folders as an image: give it folders of images only
-        for name, src in (("instance", work / "instance"), ("class", class_dir)):
-            dest = work / "diffusers" / name
-            dest.mkdir(parents=True, exist_ok=True)
-            for path in list_image_files(src):
-                shutil.copy2(path, dest / path.name)
-            out[f"diffusers_{name}_dir"] = str(dest)
-        out["diffusers_class_count"] = len(list_image_files(work / "diffusers" / "class"))
-        base = Path(req["base_model"]).expanduser()
-        if base.is_dir():
-            out["diffusers_model"] = str(base)
-        else:  # a single file or a built-in model: save the loaded modules as a diffusers folder, once
-            folder = work / "diffusers" / "model"
-            pipe = comps.family.pipeline(comps, comps.noise_scheduler())
-            pipe.save_pretrained(str(folder), safe_serialization=True)
-            out["diffusers_model"] = str(folder)
+        out.update(_diffusers_inputs(req["base_model"], comps, work, class_dir))
     if req["morph"]:
         out["morph"] = _run_morph(comps, res, req["repeats"])
+    return out
+
+
+def _diffusers_inputs(base_model: str, comps, work: Path, class_dir: Path) -> dict:
+    """Folders of images only (diffusers' script reads every file in them as an image) and a diffusers folder
+    of the base model, for diffusers' script."""
+    from ..data.images import list_image_files
+
+    out = {}
+    for name, src in (("instance", work / "instance"), ("class", class_dir)):
+        dest = work / "diffusers" / name
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in list_image_files(src):
+            shutil.copy2(path, dest / path.name)
+        out[f"diffusers_{name}_dir"] = str(dest)
+    out["diffusers_class_count"] = len(list_image_files(work / "diffusers" / "class"))
+    base = Path(base_model).expanduser()
+    if base.is_dir():
+        out["diffusers_model"] = str(base)
+    else:  # a single file or a built-in model: save the loaded modules as a diffusers folder, once
+        folder = work / "diffusers" / "model"
+        pipe = comps.family.pipeline(comps, comps.noise_scheduler())
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+        out["diffusers_model"] = str(folder)
     return out
 
 
@@ -304,23 +168,13 @@ def _cuda_peak():
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
-def _process_peak() -> int | None:
-    status = read_status()
-    if status is not None:
-        return status[1]
-    if resource is None:
-        return None
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 def _loop_result(timer, marks: StepMarks, warmup: int, malloc: str) -> dict:
     timed = max(len(marks) - warmup, 1)
     return {
         "marks": marks.marks,
         "loop_step_times": list(marks),  # the loop's own timing of each step (without its end-of-step work)
         "phases": {k: timer.totals.get(k, 0.0) / timed for k in PHASES},
-        "peak_rss_process": _process_peak(),
+        "peak_rss_process": process_peak(),
         "peak_cuda": _cuda_peak(),
         "malloc": malloc,
     }
@@ -343,7 +197,7 @@ def _run_ours(spec: dict) -> dict:
         trainer = Trainer(cfg, run_dir, comps=comps, class_dir=spec["class_dir"], timer=timer, bench=True)
         _cuda_peak_reset()
         trainer.run()
-        result = _loop_result(timer, marks, warmup, trainer.settings.get("malloc", "default (not on a CPU)"))
+        result = _loop_result(timer, marks, warmup, trainer.settings.get("malloc", NOT_ON_CPU))
     return result
 
 
@@ -355,66 +209,81 @@ def _run_tutorial(spec: dict) -> dict:
     * one shared timestep for the pair, and two separate UNet passes;
     * loss = mse(instance) + prior_weight * mse(class), fp32;
     * AdamW over all UNet parameters (the frozen ones get no gradients), as the tutorial passes them.
-    It uses our LoRA config and learning rate, so the maths per step matches ours. On a CPU it gets the same
-    allocator setting as ours (training/precision.py:keep_freed_memory, or DREAMLOOM_MALLOC=default).
+    It uses our LoRA config and learning rate, so the maths per step matches ours. Its allocator settings are
+    those of its environment (see contender_env), as ours are.
     """
     import torch
-    import torch.nn.functional as F
 
-    from ..data.images import crop_resize, load_image_folder, pil_to_tensor
-    from ..training.methods.lora import LoRAMethod
-    from ..training.precision import best_device, keep_freed_memory
+    from ..training.precision import best_device
     from ..training.timing import PhaseTimer
 
     cfg = TrainConfig.from_dict(spec["cfg"])
     warmup, steps = spec["warmup"], spec["steps"]
-    comps = _factory(spec["base_model"])()
     device = best_device()
-    malloc = "default (not on a CPU)"
-    if device.type == "cpu":
-        malloc = "keep freed memory" if keep_freed_memory() else "default"
-    instance_set = load_image_folder(cfg.instance_dir, cfg.resolution, False)
-    class_images = load_image_folder(spec["class_dir"], cfg.resolution, False).images[: cfg.num_class_images]
-    torch.manual_seed(cfg.seed)
-    LoRAMethod(cfg).setup(comps)
-    unet, vae, te, tok = comps.unet.to(device), comps.vae.to(device), comps.text_encoder.to(device), comps.tokenizer
-    unet.train()
-    sched = comps.noise_scheduler()
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    inst = [pil_to_tensor(crop_resize(im, cfg.resolution)) for im in instance_set.images]
-    cls = [pil_to_tensor(crop_resize(im, cfg.resolution)) for im in class_images]
-    ids_i = comps.family.tokenize(tok, [cfg.instance_prompt]).to(device)
-    ids_c = comps.family.tokenize(tok, [cfg.class_prompt]).to(device)
+    m = _tutorial_setup(cfg, spec, device)
     timer = PhaseTimer(device.type)
     timer.step_times = marks = StepMarks(timer, warmup)
     g = torch.Generator().manual_seed(cfg.seed)
     _cuda_peak_reset()
     for _ in range(warmup + steps):
         t0 = time.perf_counter()
-        with timer("data"):
-            idx = int(torch.randint(0, max(len(inst), len(cls)), (1,), generator=g))
-            pi, pc = inst[idx % len(inst)][None].to(device), cls[idx % len(cls)][None].to(device)
-        with timer("vae"), torch.no_grad():
-            li = vae.encode(pi).latent_dist.sample() * vae.config.scaling_factor
-            lc = vae.encode(pc).latent_dist.sample() * vae.config.scaling_factor
-        ni, nc = torch.randn_like(li), torch.randn_like(lc)
-        t = torch.randint(0, sched.config.num_train_timesteps, (1,), device=device)
-        with timer("text_encoder"), torch.no_grad():
-            ei, ec = te(ids_i)[0], te(ids_c)[0]
-        with timer("unet_forward"):
-            pred_i = unet(sched.add_noise(li, ni, t), t, ei).sample
-            pred_c = unet(sched.add_noise(lc, nc, t), t, ec).sample
-            loss = F.mse_loss(pred_i.float(), ni.float()) + cfg.prior_loss_weight * F.mse_loss(
-                pred_c.float(), nc.float()
-            )
-        with timer("backward"):
-            loss.backward()
-        with timer("optimizer"):
-            opt.step()
-            opt.zero_grad()
-        loss.item()  # the loss read-back every loop does (ours reads its losses back once per step on a CPU)
+        _tutorial_step(m, cfg, timer, g, device)
         marks.append(time.perf_counter() - t0)
-    return _loop_result(timer, marks, warmup, malloc)
+    return _loop_result(timer, marks, warmup, malloc_label(device.type))
+
+
+def _tutorial_setup(cfg: TrainConfig, spec: dict, device) -> SimpleNamespace:
+    """The tutorial's model on `device`, its optimizer, its images as tensors and its prompts' token ids."""
+    import torch
+
+    from ..data.images import crop_resize, load_image_folder, pil_to_tensor
+    from ..training.methods.lora import LoRAMethod
+
+    comps = _factory(spec["base_model"])()
+    instance_set = load_image_folder(cfg.instance_dir, cfg.resolution, False)
+    class_images = load_image_folder(spec["class_dir"], cfg.resolution, False).images[: cfg.num_class_images]
+    torch.manual_seed(cfg.seed)
+    LoRAMethod(cfg).setup(comps)
+    unet, vae, te, tok = comps.unet.to(device), comps.vae.to(device), comps.text_encoder.to(device), comps.tokenizer
+    unet.train()
+    return SimpleNamespace(
+        unet=unet,
+        vae=vae,
+        te=te,
+        sched=comps.noise_scheduler(),
+        opt=torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8),
+        inst=[pil_to_tensor(crop_resize(im, cfg.resolution)) for im in instance_set.images],
+        cls=[pil_to_tensor(crop_resize(im, cfg.resolution)) for im in class_images],
+        ids_i=comps.family.tokenize(tok, [cfg.instance_prompt]).to(device),
+        ids_c=comps.family.tokenize(tok, [cfg.class_prompt]).to(device),
+    )
+
+
+def _tutorial_step(m: SimpleNamespace, cfg: TrainConfig, timer, g, device) -> None:
+    """One step of the tutorial's loop, each phase timed."""
+    import torch
+    import torch.nn.functional as F
+
+    with timer("data"):
+        idx = int(torch.randint(0, max(len(m.inst), len(m.cls)), (1,), generator=g))
+        pi, pc = m.inst[idx % len(m.inst)][None].to(device), m.cls[idx % len(m.cls)][None].to(device)
+    with timer("vae"), torch.no_grad():
+        li = m.vae.encode(pi).latent_dist.sample() * m.vae.config.scaling_factor
+        lc = m.vae.encode(pc).latent_dist.sample() * m.vae.config.scaling_factor
+    ni, nc = torch.randn_like(li), torch.randn_like(lc)
+    t = torch.randint(0, m.sched.config.num_train_timesteps, (1,), device=device)
+    with timer("text_encoder"), torch.no_grad():
+        ei, ec = m.te(m.ids_i)[0], m.te(m.ids_c)[0]
+    with timer("unet_forward"):
+        pred_i = m.unet(m.sched.add_noise(li, ni, t), t, ei).sample
+        pred_c = m.unet(m.sched.add_noise(lc, nc, t), t, ec).sample
+        loss = F.mse_loss(pred_i.float(), ni.float()) + cfg.prior_loss_weight * F.mse_loss(pred_c.float(), nc.float())
+    with timer("backward"):
+        loss.backward()
+    with timer("optimizer"):
+        m.opt.step()
+        m.opt.zero_grad()
+    loss.item()  # the loss read-back every loop does (ours reads its losses back once per step on a CPU)
 
 
 def _run_morph(comps, resolution: int, repeats: int) -> dict:
@@ -428,33 +297,51 @@ def _run_morph(comps, resolution: int, repeats: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- the parent
-def _child_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-    env.update(extra or {})
-    return env
+def contender_plan(malloc: str, script: Path | None) -> list[tuple[str, str, bool]]:
+    """(name, role, tuned) of each contender, in the order a round runs them. tuned: our glibc settings from
+    the process's start (see contender_env). diffusers' script runs in the default environment but in "all",
+    which adds it once more tuned; "both" and "all" add ours once more with glibc's defaults."""
+    tuned = malloc != "default"
+    plan = [("ours", "ours", tuned)]
+    if malloc in ("both", "all"):
+        plan.append(("ours-malloc-default", "ours", False))
+    plan.append(("tutorial", "tutorial", tuned))
+    if script is not None:
+        plan.append(("diffusers", "diffusers", False))  # the target: diffusers run unchanged, default environment
+        if malloc == "all":
+            plan.append(("diffusers-tuned", "diffusers", True))
+    return plan
 
 
-def _log_tail(path: Path, n: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
+def contender_env(tuned: bool, device: str) -> dict:
+    """The whole environment a contender starts with. Tuned, on a CPU: our settings in GLIBC_TUNABLES, as
+    `python -m trainer` and the job runner give training on a CPU. Otherwise none of our settings (training off
+    a CPU is not tuned), and an untuned contender also gets DREAMLOOM_MALLOC=default, so that our trainer does
+    not tune itself."""
+    env = child_env()
+    env.pop(cpu_malloc.OPT_OUT, None)  # the plan decides, not this process's environment
+    if tuned and device == "cpu":
+        return cpu_malloc.with_tuned_malloc(env)
+    # this process may run with our settings itself (`python -m trainer` re-executes with them): leave them out
+    kept = [item for item in env.pop("GLIBC_TUNABLES", "").split(":") if item.partition("=")[0] not in cpu_malloc.TUNED]
+    if any(kept):
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, kept))
+    return env if tuned else {**env, cpu_malloc.OPT_OUT: "default"}
 
 
-def _spawn(role: str, spec_path: Path, work: Path, tag: str, env_extra: dict | None = None, gpu: bool = False):
-    """Run `python -m trainer bench --run-one ROLE` to completion, sampling its memory; (result, sampler, t0)."""
+def _spawn(role: str, spec_path: Path, work: Path, tag: str, env: dict | None = None, gpu: bool = False):
+    """Run `python -m trainer bench --run-one ROLE` with `env` (default: child_env()) to completion, sampling its
+    memory; (result, sampler, t0)."""
     out, log = work / f"{tag}.json", work / f"{tag}.log"
     cmd = [sys.executable, "-m", "trainer", "bench", "--run-one", role, "--spec", str(spec_path), "--json", str(out)]
     t0 = time.monotonic()
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_child_env(env_extra), cwd=work)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env or child_env(), cwd=work)
         with ProcSampler(proc.pid, gpu=gpu) as sampler:
             rc = proc.wait()
     if rc != 0 or not out.exists():
         raise DreamLoomError(
-            f"bench: the {tag} process failed (exit code {rc}). The end of its log ({log}):\n{_log_tail(log)}",
+            f"bench: the {tag} process failed (exit code {rc}). The end of its log ({log}):\n{log_tail(log)}",
             "Fix what the log says; the bench's folder is kept for inspection.",
         )
     result = json.loads(out.read_text())
@@ -462,205 +349,66 @@ def _spawn(role: str, spec_path: Path, work: Path, tag: str, env_extra: dict | N
     return result, sampler, t0
 
 
-def _measure(raw: dict, marks: dict[int, list], warmup: int, sampler: ProcSampler, t_start: float) -> dict:
-    """One contender's run: its per-step rows and its memory, from its step marks and this process's samples."""
-    rows = per_step_rows(marks, warmup)
-    if not rows:
-        raise DreamLoomError(
-            "bench: a contender reported too few steps to time.", "Use --warmup 1 or more and --steps 1 or more."
-        )
-    t0, t1 = window(marks, warmup)
-    in_window = [m[4] for n, m in marks.items() if n >= warmup and len(m) > 4 and m[4] is not None]
-    peaks = [p for p in (sampler.peak_rss(t0, t1), *in_window) if p is not None]
-    process_peak = raw.get("peak_rss_process") or sampler.hwm_at(t1)
-    if process_peak is not None and peaks:  # VmHWM is kept lazily by the kernel: never below an RSS seen
-        process_peak = max(process_peak, *peaks)
-    walls = [r[0] for r in rows]
-    return {
-        "pid": raw["pid"],
-        "malloc": raw.get("malloc"),
-        "step_times": walls,
-        "minor_faults": [r[1] for r in rows],
-        "sys_s": [r[2] for r in rows],
-        "user_s": [r[3] for r in rows],
-        "median_step_s": statistics.median(walls),
-        "faults_per_step": sum(r[1] for r in rows) / len(rows),
-        "sys_s_per_step": sum(r[2] for r in rows) / len(rows),
-        "user_s_per_step": sum(r[3] for r in rows) / len(rows),
-        "peak_rss": max(peaks) if peaks else None,
-        "peak_rss_process": process_peak,
-        "peak_cuda": raw.get("peak_cuda"),
-        "peak_gpu_process": sampler.gpu_peak,
-        "phases": raw.get("phases"),
-        "first_step_at_s": marks[min(marks)][0] - t_start if marks else None,
-        "process_wall_s": raw.get("process_wall_s"),
-    }
-
-
-def _run_loop_contender(role: str, spec_path: Path, work: Path, tag: str, env_extra: dict, spec: dict) -> dict:
-    raw, sampler, t0 = _spawn(role, spec_path, work, tag, env_extra, gpu=spec["device"] == "cuda")
+def _run_loop_contender(role: str, spec_path: Path, work: Path, tag: str, env: dict, spec: dict) -> dict:
+    raw, sampler, t0 = _spawn(role, spec_path, work, tag, env, gpu=spec["device"] == "cuda")
     marks = {i + 1: m for i, m in enumerate(raw["marks"])}
-    run = _measure(raw, marks, spec["warmup"], sampler, t0)
+    run = measure(raw, marks, spec["warmup"], sampler, t0)
     run["loop_step_times"] = raw["loop_step_times"][spec["warmup"] :]
     return run
 
 
-STEP_LINE = re.compile(r"Steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
-
-
-def parse_step_line(line: str) -> int | None:
-    """The step count of one of diffusers' tqdm lines ("Steps:  40%|####  | 2/5 [00:03<...]"), else None."""
-    m = STEP_LINE.search(line)
-    return int(m.group(1)) if m else None
-
-
-def diffusers_args(spec: dict, out_dir: Path) -> list[str]:
-    """The arguments that make diffusers' train_dreambooth_lora.py train what ours trains: same model, images,
-    prompts, class images (none generated), resolution, batch 1, rank, learning rate, optimizer, precision and
-    seed; no validation, no checkpoints, logs kept local."""
-    cfg = spec["cfg"]
-    total = spec["warmup"] + spec["steps"]
-    precision = cfg["mixed_precision"] if cfg["mixed_precision"] in ("no", "fp16", "bf16") else "no"
-    args = [
-        "--pretrained_model_name_or_path", spec["diffusers_model"],
-        "--instance_data_dir", spec["diffusers_instance_dir"],
-        "--instance_prompt", cfg["instance_prompt"],
-        "--with_prior_preservation",
-        "--class_data_dir", spec["diffusers_class_dir"],
-        "--class_prompt", cfg["class_prompt"],
-        "--num_class_images", str(spec["diffusers_class_count"]),
-        "--prior_loss_weight", str(cfg["prior_loss_weight"]),
-        "--output_dir", str(out_dir),
-        "--seed", str(cfg["seed"]),
-        "--resolution", str(spec["resolution"]),
-        "--train_batch_size", "1",
-        "--gradient_accumulation_steps", str(cfg["gradient_accumulation_steps"]),
-        "--max_train_steps", str(total),
-        "--checkpointing_steps", str(total + 1),
-        "--learning_rate", str(cfg["learning_rate"]),
-        "--lr_scheduler", "constant",
-        "--adam_beta1", str(cfg["adam_beta1"]),
-        "--adam_beta2", str(cfg["adam_beta2"]),
-        "--adam_weight_decay", str(cfg["adam_weight_decay"]),
-        "--adam_epsilon", str(cfg["adam_epsilon"]),
-        "--max_grad_norm", str(cfg["max_grad_norm"]),
-        "--rank", str(cfg["rank"]),
-        "--mixed_precision", precision,
-        "--dataloader_num_workers", "0",
-        "--report_to", "tensorboard",  # written under output_dir only when tensorboard is installed; never online
-    ]  # fmt: skip
-    if cfg["center_crop"]:
-        args.append("--center_crop")
-    if cfg["gradient_checkpointing"]:
-        args.append("--gradient_checkpointing")
-    return args
-
-
-def _run_diffusers(script: Path, spec: dict, work: Path, tag: str, tuned: bool) -> dict:
-    """diffusers' example script, unchanged, in its own process; its steps timed from its tqdm bar."""
-    out_dir, log = work / f"{tag}-output", work / f"{tag}.log"
-    env = {"TQDM_MININTERVAL": "0"}  # tqdm prints every step (it does anyway: set_postfix refreshes the bar)
-    malloc = "default"
-    if spec["device"] != "cpu":
-        malloc = "default (not on a CPU)"
-    elif tuned and sys.platform.startswith("linux"):
-        env["GLIBC_TUNABLES"] = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), GLIBC_TUNED]))
-        malloc = "keep freed memory (GLIBC_TUNABLES)"
-    cmd = [sys.executable, str(script), *diffusers_args(spec, out_dir)]
-    marks: dict[int, list] = {}
-    t_start = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env(env), cwd=work, bufsize=0
-    )
-
-    def mark(n: int) -> None:
-        counters = read_counters(proc.pid)
-        status = read_status(proc.pid)
-        if counters is not None:
-            marks[n] = [time.monotonic(), *counters, status[0] if status else None]
-            if status:
-                hwm[0] = max(hwm[0] or 0, status[1])
-
-    hwm = [None]
-    with open(log, "wb") as fh, ProcSampler(proc.pid, gpu=spec["device"] == "cuda") as sampler:
-        decoder, pending = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
-        while chunk := os.read(proc.stdout.fileno(), 65536):
-            fh.write(chunk)
-            parts = re.split(r"[\r\n]", pending + decoder.decode(chunk))
-            pending = parts.pop()
-            for line in parts:
-                n = parse_step_line(line)
-                if n is not None and n > 0 and n not in marks:
-                    mark(n)
-        rc = proc.wait()
-    if rc != 0:
-        raise DreamLoomError(
-            f"bench: diffusers' script {script} failed (exit code {rc}). The end of its log ({log}):\n{_log_tail(log)}",
-            "Install the example's requirements (examples/dreambooth/requirements.txt: torchvision, matching your "
-            "torch, and the others) and use the train_dreambooth_lora.py of the installed diffusers version (its "
-            "check_min_version must pass).",
+def _run_rounds(plan: list, script: Path | None, spec: dict, spec_path: Path, work: Path) -> dict[str, list]:
+    """Every contender of the plan, each in a fresh process, `repeats` rounds; name -> its runs."""
+    runs: dict[str, list] = {name: [] for name, _, _ in plan}
+    for r in range(spec["repeats"]):
+        for name, role, tuned in plan:
+            env, tag = contender_env(tuned, spec["device"]), f"{name}-{r + 1}"
+            if role == "diffusers":
+                runs[name].append(run_diffusers(script, spec, work, tag, env))
+            else:
+                runs[name].append(_run_loop_contender(role, spec_path, work, tag, env, spec))
+        print(
+            f"  round {r + 1}: " + ", ".join(f"{name} {runs[name][-1]['median_step_s']:.3f} s/step" for name in runs),
+            file=sys.stderr,
         )
-    if len(marks) < 2:
+    return runs
+
+
+def _check_args(steps: int, warmup: int, repeats: int, malloc: str | None, compare_diffusers: str | None):
+    """The path of diffusers' script (or None); refuses bad arguments before any work."""
+    if warmup < 1 or steps < 1 or repeats < 1:
+        raise DreamLoomError("bench needs --warmup, --steps and --repeats of 1 or more.", "Use the defaults 5, 30, 3.")
+    if malloc is not None and malloc not in MALLOC_CHOICES:
+        raise DreamLoomError(f"Unknown --malloc {malloc!r}.", f"Use one of {', '.join(MALLOC_CHOICES)}.")
+    script = Path(compare_diffusers).expanduser().resolve() if compare_diffusers else None
+    if script is not None and not script.is_file():
         raise DreamLoomError(
-            f"bench: found no tqdm step lines ('Steps: ... n/N') in the output of {script} ({log}).",
-            "Give diffusers' examples/dreambooth/train_dreambooth_lora.py, which shows a 'Steps' progress bar.",
+            f"--compare-diffusers {compare_diffusers}: no such file.",
+            "Give the path of diffusers' examples/dreambooth/train_dreambooth_lora.py.",
         )
-    raw = {"pid": proc.pid, "malloc": malloc, "peak_rss_process": None, "process_wall_s": time.monotonic() - t_start}
-    run = _measure(raw, marks, spec["warmup"], sampler, t_start)
-    run["peak_rss_process"] = max(
-        filter(None, [hwm[0], sampler.hwm_at(marks[max(marks)][0]), run["peak_rss"]]), default=None
+    return script
+
+
+def _prepare_in_process(work: Path, base_model: str, resolution, cfg_overrides, script, morph: bool, repeats: int):
+    """Run the preparation in its own process; (the spec every contender reads, the morph result or None)."""
+    # the processes run in the bench's folder: give them the model's absolute path
+    model_arg = base_model if base_model in BUILTIN_RESOLUTION else str(Path(base_model).expanduser().resolve())
+    request = {
+        "work": str(work),
+        "base_model": model_arg,
+        "resolution": resolution,
+        "cfg_overrides": cfg_overrides or {},
+        "diffusers": script is not None,
+        "morph": morph,
+        "repeats": repeats,
+    }
+    (work / "request.json").write_text(json.dumps(request))
+    print(
+        f"bench: preparing images{', a diffusers folder' if script else ''}{', morph' if morph else ''} in {work}",
+        file=sys.stderr,
     )
-    run["command"] = cmd
-    return run
-
-
-def summarise(runs: list[dict]) -> dict:
-    """One contender over its repeats: the median over all timed steps; CPU and faults per step over all of
-    them; the largest peaks."""
-    walls = [w for r in runs for w in r["step_times"]]
-    n = len(walls)
-
-    def most(key):
-        values = [r[key] for r in runs if r.get(key) is not None]
-        return max(values) / MB if values else None
-
-    phases = None
-    if runs[0].get("phases"):
-        phases = {k: 1000 * statistics.median(r["phases"][k] for r in runs) for k in PHASES}
-    median = statistics.median(walls)
-    return {
-        "timed_steps": n,
-        "median_step_s": median,
-        "steps_per_s": 1 / median if median > 0 else None,
-        "faults_per_step": sum(sum(r["minor_faults"]) for r in runs) / n,
-        "sys_s_per_step": sum(sum(r["sys_s"]) for r in runs) / n,
-        "user_s_per_step": sum(sum(r["user_s"]) for r in runs) / n,
-        "peak_rss_mb": most("peak_rss"),
-        "peak_rss_process_mb": most("peak_rss_process"),
-        "peak_cuda_mb": most("peak_cuda"),
-        "peak_gpu_process_mb": most("peak_gpu_process"),
-        "first_step_at_s": statistics.median(r["first_step_at_s"] for r in runs),
-        "phases_ms": phases,
-        "malloc": runs[0]["malloc"],
-    }
-
-
-def _ratio(a, b):
-    return a / b if a is not None and b else None
-
-
-def ratios(ours: dict, other: dict) -> dict:
-    """ours / other: below 1 means ours takes less time or memory."""
-    return {
-        "step_time": _ratio(ours["median_step_s"], other["median_step_s"]),
-        "speedup": _ratio(other["median_step_s"], ours["median_step_s"]),
-        "faults": _ratio(ours["faults_per_step"], other["faults_per_step"]),
-        "sys_cpu": _ratio(ours["sys_s_per_step"], other["sys_s_per_step"]),
-        "peak_rss": _ratio(ours["peak_rss_mb"], other["peak_rss_mb"]),
-        "peak_rss_process": _ratio(ours["peak_rss_process_mb"], other["peak_rss_process_mb"]),
-        "peak_cuda": _ratio(ours["peak_cuda_mb"], other["peak_cuda_mb"]),
-        "peak_gpu_process": _ratio(ours["peak_gpu_process_mb"], other["peak_gpu_process_mb"]),
-    }
+    spec, _, _ = _spawn("prepare", work / "request.json", work, "prepare")
+    return spec, spec.pop("morph", None)
 
 
 def bench(
@@ -678,95 +426,30 @@ def bench(
 ) -> dict:
     """Prepare the data in one process, then run the contenders, each in a fresh process, `repeats` rounds.
 
-    malloc: "tuned" (every contender keeps freed memory, as our trainer does on a CPU), "default" (glibc's
-    defaults for all), "both" (tuned, plus ours once more with glibc's defaults) or "all" (both, plus ours with
-    the same settings given as GLIBC_TUNABLES from the process's start); None: both on a Linux CPU.
+    malloc: "tuned" (ours and the tutorial loop with our glibc settings from their start, as our trainer runs on
+    a CPU; diffusers' script in the default environment), "default" (glibc's defaults for all), "both" (tuned,
+    plus ours once more with glibc's defaults) or "all" (both, plus diffusers' script once more with our
+    settings); None: both on a Linux CPU, else tuned. Off a CPU nobody is tuned.
     """
-    if warmup < 1 or steps < 1 or repeats < 1:
-        raise DreamLoomError("bench needs --warmup, --steps and --repeats of 1 or more.", "Use the defaults 5, 30, 3.")
-    if malloc is not None and malloc not in MALLOC_CHOICES:
-        raise DreamLoomError(f"Unknown --malloc {malloc!r}.", f"Use one of {', '.join(MALLOC_CHOICES)}.")
-    script = Path(compare_diffusers).expanduser().resolve() if compare_diffusers else None
-    if script is not None and not script.is_file():
-        raise DreamLoomError(
-            f"--compare-diffusers {compare_diffusers}: no such file.",
-            "Give the path of diffusers' examples/dreambooth/train_dreambooth_lora.py.",
-        )
-    # the processes run in the bench's folder: give them the model's absolute path
-    model_arg = base_model if base_model in BUILTIN_RESOLUTION else str(Path(base_model).expanduser().resolve())
+    script = _check_args(steps, warmup, repeats, malloc, compare_diffusers)
     work = Path(tempfile.mkdtemp(prefix="dreamloom-bench-"))
-    request = {
-        "work": str(work),
-        "base_model": model_arg,
-        "resolution": resolution,
-        "cfg_overrides": cfg_overrides or {},
-        "diffusers": script is not None,
-        "morph": morph,
-        "repeats": repeats,
-    }
-    (work / "request.json").write_text(json.dumps(request))
-    print(
-        f"bench: preparing images{', a diffusers folder' if script else ''}{', morph' if morph else ''} in {work}",
-        file=sys.stderr,
-    )
-    spec, _, _ = _spawn("prepare", work / "request.json", work, "prepare")
-    morph_result = spec.pop("morph", None)
+    spec, morph_result = _prepare_in_process(work, base_model, resolution, cfg_overrides, script, morph, repeats)
     spec.update(warmup=warmup, steps=steps, repeats=repeats, compile=compile_unet)
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    on_cpu = spec["device"] == "cpu"
     if malloc is None:
-        malloc = "both" if on_cpu and sys.platform.startswith("linux") else "tuned"
-    tuned = malloc != "default"
-    plan = [("ours", "ours", {} if tuned else {"DREAMLOOM_MALLOC": "default"})]
-    if malloc in ("both", "all"):
-        plan.append(("ours-malloc-default", "ours", {"DREAMLOOM_MALLOC": "default"}))
-    if malloc == "all":  # the same settings as keep_freed_memory, but from the process's start (as diffusers gets)
-        tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), GLIBC_TUNED]))
-        plan.append(("ours-glibc-tunables", "ours", {"DREAMLOOM_MALLOC": "default", "GLIBC_TUNABLES": tunables}))
-    plan.append(("tutorial", "tutorial", {} if tuned else {"DREAMLOOM_MALLOC": "default"}))
-    names = [name for name, _, _ in plan] + (["diffusers"] if script else [])
+        malloc = "both" if spec["device"] == "cpu" and sys.platform.startswith("linux") else "tuned"
+    plan = contender_plan(malloc, script)
     print(
         f"bench: {base_model} at {spec['resolution']}px on {spec['device']}, rank 4, batch 1, prior preservation on; "
-        f"{warmup} warm-up + {steps} timed steps; {repeats} rounds of {', '.join(names)}, each in a fresh process; "
-        f"malloc {malloc}",
+        f"{warmup} warm-up + {steps} timed steps; {repeats} rounds of {', '.join(name for name, _, _ in plan)}, "
+        f"each in a fresh process; malloc {malloc}",
         file=sys.stderr,
     )
-    runs: dict[str, list] = {name: [] for name in names}
-    for r in range(repeats):
-        for name, role, env in plan:
-            runs[name].append(_run_loop_contender(role, spec_path, work, f"{name}-{r + 1}", env, spec))
-            if "GLIBC_TUNABLES" in env:
-                runs[name][-1]["malloc"] = "keep freed memory (GLIBC_TUNABLES)"
-        if script:
-            runs["diffusers"].append(_run_diffusers(script, spec, work, f"diffusers-{r + 1}", tuned))
-        print(
-            f"  round {r + 1}: " + ", ".join(f"{name} {runs[name][-1]['median_step_s']:.3f} s/step" for name in names),
-            file=sys.stderr,
-        )
-
-    contenders = {name: {"summary": summarise(runs[name]), "runs": runs[name]} for name in names}
-    ours = contenders["ours"]["summary"]
-    report = {
-        "base_model": base_model,
-        "resolution": spec["resolution"],
-        "steps": steps,
-        "warmup": warmup,
-        "repeats": repeats,
-        "torch_compile": compile_unet,
-        "device": spec["device"],
-        "torch_threads": spec["torch_threads"],
-        "cpu_count": os.cpu_count(),
-        "versions": spec["versions"],
-        "malloc": malloc,
-        "glibc_tunables_env": os.environ.get("GLIBC_TUNABLES"),
-        "diffusers_script": str(script) if script else None,
-        "contenders": contenders,
-        "ratios": {f"ours/{n}": ratios(ours, contenders[n]["summary"]) for n in names if n != "ours"},
-    }
+    runs = _run_rounds(plan, script, spec, spec_path, work)
+    report = build_report(base_model, spec, malloc, script, runs)
     if morph_result is not None:
         report["morph"] = morph_result
-
     print(format_report(report))
     if out:
         from ..files.atomic import atomic_write_text
@@ -775,6 +458,30 @@ def bench(
         print(f"wrote {out}", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+# --------------------------------------------------------------------------------------------- the report
+def build_report(base_model: str, spec: dict, malloc: str, script: Path | None, runs: dict[str, list]) -> dict:
+    """The JSON report: the settings, each contender's summary and runs, and ours / each other contender."""
+    contenders = {name: {"summary": summarise(r), "runs": r} for name, r in runs.items()}
+    ours = contenders["ours"]["summary"]
+    return {
+        "base_model": base_model,
+        "resolution": spec["resolution"],
+        "steps": spec["steps"],
+        "warmup": spec["warmup"],
+        "repeats": spec["repeats"],
+        "torch_compile": spec["compile"],
+        "device": spec["device"],
+        "torch_threads": spec["torch_threads"],
+        "cpu_count": os.cpu_count(),
+        "versions": spec["versions"],
+        "malloc": malloc,
+        "glibc_tunables_env": os.environ.get("GLIBC_TUNABLES"),
+        "diffusers_script": str(script) if script else None,
+        "contenders": contenders,
+        "ratios": {f"ours/{n}": ratios(ours, contenders[n]["summary"]) for n in contenders if n != "ours"},
+    }
 
 
 def _mb(value) -> str:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import __version__, cpu_malloc
 from ..base_models.load import (
     BUILTIN_MODELS,
     _check_diffusers_folder,
@@ -356,6 +356,8 @@ def doctor(
     out.append(f"  mixed_precision         {precision} ({precision_why})")
     out.append(f"  gradient_checkpointing  {'on' if ckpt else 'off'} ({ckpt_why})")
     out.append(f"  TF32                    {'on' if tf32 else 'off'} ({tf32_why})")
+    if device.kind == "cpu":  # what `python -m trainer` and the job runner give a CPU training process
+        out.append(f"  CPU allocator           {cpu_malloc.describe()}")
     if device.kind != "cuda":
         out += _wrap(
             "On a CUDA GPU, auto picks bf16 (fp16 where the GPU has no bf16) and turns gradient checkpointing on "

@@ -62,11 +62,14 @@ def labelled_grid(
     rows = (len(cells) + cols - 1) // cols
     cells += [Image.new("RGB", cells[0].size, "white")] * (rows * cols - len(cells))
     tiles = make_image_grid(cells, rows=rows, cols=cols)
-    title_h = 22 if title else 0
+    # the title wraps to the grid's width: on small tiles one line would be cut off at the right edge
+    title_lines = wrap_label(title, tiles.width - PAD) if title else []
+    title_h = LINE_HEIGHT * len(title_lines) + 8 if title else 0
     grid = Image.new("RGB", (tiles.width + PAD, title_h + tiles.height + PAD), "white")
     grid.paste(tiles, (0, title_h))
-    if title:
-        ImageDraw.Draw(grid).text((PAD, 4), title, fill="black", font=font)
+    draw = ImageDraw.Draw(grid)
+    for j, line in enumerate(title_lines):
+        draw.text((PAD, 4 + LINE_HEIGHT * j), line, fill="black", font=font)
     return grid
 
 

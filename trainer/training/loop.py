@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from diffusers.optimization import get_scheduler
 
+from .. import cpu_malloc
 from ..base_models.load import load_base_model
 from ..config import DEFAULT_CACHE_DIR, TrainConfig
 from ..data.batches import CLASS_STREAM_SEED_OFFSET, BatchLayout
@@ -35,7 +36,6 @@ from .methods import make_method
 from .precision import (
     enable_checkpointing,
     enable_tf32,
-    keep_freed_memory,
     make_accelerator,
     make_optimizer,
     place_modules,
@@ -130,7 +130,7 @@ class Trainer:
             "tf32": "on" if enable_tf32(self.acc.device) else "off",
         }
         if self.acc.device.type == "cpu":
-            self.settings["malloc"] = "keep freed memory" if keep_freed_memory() else "default"
+            self.settings["malloc"] = cpu_malloc.describe()
         torch.manual_seed(cfg.seed)
 
         events.emit("progress", phase="loading", step=0, total=cfg.max_train_steps)
@@ -376,7 +376,7 @@ class Trainer:
             path = self._checkpoint(step)
             self._write_loss()
             self.events.emit("stopped", step=step, checkpoint=str(path))
-            raise StopRequested(step, str(path))
+            raise StopRequested(step, str(path), announced=True)
         if self.bench or step == cfg.max_train_steps:
             return
         if cfg.sample_every and step % cfg.sample_every == 0:
@@ -463,7 +463,8 @@ class Trainer:
     def _sample(self, step: int) -> None:
         """A labelled grid of the sample prompts at a fixed seed; the training RNG is untouched."""
         cfg, acc = self.cfg, self.acc
-        if acc.is_main_process and cfg.sample_every >= 0:
+        if acc.is_main_process and cfg.sample_every > 0:  # 0: no samples at all, not even the first and last
+            started = time.perf_counter()
             training = [m for m in (self.comps.unet, self.comps.text_encoder) if m.training]
             for module in training:
                 module.eval()
@@ -491,7 +492,8 @@ class Trainer:
                 getattr(self.comps, name).to("cpu")
             if self.offloaded:
                 torch.cuda.empty_cache()
-            self.events.emit("sample", step=step, path=str(path))
+            # a grid costs minutes for SD1.5 on a CPU: the log says how long, so a user can weigh sample_every
+            self.events.emit("sample", step=step, path=str(path), seconds=round(time.perf_counter() - started, 1))
         acc.wait_for_everyone()
 
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import datetime
-import os
-import sys
 
 import torch
 from accelerate import Accelerator
@@ -62,27 +59,6 @@ def enable_tf32(device) -> bool:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     return True
-
-
-# glibc's malloc hands large freed blocks back to the kernel (mmap'd chunks, heap trimming), so every training
-# step on a CPU faults the same hundreds of MB back in: about 0.9 M minor page faults and a third of the CPU
-# time per SD1.5 step. Keeping freed memory in the process removes that at the same peak resident size.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit systems
-
-
-def keep_freed_memory() -> bool:
-    """Tell glibc to keep freed memory for reuse (no trimming; blocks up to 32 MiB from the heap). Linux only;
-    True when applied. `DREAMLOOM_MALLOC=default` leaves the allocator alone."""
-    if not sys.platform.startswith("linux") or os.environ.get("DREAMLOOM_MALLOC") == "default":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # musl or another libc
-        return False
-    trim = libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
-    mmap = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-    return bool(trim and mmap)
 
 
 def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int, project_dir) -> Accelerator:

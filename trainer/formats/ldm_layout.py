@@ -1,16 +1,17 @@
-"""Write SD1.5 components in the original (LDM / CompVis) single-file key layout.
+"""SD1.5-family components in the original (LDM / CompVis) single-file key layout.
 
-The tests use it to make random-weight full-size SD1.5 checkpoints that the offline loader and
-ComfyUI read. The mapping is written from the two architectures'
-module structure (UNet `input_blocks` / `middle_block` / `output_blocks`, VAE `down` / `mid` / `up`).
+ComfyUI's model classes take this layout: the node pack builds ComfyUI's MODEL, CLIP and VAE for the built-in
+models from it, and the tests write random-weight full-size SD1.5 checkpoints with it. The mapping is written
+from the two architectures' module structure (UNet `input_blocks` / `middle_block` / `output_blocks`, VAE
+`down` / `mid` / `up`) and holds for any number of levels and layers per block.
 """
 
 from __future__ import annotations
 
 import re
 
-from trainer.base_models.components import text_model_path
-from trainer.files.atomic import atomic_save
+from ..base_models.components import text_model_path
+from ..files.atomic import atomic_save
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -136,6 +137,13 @@ def to_ldm_state_dict(unet_sd: dict, vae_sd: dict, text_sd: dict, unet_config: d
     for k, v in text_sd.items():
         out[TEXT_PREFIX + text_model_path(k)] = v
     return out
+
+
+def split_ldm_state_dict(sd: dict) -> dict[str, dict]:
+    """{"unet", "vae", "text"}: each component's LDM keys without the single-file prefix; other keys dropped
+    (a checkpoint may hold e.g. ComfyUI's `v_pred` marker)."""
+    prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text": TEXT_PREFIX}
+    return {part: {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)} for part, p in prefixes.items()}
 
 
 def write_ldm_checkpoint(
