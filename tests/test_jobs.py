@@ -133,3 +133,17 @@ def test_offline_guard_blocks_remote_connections():
     )
     assert "DreamLoomError Blocked a network connection" in r.stdout
     assert "loopback" in r.stdout
+
+
+def test_log_lines_tell_the_run_without_flooding():
+    from trainer.jobs.parent import describe_event
+
+    phase: list = []
+    lines = [
+        describe_event({"event": "progress", "phase": "training", "step": s, "time": 1.0}, phase) for s in (1, 2, 3)
+    ]
+    assert lines[0].endswith("progress: phase=training, step=1") and lines[1:] == [None, None]
+    assert describe_event({"event": "progress", "phase": "export", "step": 3}, phase).endswith("phase=export, step=3")
+    done = describe_event({"event": "done", "outputs": {"lora": "/x" * 500, "samples": ["/y"] * 500}}, phase)
+    assert done.endswith("done: outputs=lora, samples")  # the paths are in done.json
+    assert len(describe_event({"event": "log", "message": "m" * 5000}, phase)) < 400

@@ -31,3 +31,16 @@ def test_pack_imports_by_path_without_heavy_modules():
     assert all(info["heavy"] == [] for info in runs)
     assert runs[0]["nodes"] >= 10
     assert min(info["seconds"] for info in runs) < 0.1, runs
+
+
+def test_registry_icon_points_at_a_picture_in_this_repository():
+    import re
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    icon_url = re.search(r'^Icon = "(.*)"$', (root / "pyproject.toml").read_text(), re.M)[1]  # no tomllib on 3.10
+    prefix = "https://raw.githubusercontent.com/dreamloom/comfyui-dreamloom/main/"
+    assert icon_url.startswith(prefix)
+    with Image.open(root / icon_url[len(prefix) :]) as icon:
+        assert icon.size[0] == icon.size[1] >= 128  # square, as the registry shows it

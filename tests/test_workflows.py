@@ -10,9 +10,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from workflow_format import object_info, ui_to_api, validate_ui  # noqa: E402
+from workflow_format import input_specs, is_widget, object_info, ui_to_api, validate_ui  # noqa: E402
 
 NAMES = ["fabric_dreambooth_lora", "fabric_textual_inversion", "fabric_explore", "fabric_morph"]
+TINY_FABRIC = "tiny-fabric (built-in 128 px fabric model)"
+BASE_MODEL_USERS = ("DreamLoomGenerateClassImages", "DreamLoomTrainLoRA", "DreamLoomTrainTextualInversion")
+# Training and class-image nodes draw their sample previews inside themselves (up to ~512 px tall) and grow.
+GROWING = BASE_MODEL_USERS
+GROWS_BELOW = 700
+TITLE_HEIGHT = 30  # the editor draws a node's title bar above its pos
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +43,115 @@ def test_workflow_is_valid(name, info):
     for node in ui["nodes"]:
         if node["type"] == "DreamLoomLoadTrainingImages":
             assert node["widgets_values"][0] == "dreamloom_fabric"  # the bundled sample set by default
-        if node["type"] in (
-            "CheckpointLoaderSimple",
-            "DreamLoomGenerateClassImages",
-            "DreamLoomTrainLoRA",
-            "DreamLoomTrainTextualInversion",
-        ):
-            assert node["widgets_values"][0] == "v1-5-pruned-emaonly.safetensors"
+
+
+def _node(ui, node_id):
+    return next(n for n in ui["nodes"] if n["id"] == node_id)
+
+
+def _sources(ui, node, input_name):
+    """(source node, output name) of what is linked to `input_name` of `node`, or None."""
+    inp = next((i for i in node["inputs"] if i["name"] == input_name), None)
+    if inp is None or inp["link"] is None:
+        return None
+    link = next(lk for lk in ui["links"] if lk[0] == inp["link"])
+    src = _node(ui, link[1])
+    return src, src["outputs"][link[2]]["name"]
+
+
+def _widget(node, info, name):
+    """The value of widget `name` of a UI node (widgets_values are in input order, seeds followed by a control)."""
+    values = iter(node["widgets_values"])
+    for spec_name, kind, opts, _ in input_specs(info[node["type"]]):
+        if not is_widget(kind, opts):
+            continue
+        value = next(values)
+        if opts.get("control_after_generate"):
+            next(values)
+        if spec_name == name:
+            return value
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_loader_chooses_the_model_of_the_whole_workflow(name, info):
+    """Runs unchanged on the built-in tiny-fabric; SD1.5 is one widget away (issue: the whole graph on any machine)."""
+    ui = _ui(name)
+    loaders = [n for n in ui["nodes"] if n["type"] == "DreamLoomLoadCheckpoint"]
+    assert len(loaders) == 1
+    (loader,) = loaders
+    assert loader["widgets_values"] == [TINY_FABRIC]
+    assert not {"CheckpointLoaderSimple", "EmptyLatentImage"} & {n["type"] for n in ui["nodes"]}
+    base_users = [n for n in ui["nodes"] if n["type"] in BASE_MODEL_USERS]
+    assert base_users
+    for node in base_users:
+        assert _sources(ui, node, "base_model") == (loader, "base_model"), f"{node['type']}#{node['id']}"
+        # the overridden widget still names a choice every machine has, so ComfyUI's validation passes anywhere
+        assert _widget(node, info, "ckpt_name") == TINY_FABRIC
+    # every latent is made at the model's native size, by the loader's VAE
+    for node in ui["nodes"]:
+        if node["type"] in ("DreamLoomEmptyLatent", "DreamLoomSlerpNoise"):
+            assert (_widget(node, info, "width"), _widget(node, info, "height")) == (0, 0)
+            assert _sources(ui, node, "vae") == (loader, "vae")
+        if node["type"] in ("DreamLoomLoadTrainingImages", "DreamLoomGenerateClassImages"):
+            assert _widget(node, info, "resolution") == 0
+        if node["type"] in ("VAEDecode", "DreamLoomRenderMorph"):
+            assert _sources(ui, node, "vae") == (loader, "vae")
+        if node["type"] in ("DreamLoomLoadLoRA",):
+            assert _sources(ui, node, "model") == (loader, "model") and _sources(ui, node, "clip") == (loader, "clip")
+    # Prompt Batch's count still sets the batch of the latent its sampler renders
+    for node in ui["nodes"]:
+        if node["type"] == "DreamLoomEmptyLatent" and _sources(ui, node, "batch_size") is not None:
+            assert _sources(ui, node, "batch_size")[0]["type"] == "DreamLoomPromptBatch"
+    assert (
+        sum(1 for n in ui["nodes"] if n["type"] == "DreamLoomEmptyLatent")
+        == {
+            "fabric_dreambooth_lora": 1,
+            "fabric_textual_inversion": 1,
+            "fabric_explore": 2,
+            "fabric_morph": 0,
+        }[name]
+    )
+    # the first note says so
+    note = min((n for n in ui["nodes"] if n["type"] == "Note"), key=lambda n: n["id"])["widgets_values"][0]
+    for words in ("Load Checkpoint (DreamLoom)", "whole workflow", "tiny-fabric", "any CPU", "SD1.5", "0", "native"):
+        assert words in note, words
+
+
+def _boxes(ui):
+    """(node, x0, y0, x1, y1) as the editor draws each node: its title bar above pos, and room below the nodes
+    that grow as sample previews arrive."""
+    for n in ui["nodes"]:
+        (x, y), (w, h) = n["pos"], n["size"]
+        grow = GROWS_BELOW if n["type"] in GROWING else 0
+        yield n, x, y - TITLE_HEIGHT, x + w, y + h + grow
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nodes_do_not_overlap(name):
+    boxes = list(_boxes(_ui(name)))
+    overlaps = []
+    for i, (a, ax0, ay0, ax1, ay1) in enumerate(boxes):
+        for b, bx0, by0, bx1, by1 in boxes[i + 1 :]:
+            if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
+                overlaps.append(f"{a['type']}#{a['id']} and {b['type']}#{b['id']}")
+    assert overlaps == []
+
+
+def test_the_overlap_check_sees_a_preview_under_a_training_node():
+    ui = copy.deepcopy(_ui("fabric_dreambooth_lora"))
+    train = next(n for n in ui["nodes"] if n["type"] == "DreamLoomTrainLoRA")
+    loss = _sources_of_output(ui, train, "loss_plot")
+    loss["pos"] = [train["pos"][0], train["pos"][1] + train["size"][1] + GROWS_BELOW - 100]
+    boxes = {n["id"]: box for n, *box in _boxes(ui)}
+    (tx0, ty0, tx1, ty1), (lx0, ly0, lx1, ly1) = boxes[train["id"]], boxes[loss["id"]]
+    assert tx0 < lx1 and lx0 < tx1 and ty0 < ly1 and ly0 < ty1
+
+
+def _sources_of_output(ui, node, output_name):
+    out = next(o for o in node["outputs"] if o["name"] == output_name)
+    (link,) = [lk for lk in ui["links"] if lk[0] in out["links"]]
+    return _node(ui, link[3])
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -16,7 +16,6 @@ from workflow_format import ROOT, Workflow, object_info, ui_to_api  # noqa: E402
 sys.path.insert(0, str(ROOT))
 from trainer.inference.prompts import GRID_CONTEXTS  # noqa: E402
 
-CKPT = "v1-5-pruned-emaonly.safetensors"
 SUBJECT = "sks african fabric pattern"
 CONTEXTS = GRID_CONTEXTS
 STYLES = [
@@ -34,32 +33,57 @@ SEEDS = [1, 42, 100, 256, 512, 777, 999, 1234, 2048]
 GUIDANCE = [1.5, 3.0, 7.5, 12.0, 20.0]
 NEGATIVE = "blurry, low quality, distorted"
 
-TRAINING_NOTE = (
-    "DreamLoom - DreamBooth LoRA on the fabric sample set\n\n"
-    "1. Load Training Images: 'dreamloom_fabric' is the bundled sample set (10 woven-strip fabrics), created in "
-    "ComfyUI's input folder on first run. Point it at your own folder of 5-20 images to train on them.\n"
-    "2. Generate Class Images: 100 images of 'a fabric pattern' from the base model, for prior preservation. "
-    "They are cached; a cancelled run resumes.\n"
-    "3. Train DreamBooth LoRA: the tutorial's settings - rank 4, learning rate 1e-4, 800 steps, prior weight 1.0. "
-    "Training runs in a separate process; the progress bar shows the newest sample grid. Cancel keeps a checkpoint, "
-    "and queueing again resumes. The same inputs reuse the finished LoRA instead of training again.\n\n"
-    "Checkpoint: pick your SD1.5 file in every checkpoint widget (v1-5-pruned-emaonly.safetensors by default)."
+# Layout. Nodes are 320 px wide, in columns COLUMN px apart; the editor draws a 30 px title bar above `pos`.
+# Training and class-image nodes draw their sample previews inside themselves (up to ~512 px tall) and grow:
+# nothing goes below them in their column. Image outputs get a fixed size the preview is fitted into.
+COLUMN = 380
+CHAIN_Y = 400  # the top of the training chain, below the first note
+PREVIEW = (360, 360)  # PreviewImage / SaveImage nodes
+SAVE_GRID = (420, 460)
+
+ONE_WIDGET = (
+    "ONE WIDGET CHOOSES THE MODEL: 'Load Checkpoint (DreamLoom)' loads it for the whole workflow - its base_model "
+    "output drives the training and class-image nodes (their own ckpt_name widget is then ignored) and its model, "
+    "clip and vae drive the rendering. The built-in tiny-fabric (the default) runs on any CPU in minutes; for real "
+    "results pick your SD1.5 checkpoint there. Sizes of 0 (resolution, width, height) mean the model's native size: "
+    "128 px for tiny-fabric, 512 px for SD1.5."
 )
 
 
-def training_chain(wf: Workflow, x: int = 0, y: int = 0) -> dict:
-    images = wf.add("DreamLoomLoadTrainingImages", (x, y + 260), {"folder": "dreamloom_fabric", "resolution": 512})
-    preview = wf.add("PreviewImage", (x, y + 640), title="Training images")
+def builtin_model(info) -> str:
+    """The loader's default choice: the built-in tiny-fabric, present on every machine."""
+    return info["DreamLoomLoadCheckpoint"]["input"]["required"]["ckpt_name"][1]["default"]
+
+
+def first_note(wf: Workflow, title: str, text: str, height: int = 360) -> int:
+    return wf.note(f"{title}\n\n{ONE_WIDGET}\n\n{text}", (0, -40), (740, height))
+
+
+def load_checkpoint(wf: Workflow, x: int, y: int) -> int:
+    return wf.add("DreamLoomLoadCheckpoint", (x, y), {"ckpt_name": builtin_model(wf.info)})
+
+
+def training_images(wf: Workflow, x: int, y: int) -> int:
+    images = wf.add("DreamLoomLoadTrainingImages", (x, y), {"folder": "dreamloom_fabric", "resolution": 0})
+    preview = wf.add("PreviewImage", (x, y + 340), title="Training images", size=PREVIEW)
     wf.link(images, "preview", preview, "images")
+    return images
+
+
+def training_chain(wf: Workflow, x: int = 0, y: int = CHAIN_Y) -> dict:
+    """Load Checkpoint, the training images, class images, Train DreamBooth LoRA and Load DreamLoom LoRA."""
+    tiny = builtin_model(wf.info)
+    ckpt = load_checkpoint(wf, x, y)
+    images = training_images(wf, x, y + 220)
     classes = wf.add(
         "DreamLoomGenerateClassImages",
-        (x + 380, y),
+        (x + COLUMN, y),
         {
-            "ckpt_name": CKPT,
+            "ckpt_name": tiny,
             "class_prompt": "a fabric pattern",
             "negative_prompt": "",
             "count": 100,
-            "resolution": 512,
+            "resolution": 0,
             "steps": 25,
             "cfg": 7.5,
             "sampler": "dpmpp_2m",
@@ -67,11 +91,12 @@ def training_chain(wf: Workflow, x: int = 0, y: int = 0) -> dict:
             "batch_size": 4,
         },
     )
+    wf.link(ckpt, "base_model", classes, "base_model")
     train = wf.add(
         "DreamLoomTrainLoRA",
-        (x + 760, y + 140),
+        (x + 2 * COLUMN, y),
         {
-            "ckpt_name": CKPT,
+            "ckpt_name": tiny,
             "instance_prompt": "a sks african fabric pattern",
             "token": "sks",
             "class_prompt": "a fabric pattern",
@@ -83,18 +108,20 @@ def training_chain(wf: Workflow, x: int = 0, y: int = 0) -> dict:
             "learning_rate": 1e-4,
             "max_train_steps": 800,
             "seed": 42,
-            "sample_every": 100,
+            "sample_every": 200,
             "output_name": "sks_fabric",
         },
     )
+    wf.link(ckpt, "base_model", train, "base_model")
     wf.link(images, "dataset", train, "instance_images")
     wf.link(classes, "class_images", train, "class_images")
-    loss = wf.add("PreviewImage", (x + 760, y + 720), title="Loss")
+    loss = wf.add("PreviewImage", (x + 3 * COLUMN, y), title="Loss", size=PREVIEW)
     wf.link(train, "loss_plot", loss, "images")
-    ckpt = wf.add("CheckpointLoaderSimple", (x + 1140, y), {"ckpt_name": CKPT})
-    lora = wf.add("DreamLoomLoadLoRA", (x + 1140, y + 160), {"strength_model": 1.0, "strength_clip": 1.0})
-    wf.link(ckpt, "MODEL", lora, "model")
-    wf.link(ckpt, "CLIP", lora, "clip")
+    lora = wf.add(
+        "DreamLoomLoadLoRA", (x + 3 * COLUMN, y + PREVIEW[1] + 60), {"strength_model": 1.0, "strength_clip": 1.0}
+    )
+    wf.link(ckpt, "model", lora, "model")
+    wf.link(ckpt, "clip", lora, "clip")
     wf.link(train, "lora_name", lora, "lora_path")
     return {"ckpt": ckpt, "lora": lora, "train": train, "images": images}
 
@@ -108,6 +135,13 @@ def encode_pair(wf: Workflow, clip_src, x: int, y: int, text: str) -> tuple[int,
     return pos, neg
 
 
+def empty_latent(wf: Workflow, vae_src, x: int, y: int) -> int:
+    """Empty Latent (DreamLoom) at the model's native size, shaped by the VAE (tiny-fabric's scales by 4)."""
+    latent = wf.add("DreamLoomEmptyLatent", (x, y), {"width": 0, "height": 0, "batch_size": 1})
+    wf.link(*vae_src, latent, "vae")
+    return latent
+
+
 def decode_grid_save(
     wf: Workflow, latent_src, vae_src, x: int, y: int, grid_widgets: dict, prefix: str, labels_link=None
 ) -> int:
@@ -119,7 +153,7 @@ def decode_grid_save(
     wf.link(decode, "IMAGE", grid, "images")
     if labels_link:
         wf.link(*labels_link, grid, "labels")
-    save = wf.add("SaveImage", (x + 360, y), {"filename_prefix": prefix})
+    save = wf.add("SaveImage", (x + 360, y), {"filename_prefix": prefix}, size=SAVE_GRID)
     wf.link(grid, "grid", save, "images")
     return save
 
@@ -135,9 +169,9 @@ def prompt_grid(
     wf.link(*clip_src, batch, "clip")
     if subject_link:
         wf.link(*subject_link, batch, "subject")
-    negative = wf.add("CLIPTextEncode", (x, y + 300), {"text": NEGATIVE}, title="Negative prompt")
+    negative = wf.add("CLIPTextEncode", (x, y + 260), {"text": NEGATIVE}, title="Negative prompt")
     wf.link(*clip_src, negative, "clip")
-    latent = wf.add("EmptyLatentImage", (x, y + 480), {"width": 512, "height": 512})
+    latent = empty_latent(wf, vae_src, x, y + 440)
     wf.link(batch, "count", latent, "batch_size")
     sampler = wf.add(
         "KSampler",
@@ -147,7 +181,7 @@ def prompt_grid(
     wf.link(*model_src, sampler, "model")
     wf.link(batch, "conditioning", sampler, "positive")
     wf.link(negative, "CONDITIONING", sampler, "negative")
-    wf.link(latent, "LATENT", sampler, "latent_image")
+    wf.link(latent, "latent", sampler, "latent_image")
     return decode_grid_save(
         wf,
         (sampler, "LATENT"),
@@ -162,22 +196,33 @@ def prompt_grid(
 
 def fabric_dreambooth_lora(info) -> dict:
     wf = Workflow(info)
-    wf.note(TRAINING_NOTE, (0, -40), (360, 280))
-    t = training_chain(wf, 0, 260)
+    first_note(
+        wf,
+        "DreamLoom - DreamBooth LoRA on the fabric sample set",
+        "1. Load Training Images: 'dreamloom_fabric' is the bundled sample set (10 woven-strip fabrics), created in "
+        "ComfyUI's input folder on first run. Point it at your own folder of 5-20 images to train on them.\n"
+        "2. Generate Class Images: 100 images of 'a fabric pattern' from the base model, for prior preservation. "
+        "They are cached; a cancelled run resumes.\n"
+        "3. Train DreamBooth LoRA: the tutorial's settings - rank 4, learning rate 1e-4, 800 steps, prior weight 1.0. "
+        "Training runs in a separate process; the node shows the newest sample grid. Cancel keeps a checkpoint, "
+        "and queueing again resumes. The same inputs reuse the finished LoRA instead of training again.",
+    )
+    t = training_chain(wf)
+    x = 4 * COLUMN + 40
     wf.note(
         "4. Generation with the trained LoRA (tutorial exercise 1): Load DreamLoom LoRA takes the LoRA name from the "
         "training node, so one queue trains and then uses it. Prompt Batch encodes the nine contexts; one KSampler "
         "renders all nine; Image Grid labels them.",
-        (1520, -40),
-        (420, 160),
+        (x, CHAIN_Y - 240),
+        (700, 180),
     )
     prompt_grid(
         wf,
         (t["lora"], "clip"),
         (t["lora"], "model"),
-        (t["ckpt"], "VAE"),
-        1520,
-        260,
+        (t["ckpt"], "vae"),
+        x,
+        CHAIN_Y,
         CONTEXTS,
         SUBJECT,
         "sks african fabric pattern in nine contexts (LoRA)",
@@ -188,43 +233,42 @@ def fabric_dreambooth_lora(info) -> dict:
 
 def fabric_textual_inversion(info) -> dict:
     wf = Workflow(info)
-    wf.note(
-        "DreamLoom - Textual Inversion on the fabric sample set\n\nTrain Textual Inversion learns one new token's "
-        "embedding (a file of a few KB) into ComfyUI's embeddings folder. Its prompt_token output is "
-        "'embedding:<name>', which Prompt Batch puts where each prompt says {s}. Learning rate 5e-4; style templates "
-        "suit a pattern. Cancel keeps a checkpoint; queueing again resumes.\n\nCheckpoint: pick your SD1.5 file "
-        "in both "
-        "checkpoint widgets.",
-        (0, -40),
-        (360, 260),
+    first_note(
+        wf,
+        "DreamLoom - Textual Inversion on the fabric sample set",
+        "Train Textual Inversion learns one new token's embedding (a file of a few KB) into ComfyUI's embeddings "
+        "folder. Its prompt_token output is 'embedding:<name>', which Prompt Batch puts where each prompt says {s}. "
+        "Learning rate 5e-4, 1500 steps; style templates suit a pattern. Cancel keeps a checkpoint; queueing again "
+        "resumes.",
     )
-    images = wf.add("DreamLoomLoadTrainingImages", (0, 260), {"folder": "dreamloom_fabric", "resolution": 512})
+    ckpt = load_checkpoint(wf, 0, CHAIN_Y)
+    images = training_images(wf, 0, CHAIN_Y + 220)
     train = wf.add(
         "DreamLoomTrainTextualInversion",
-        (380, 260),
+        (COLUMN, CHAIN_Y),
         {
-            "ckpt_name": CKPT,
+            "ckpt_name": builtin_model(info),
             "placeholder_token": "<sks-fabric>",
             "initializer_token": "pattern",
             "learning_rate": 5e-4,
             "max_train_steps": 1500,
             "seed": 42,
-            "sample_every": 250,
+            "sample_every": 500,
             "output_name": "sks_fabric_ti",
         },
     )
+    wf.link(ckpt, "base_model", train, "base_model")
     wf.link(images, "dataset", train, "instance_images")
-    loss = wf.add("PreviewImage", (380, 640), title="Loss")
+    loss = wf.add("PreviewImage", (2 * COLUMN, CHAIN_Y), title="Loss", size=PREVIEW)
     wf.link(train, "loss_plot", loss, "images")
-    ckpt = wf.add("CheckpointLoaderSimple", (760, 0), {"ckpt_name": CKPT})
     prompts = [(label, text.replace("{s}", "{s} fabric")) for label, text in CONTEXTS]
     prompt_grid(
         wf,
-        (ckpt, "CLIP"),
-        (ckpt, "MODEL"),
-        (ckpt, "VAE"),
-        760,
-        260,
+        (ckpt, "clip"),
+        (ckpt, "model"),
+        (ckpt, "vae"),
+        3 * COLUMN + 40,
+        CHAIN_Y,
         prompts,
         "embedding:sks_fabric_ti",
         "the learned embedding in nine contexts (TI)",
@@ -236,39 +280,40 @@ def fabric_textual_inversion(info) -> dict:
 
 def fabric_explore(info) -> dict:
     wf = Workflow(info)
-    wf.note(
-        "DreamLoom - exploring the trained LoRA (tutorial exercise 2)\n\nThe training chain is the same as in "
-        "fabric_dreambooth_lora: with the same inputs it returns the finished LoRA at once instead of training again.\n"
+    first_note(
+        wf,
+        "DreamLoom - exploring the trained LoRA (tutorial exercise 2)",
+        "The training chain is the same as in fabric_dreambooth_lora: with the same inputs it returns the finished "
+        "LoRA at once instead of training again.\n"
         "A: guidance sweep 1.5 / 3 / 7.5 / 12 / 20 at seed 42. B: nine artistic styles at seed 123. C: nine seeds "
         "(1, 42, 100, 256, 512, 777, 999, 1234, 2048); SLERP Noise with one frame per keyframe gives exactly each "
         "seed's own noise.",
-        (0, -40),
-        (360, 300),
+        height=380,
     )
-    t = training_chain(wf, 0, 300)
-    model, clip, vae = (t["lora"], "model"), (t["lora"], "clip"), (t["ckpt"], "VAE")
+    t = training_chain(wf)
+    model, clip, vae = (t["lora"], "model"), (t["lora"], "clip"), (t["ckpt"], "vae")
     # A: guidance sweep
-    x, y = 1520, 0
+    x, y, step = 4 * COLUMN + 40, 0, 360
     pos, neg = encode_pair(
         wf, clip, x, y, "a sks african fabric pattern, beautiful textile design, intricate details, vibrant colors"
     )
-    empty = wf.add("EmptyLatentImage", (x, y + 400), {"width": 512, "height": 512, "batch_size": 1})
+    empty = empty_latent(wf, vae, x, y + 440)
     batch = None
     for i, cfg in enumerate(GUIDANCE):
         ks = wf.add(
             "KSampler",
-            (x + 360, y + 300 * i),
+            (x + 360, y + step * i),
             {"seed": 42, "steps": 30, "cfg": cfg, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0},
             title=f"KSampler cfg {cfg:g}",
         )
         wf.link(*model, ks, "model")
         wf.link(pos, "CONDITIONING", ks, "positive")
         wf.link(neg, "CONDITIONING", ks, "negative")
-        wf.link(empty, "LATENT", ks, "latent_image")
+        wf.link(empty, "latent", ks, "latent_image")
         if batch is None:
             batch = ks
         else:
-            joined = wf.add("LatentBatch", (x + 720, y + 300 * i))
+            joined = wf.add("LatentBatch", (x + 720, y + step * i))
             wf.link(batch, "LATENT", joined, "samples1")
             wf.link(ks, "LATENT", joined, "samples2")
             batch = joined
@@ -282,31 +327,33 @@ def fabric_explore(info) -> dict:
         "dreamloom/fabric_guidance",
     )
     # B: styles
+    y = 5 * step + 80
     prompt_grid(
-        wf, clip, model, vae, 1520, 1600, STYLES, SUBJECT, "nine styles, seed 123", "dreamloom/fabric_styles", seed=123
+        wf, clip, model, vae, x, y, STYLES, SUBJECT, "nine styles, seed 123", "dreamloom/fabric_styles", seed=123
     )
     # C: seeds
-    x, y = 1520, 2400
+    y += 800
     posc, negc = encode_pair(wf, clip, x, y, "a sks african fabric pattern, beautiful colors, detailed")
     noise = wf.add(
         "DreamLoomSlerpNoise",
-        (x, y + 400),
+        (x, y + 440),
         {
             "seeds": ", ".join(map(str, SEEDS)),
             "frames_per_transition": 1,
             "easing": "linear",
             "hold_frames": 0,
             "loop": True,
-            "width": 512,
-            "height": 512,
+            "width": 0,
+            "height": 0,
         },
     )
+    wf.link(*vae, noise, "vae")
     guider = wf.add("CFGGuider", (x + 360, y), {"cfg": 7.5})
     wf.link(*model, guider, "model")
     wf.link(posc, "CONDITIONING", guider, "positive")
     wf.link(negc, "CONDITIONING", guider, "negative")
-    select = wf.add("KSamplerSelect", (x + 360, y + 160), {"sampler_name": "dpmpp_2m"})
-    sched = wf.add("BasicScheduler", (x + 360, y + 280), {"scheduler": "karras", "steps": 30, "denoise": 1.0})
+    select = wf.add("KSamplerSelect", (x + 360, y + 180), {"sampler_name": "dpmpp_2m"})
+    sched = wf.add("BasicScheduler", (x + 360, y + 300), {"scheduler": "karras", "steps": 30, "denoise": 1.0})
     wf.link(*model, sched, "model")
     adv = wf.add("SamplerCustomAdvanced", (x + 720, y))
     wf.link(noise, "noise", adv, "noise")
@@ -328,32 +375,33 @@ def fabric_explore(info) -> dict:
 
 def fabric_morph(info) -> dict:
     wf = Workflow(info)
-    wf.note(
-        "DreamLoom - seamless SLERP morph through the learned style (tutorial step 5)\n\nSLERP Noise makes the initial "
-        "noise of all 450 frames: 5 keyframe seeds x 90 frames, a closed loop with no duplicated frame at the seam. At "
-        "each keyframe it equals ComfyUI's own noise for that seed. Render Morph samples 8 frames at a time (lower "
-        "chunk_size if memory is short) with the deterministic euler sampler, and Save Animation writes a looping GIF "
-        "at 30 fps that lasts exactly 15 s.",
-        (0, -40),
-        (360, 300),
+    first_note(
+        wf,
+        "DreamLoom - seamless SLERP morph through the learned style (tutorial step 5)",
+        "SLERP Noise makes the initial noise of all 450 frames: 5 keyframe seeds x 90 frames, a closed loop with no "
+        "duplicated frame at the seam. At each keyframe it equals ComfyUI's own noise for that seed. Render Morph "
+        "samples 8 frames at a time (lower chunk_size if memory is short) with the deterministic euler sampler, and "
+        "Save Animation writes a looping GIF at 30 fps that lasts exactly 15 s.",
+        height=380,
     )
-    t = training_chain(wf, 0, 300)
-    model, clip, vae = (t["lora"], "model"), (t["lora"], "clip"), (t["ckpt"], "VAE")
-    x, y = 1520, 0
+    t = training_chain(wf)
+    model, clip, vae = (t["lora"], "model"), (t["lora"], "clip"), (t["ckpt"], "vae")
+    x, y = 4 * COLUMN + 40, CHAIN_Y
     pos, neg = encode_pair(wf, clip, x, y, "a sks african fabric pattern")
     noise = wf.add(
         "DreamLoomSlerpNoise",
-        (x, y + 400),
+        (x, y + 440),
         {
             "seeds": "1, 42, 100, 256, 512",
             "frames_per_transition": 90,
             "easing": "linear",
             "hold_frames": 0,
             "loop": True,
-            "width": 512,
-            "height": 512,
+            "width": 0,
+            "height": 0,
         },
     )
+    wf.link(*vae, noise, "vae")
     select = wf.add("KSamplerSelect", (x + 360, y), {"sampler_name": "euler"})
     sched = wf.add("BasicScheduler", (x + 360, y + 120), {"scheduler": "normal", "steps": 25, "denoise": 1.0})
     wf.link(*model, sched, "model")
@@ -370,6 +418,7 @@ def fabric_morph(info) -> dict:
         "DreamLoomSaveAnimation",
         (x + 1080, y),
         {"fps": 30.0, "format": "gif", "loop": True, "filename_prefix": "dreamloom/fabric_morph"},
+        size=SAVE_GRID,
     )
     wf.link(render, "frames", save, "images")
     return wf.to_ui()

@@ -192,11 +192,16 @@ class Workflow:
                 links = [link[0] for link in self.links if link[1] == nid and link[2] == slot]
                 outputs.append({"name": oname, "type": otype, "links": links, "slot_index": slot})
             n_rows = max(len(inputs), len(outputs)) + len(widgets_values)
+            # The editor gives a multi-line text box at least 60 px (and 20 more for its margins) where a
+            # one-line widget takes 24: the stored size is what the editor shows, so layout checks can trust it.
+            multiline = sum(
+                1 for _, kind, opts, _ in input_specs(info) if is_widget(kind, opts) and opts.get("multiline")
+            )
             entry = {
                 "id": nid,
                 "type": node["type"],
                 "pos": node["pos"],
-                "size": node["size"] or [320, 30 + 24 * n_rows],
+                "size": node["size"] or [320, 30 + 24 * n_rows + 56 * multiline],
                 "flags": {},
                 "order": order[nid],
                 "mode": 0,

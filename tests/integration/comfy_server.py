@@ -65,8 +65,10 @@ class ComfyServer:
             "--base-directory",
             str(self.base),
             "--disable-auto-launch",
+            # ComfyUI's default database sits in its own install folder; an in-memory one is finalized from the
+            # wrong thread (a logged sqlite3.ProgrammingError traceback): a file in the base directory is neither.
             "--database-url",
-            "sqlite:///:memory:",
+            f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
         ]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(path), stdout=self.log, stderr=subprocess.STDOUT)

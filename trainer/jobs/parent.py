@@ -185,7 +185,10 @@ def describe_event(record: dict, last_phase: list) -> str | None:
         if record.get("phase") == (last_phase[0] if last_phase else None):
             return None
         last_phase[:] = [record.get("phase")]
-    details = ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("event", "time") and v is not None)
+    shown = {k: v for k, v in record.items() if k not in ("event", "time") and v is not None}
+    if isinstance(shown.get("outputs"), dict):  # the file list is in done.json; the log names what was made
+        shown["outputs"] = ", ".join(shown["outputs"])
+    details = ", ".join(f"{k}={v}"[:300] for k, v in shown.items())
     return f"{time.strftime('%H:%M:%S')} {kind}: {details}"
 
 
