@@ -7,6 +7,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = r"""
 import importlib.util, sys, time, json
 root = sys.argv[1]
+before = set(sys.modules)
 t = time.perf_counter()
 spec = importlib.util.spec_from_file_location(
     "custom_nodes_x_dreamloom", root + "/__init__.py", submodule_search_locations=[root]
@@ -16,21 +17,24 @@ sys.modules[spec.name] = m
 spec.loader.exec_module(m)
 dt = time.perf_counter() - t
 heavy = [n for n in ("torch", "diffusers", "peft", "transformers", "accelerate", "numpy", "PIL") if n in sys.modules]
-print(json.dumps({"seconds": dt, "heavy": heavy, "nodes": len(m.NODE_CLASS_MAPPINGS)}))
+new = sorted(set(sys.modules) - before)
+own = [n for n in new if n.startswith(spec.name)]
+print(json.dumps({"seconds": dt, "heavy": heavy, "nodes": len(m.NODE_CLASS_MAPPINGS), "own": own, "new": new}))
 """
 
 
 def test_pack_imports_by_path_without_heavy_modules():
+    """ComfyUI prints each pack's import time at start-up. Time depends on the machine's load, so the test
+    holds what the time is made of: no heavy library, and a budget of modules (today 18 of ours, 62 in all;
+    measured 42 ms median at load average 5 on two cores, see README)."""
     import json
 
-    runs = []
-    for _ in range(3):  # the best of three: this machine is noisy
-        r = subprocess.run([sys.executable, "-c", PROBE, str(ROOT)], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-        runs.append(json.loads(r.stdout))
-    assert all(info["heavy"] == [] for info in runs)
-    assert runs[0]["nodes"] >= 10
-    assert min(info["seconds"] for info in runs) < 0.1, runs
+    r = subprocess.run([sys.executable, "-c", PROBE, str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["heavy"] == [] and info["nodes"] >= 14
+    assert len(info["own"]) <= 20, info["own"]
+    assert len(info["new"]) <= 75, info["new"]
 
 
 def test_registry_icon_points_at_a_picture_in_this_repository():

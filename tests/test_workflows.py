@@ -231,3 +231,13 @@ def test_validator_catches_broken_workflows(info):
 
     assert any("takes IMAGE" in p for p in broken(wrong_type))
     assert any("unknown type" in p for p in broken(lambda u: u["nodes"][ks].__setitem__("type", "KSamplerTurbo")))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_template_has_a_thumbnail(name):
+    """ComfyUI serves workflows/ as templates; the editor asks for <name>.jpg next to each (404 without one)."""
+    from PIL import Image
+
+    with Image.open(ROOT / "workflows" / f"{name}.jpg") as thumb:
+        assert thumb.format == "JPEG" and thumb.size[0] == thumb.size[1] >= 256
+        assert thumb.convert("L").getextrema()[1] - thumb.convert("L").getextrema()[0] > 64  # a picture
