@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dreamloom-installed
 
-.PHONY: venv demo lint test test-fast test-min-deps bench clean
+.PHONY: venv demo lint test test-fast test-min-deps gpu-proof bench clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,11 @@ test-min-deps: MIN_VENV ?= build/venv-min-deps
 test-min-deps:
 	$(PYTHON) tools/min_deps.py install --venv $(MIN_VENV)
 	$(MIN_VENV)/bin/python -m pytest -q -m "not slow and not cuda" -p no:cacheprovider
+
+# On a machine with an NVIDIA GPU: doctor, `pytest -m cuda` and bench at 512 px (tools/gpu_proof.sh).
+# DIFFUSERS_SCRIPT=path/to/train_dreambooth_lora.py adds diffusers' example to the bench.
+gpu-proof: venv
+	PYTHON=$(PY) tools/gpu_proof.sh all build/gpu_proof $(DIFFUSERS_SCRIPT)
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -207,6 +207,7 @@ def test_bench_runs_each_contender_in_its_own_process(tmp_path, capsys):
     for c in called:
         assert c["args"]["max_train_steps"] == 3 and c["args"]["resolution"] == 64
         assert c["args"]["seed"] == TrainConfig.seed and c["env_offline"] == "1"
+        assert c["args"]["mixed_precision"] == ("fp16" if saved["device"] == "cuda" else "no")  # --mixed-precision auto
     plain, tuned_run = (_tunables(c["glibc"]) for c in called)
     assert not set(cpu_malloc.TUNED) & set(plain)  # diffusers, the target, runs in the default environment
     if saved["device"] == "cpu":
@@ -293,3 +294,15 @@ def test_contender_env_gives_tuning_from_the_start_or_none_of_ours(monkeypatch):
         assert M.malloc_label("cpu", tuned) == "tuned (GLIBC_TUNABLES)"
         assert M.malloc_label("cpu", default) == "default (DREAMLOOM_MALLOC=default)"
     assert M.malloc_label("cuda", tuned) == "default (not on a CPU)"
+
+
+def test_bench_cli_passes_precision_and_checkpointing_to_every_contender(monkeypatch, tmp_path):
+    from trainer.cli import main
+
+    seen = {}
+    monkeypatch.setattr(B, "bench", lambda *args, **kwargs: seen.update(kwargs))
+    argv = ["bench", "--mixed-precision", "bf16", "--gradient-checkpointing", "--json", str(tmp_path / "b.json")]
+    assert main(argv) == 0
+    assert seen["cfg_overrides"] == {"mixed_precision": "bf16", "gradient_checkpointing": True}
+    assert main(["bench", "--json", str(tmp_path / "c.json")]) == 0
+    assert seen["cfg_overrides"] == {"mixed_precision": "auto", "gradient_checkpointing": False}

@@ -3,7 +3,8 @@ elsewhere every test here is skipped with that reason.
 
 The model is a random-weight, full-size SD1.5 written in the original single-file layout and loaded through
 the same offline path a user's checkpoint takes. Budgets are peak allocated CUDA memory of the whole run
-(training, the start and end sample grids, export), for SD1.5 at 512 px, LoRA rank 4, batch 1 + 1 prior.
+(latent caching, training, export; no sample grids), for SD1.5 at 512 px, LoRA rank 4, batch 1 + 1 prior.
+`tools/gpu_proof.sh` runs these, `doctor` and `bench` in one command.
 """
 
 import gc
@@ -185,3 +186,29 @@ def test_class_images_within_budget(sd15_checkpoint, tmp_path):
     assert {p.dtype for p in comps.unet.parameters()} == {torch.float32}  # handed back as it was loaded
     assert len(paths) == 4 and all(p.exists() for p in paths)
     assert peak < CLASS_IMAGES_BUDGET_GIB, f"peak {peak:.2f} GiB"
+
+
+def test_defaults_without_settings_node(sd15_checkpoint, data, tmp_path):
+    """What a ComfyUI user gets when no Training Settings node is connected: the config's defaults."""
+    cfg = _config(sd15_checkpoint, data, mixed_precision="auto", gradient_checkpointing=None, max_train_steps=2)
+    trainer, result, peak = _train(cfg, tmp_path / "run")
+    settings = trainer.settings
+    print(f"\n[cuda] auto settings: {settings}; peak {peak:.2f} GiB")
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    assert settings["mixed_precision"].startswith(expected)
+    assert settings["tf32"] == ("on" if torch.cuda.get_device_capability()[0] >= 8 else "off")
+    assert torch.backends.cuda.matmul.allow_tf32 == (settings["tf32"] == "on")
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in result.losses])))
+    assert peak < BUDGET_GIB[settings["gradient_checkpointing"].startswith("on")], f"peak {peak:.2f} GiB"
+
+
+def test_8bit_adam_trains(sd15_checkpoint, data, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="8-bit AdamW needs bitsandbytes (pip install bitsandbytes)")
+    cfg = _config(sd15_checkpoint, data, use_8bit_adam=True)
+    trainer, result, peak = _train(cfg, tmp_path / "run")
+    print(f"\n[cuda] LoRA fp16 checkpointing 8-bit AdamW: peak {peak:.2f} GiB")
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    assert type(inner).__module__.startswith("bitsandbytes"), type(inner)
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in result.losses])))
+    assert _moved_fraction(trainer, "unet.") >= 0.5
+    assert peak < BUDGET_GIB[True], f"peak {peak:.2f} GiB"

@@ -137,6 +137,13 @@ def _add_lab_commands(sub) -> None:
         default=None,
         help="also run diffusers' examples/dreambooth/train_dreambooth_lora.py (unchanged) at the same settings",
     )
+    p.add_argument(
+        "--mixed-precision",
+        choices=["auto", "no", "fp16", "bf16"],
+        default="auto",
+        help="precision of every contender; auto: fp16 on a GPU (the memory budgets' setting), fp32 on a CPU",
+    )
+    p.add_argument("--gradient-checkpointing", action="store_true", help="every contender with gradient checkpointing")
     p.add_argument("--json", default="bench.json", help="where to write the JSON result")
     p.add_argument("--run-one", choices=["prepare", "ours", "tutorial"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)

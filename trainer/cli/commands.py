@@ -184,15 +184,11 @@ def pipeline_with_adapters(args):
     """The base model as a pipeline on the best device, with --lora and --embedding applied."""
     from ..base_models.load import load_base_model
     from ..formats.embeddings import load_embedding_into_pipeline
-    from ..inference.pipelines import load_lora_into_pipeline, make_pipeline
-    from ..training.precision import WEIGHT_DTYPES, best_device, resolve_mixed_precision
+    from ..inference.pipelines import load_lora_into_pipeline, make_pipeline, to_inference_device
 
     comps = load_base_model(args.base_model)
     pipe = make_pipeline(comps, args.sampler)
-    device = best_device()
-    precision, _ = resolve_mixed_precision("auto", device.type)  # fp16/bf16 on a GPU: half the memory
-    dtype = WEIGHT_DTYPES.get(precision)
-    pipe.to(device, dtype) if dtype is not None else pipe.to(device)
+    to_inference_device(pipe)
     if args.lora:
         load_lora_into_pipeline(pipe, args.lora, args.lora_scale)
     if args.embedding:
@@ -335,6 +331,10 @@ def cmd_bench(args) -> int:
         compile_unet=args.compile,
         malloc=args.malloc,
         compare_diffusers=args.compare_diffusers,
+        cfg_overrides={
+            "mixed_precision": args.mixed_precision,
+            "gradient_checkpointing": args.gradient_checkpointing,
+        },
     )
     return 0
 

@@ -99,9 +99,12 @@ def _prepare(req: dict) -> dict:
         class_steps=4,
         checkpoint_every=0,
         sample_every=0,
-        # the tutorial loop and diffusers' script run in fp32 here, without checkpointing
-        **{"mixed_precision": "no", "gradient_checkpointing": False, **req["cfg_overrides"]},
-    ).validate()
+        # every contender runs these; auto: fp16 on a GPU (the budgets' setting), fp32 on a CPU
+        **{"mixed_precision": "auto", "gradient_checkpointing": False, **req["cfg_overrides"]},
+    )
+    if cfg.mixed_precision == "auto":
+        cfg.mixed_precision = "fp16" if best_device().type == "cuda" else "no"
+    cfg.validate()
     spec = ClassImageSpec.for_training(cfg, comps.fingerprint)
     class_dir = class_dir_for(work, spec)
     generate_class_images(comps, spec, cfg.num_class_images, class_dir, device=best_device())
@@ -289,9 +292,10 @@ def _tutorial_step(m: SimpleNamespace, cfg: TrainConfig, timer, g, device) -> No
 def _run_morph(comps, resolution: int, repeats: int) -> dict:
     """Batched against per-frame morph rendering (inference/morph.py:bench_morph)."""
     from ..inference.morph import MorphSpec, bench_morph
-    from ..inference.pipelines import make_pipeline
+    from ..inference.pipelines import make_pipeline, to_inference_device
 
     pipe = make_pipeline(comps)
+    to_inference_device(pipe)  # as `python -m trainer morph` renders: on the GPU in half precision when there is one
     spec_m = MorphSpec(seconds=1.0, fps=24, steps=8, resolution=resolution)
     return bench_morph(pipe, spec_m, n_frames=24, batch_size=8, repeats=repeats)
 

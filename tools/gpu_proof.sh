@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU proof in one command, on a machine with an NVIDIA GPU and the pack's requirements installed:
+#   tools/gpu_proof.sh [tests|bench|all] [OUT_DIR] [PATH/TO/train_dreambooth_lora.py]
+# tests: `python -m trainer doctor` and `pytest -m cuda` (SD1.5-size training at 512 px, fp16/bf16, budgets).
+# bench: `python -m trainer bench` on a random-weight full-size SD1.5 at 512 px in fp16, with and without
+#        gradient checkpointing, next to diffusers' own example script when its path is given.
+# Logs and JSON results go to OUT_DIR (default build/gpu_proof).
+set -uo pipefail
+stage=${1:-all}
+out=${2:-build/gpu_proof}
+script=${3:-}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+status=0
+
+if [[ $stage == tests || $stage == all ]]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+    $python -m trainer doctor 2>&1 | tee "$out/doctor.txt" || status=1
+    $python -m pytest -m cuda -v -s -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/cuda_tests.log" || status=1
+fi
+
+if [[ $stage == bench || $stage == all ]]; then
+    model=${SD15_CHECKPOINT:-/tmp/dreamloom-sd15-random.safetensors}
+    [[ -f $model ]] || PYTHONPATH=.:tests${PYTHONPATH:+:$PYTHONPATH} $python -m helpers.sd15_layout "$model"
+    compare=()
+    [[ -n $script ]] && compare=(--compare-diffusers "$script")
+    for checkpointing in "" --gradient-checkpointing; do
+        name=bench_fp16${checkpointing:+_checkpointing}
+        rm -f "$out/$name.json"
+        $python -m trainer bench --base-model "$model" --resolution 512 --mixed-precision fp16 $checkpointing \
+            --steps "${BENCH_STEPS:-20}" --warmup 5 --repeats "${BENCH_REPEATS:-2}" --skip-morph "${compare[@]}" \
+            --json "$out/$name.json" 2>&1 | tee "$out/$name.log" || status=1
+    done
+fi
+exit $status
