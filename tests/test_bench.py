@@ -172,7 +172,7 @@ def test_bench_runs_each_contender_in_its_own_process(tmp_path, capsys):
     )
     saved = json.loads(out.read_text())
     assert saved["contenders"].keys() == report["contenders"].keys()
-    names = ["ours", "ours-malloc-default", "tutorial", "diffusers", "diffusers-tuned"]
+    names = ["ours", "ours-malloc-default", "tutorial", "unet", "diffusers", "diffusers-tuned"]
     assert list(saved["contenders"]) == names
     pids = set()
     for name, c in saved["contenders"].items():
@@ -194,6 +194,7 @@ def test_bench_runs_each_contender_in_its_own_process(tmp_path, capsys):
             "ours": tuned,
             "ours-malloc-default": default,
             "tutorial": tuned,
+            "unet": tuned,
             "diffusers": default,
             "diffusers-tuned": tuned,
         }
@@ -203,7 +204,7 @@ def test_bench_runs_each_contender_in_its_own_process(tmp_path, capsys):
     assert saved["morph"]["frames"] == 24
 
     called = [json.loads(line) for line in (tmp_path / "stand_in_runs.jsonl").read_text().splitlines()]
-    assert [c["pid"] for c in called] == [saved["contenders"][k]["runs"][0]["pid"] for k in names[3:]]
+    assert [c["pid"] for c in called] == [saved["contenders"][k]["runs"][0]["pid"] for k in names[4:]]
     for c in called:
         assert c["args"]["max_train_steps"] == 3 and c["args"]["resolution"] == 64
         assert c["args"]["seed"] == TrainConfig.seed and c["env_offline"] == "1"
@@ -230,16 +231,26 @@ def test_bench_refuses_a_missing_script_before_any_work(tmp_path):
 @pytest.mark.parametrize(
     "malloc, script, expected",
     [
-        ("tuned", None, [("ours", "ours", True), ("tutorial", "tutorial", True)]),
+        ("tuned", None, [("ours", "ours", True), ("tutorial", "tutorial", True), ("unet", "unet", True)]),
         (
             "tuned",
             "s.py",
-            [("ours", "ours", True), ("tutorial", "tutorial", True), ("diffusers", "diffusers", False)],
+            [
+                ("ours", "ours", True),
+                ("tutorial", "tutorial", True),
+                ("unet", "unet", True),
+                ("diffusers", "diffusers", False),
+            ],
         ),
         (
             "default",
             "s.py",
-            [("ours", "ours", False), ("tutorial", "tutorial", False), ("diffusers", "diffusers", False)],
+            [
+                ("ours", "ours", False),
+                ("tutorial", "tutorial", False),
+                ("unet", "unet", False),
+                ("diffusers", "diffusers", False),
+            ],
         ),
         (
             "both",
@@ -248,6 +259,7 @@ def test_bench_refuses_a_missing_script_before_any_work(tmp_path):
                 ("ours", "ours", True),
                 ("ours-malloc-default", "ours", False),
                 ("tutorial", "tutorial", True),
+                ("unet", "unet", True),
                 ("diffusers", "diffusers", False),
             ],
         ),
@@ -258,11 +270,21 @@ def test_bench_refuses_a_missing_script_before_any_work(tmp_path):
                 ("ours", "ours", True),
                 ("ours-malloc-default", "ours", False),
                 ("tutorial", "tutorial", True),
+                ("unet", "unet", True),
                 ("diffusers", "diffusers", False),
                 ("diffusers-tuned", "diffusers", True),
             ],
         ),
-        ("all", None, [("ours", "ours", True), ("ours-malloc-default", "ours", False), ("tutorial", "tutorial", True)]),
+        (
+            "all",
+            None,
+            [
+                ("ours", "ours", True),
+                ("ours-malloc-default", "ours", False),
+                ("tutorial", "tutorial", True),
+                ("unet", "unet", True),
+            ],
+        ),
     ],
 )
 def test_contender_plan(malloc, script, expected):

@@ -70,3 +70,16 @@ def cuda_in_this_process() -> bool:
         return bool(torch.cuda.is_available())
     except Exception:  # a broken CUDA install: the worker will report it
         return False
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the kernel now (glibc's malloc_trim), after a large release that the
+    trim threshold above would otherwise keep in the process. False where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        return False

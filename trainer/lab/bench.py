@@ -50,7 +50,7 @@ from .bench_measure import (
     summarise,
 )
 
-ROLES = ("prepare", "ours", "tutorial")
+ROLES = ("prepare", "ours", "tutorial", "unet")
 MALLOC_CHOICES = ("tuned", "default", "both", "all")
 
 
@@ -62,7 +62,7 @@ def run_one(role: str, spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     if role not in ROLES:
         raise DreamLoomError(f"Unknown bench role {role!r}.", f"Use one of {', '.join(ROLES)}.")
-    result = {"prepare": _prepare, "ours": _run_ours, "tutorial": _run_tutorial}[role](spec)
+    result = {"prepare": _prepare, "ours": _run_ours, "tutorial": _run_tutorial, "unet": _run_bare_unet}[role](spec)
     result["pid"] = os.getpid()
     atomic_write_text(out_path, json.dumps(result, indent=2))
 
@@ -289,6 +289,58 @@ def _tutorial_step(m: SimpleNamespace, cfg: TrainConfig, timer, g, device) -> No
     loss.item()  # the loss read-back every loop does (ours reads its losses back once per step on a CPU)
 
 
+def _run_bare_unet(spec: dict) -> dict:
+    """The floor for ours: only the UNet's forward and backward and AdamW over the same LoRA, on a batch of the
+    same shape as ours (instance + class rows in one pass), made once before the loop: no data, no caches, no
+    loss weighting, no logging. Frozen weights and autocast as ours places them."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..training.methods.lora import LoRAMethod
+    from ..training.precision import WEIGHT_DTYPES, best_device
+    from ..training.timing import PhaseTimer
+
+    cfg = TrainConfig.from_dict(spec["cfg"])
+    warmup, steps = spec["warmup"], spec["steps"]
+    device = best_device()
+    comps = _factory(spec["base_model"])()
+    torch.manual_seed(cfg.seed)
+    LoRAMethod(cfg).setup(comps)
+    unet = comps.unet
+    frozen_dtype = WEIGHT_DTYPES.get(cfg.mixed_precision, torch.float32)
+    for param in unet.parameters():
+        param.data = param.data.to(device, torch.float32 if param.requires_grad else frozen_dtype)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    del comps
+    rows = 2 * cfg.train_batch_size  # instance + prior rows, as ours concatenates them
+    side = cfg.resolution // 8
+    g = torch.Generator().manual_seed(cfg.seed)
+    latents = torch.randn((rows, unet.config.in_channels, side, side), generator=g).to(device)
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    context = torch.randn((rows, 77, unet.config.cross_attention_dim), generator=g).to(device, frozen_dtype)
+    timesteps = torch.randint(0, 1000, (rows,), generator=g).to(device)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+    autocast = torch.autocast(device.type, dtype=frozen_dtype, enabled=frozen_dtype != torch.float32)
+    timer = PhaseTimer(device.type)
+    timer.step_times = marks = StepMarks(timer, warmup)
+    _cuda_peak_reset()
+    for _ in range(warmup + steps):
+        t0 = time.perf_counter()
+        with timer("unet_forward"), autocast:
+            loss = F.mse_loss(unet(latents, timesteps, context).sample.float(), noise)
+        with timer("backward"):
+            loss.backward()
+        with timer("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        loss.item()
+        marks.append(time.perf_counter() - t0)
+    return _loop_result(timer, marks, warmup, malloc_label(device.type))
+
+
 def _run_morph(comps, resolution: int, repeats: int) -> dict:
     """Batched against per-frame morph rendering (inference/morph.py:bench_morph)."""
     from ..inference.morph import MorphSpec, bench_morph
@@ -310,6 +362,7 @@ def contender_plan(malloc: str, script: Path | None) -> list[tuple[str, str, boo
     if malloc in ("both", "all"):
         plan.append(("ours-malloc-default", "ours", False))
     plan.append(("tutorial", "tutorial", tuned))
+    plan.append(("unet", "unet", tuned))  # the floor: the UNet's forward, backward and AdamW alone
     if script is not None:
         plan.append(("diffusers", "diffusers", False))  # the target: diffusers run unchanged, default environment
         if malloc == "all":

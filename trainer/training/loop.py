@@ -33,6 +33,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, tra
 from .loss import diffusion_loss
 from .loss_log import LossLog
 from .methods import make_method
+from .parking import ParkedModules
 from .precision import (
     enable_checkpointing,
     enable_tf32,
@@ -83,9 +84,18 @@ class Trainer:
         self.phase = timer if timer is not None else untimed
         self.bench = bench  # bench runs skip samples, checkpoints and export
         self.loss_log = LossLog()
+        self.offloaded: list[str] = []
+        self.parked: ParkedModules | None = None  # a CPU run's VAE and text encoder, while on disk
 
     # -- the run, step by step ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:  # the components are handed back whole, also after a stop or an error
+            if self.parked is not None:
+                self.parked.close()
+
+    def _run(self) -> TrainResult:
         self.set_up()
         self.place_on_device()
         self.build_caches()
@@ -215,18 +225,40 @@ class Trainer:
         self.layout = BatchLayout(cfg.train_batch_size, self.acc.num_processes, self.acc.process_index, self.use_prior)
 
     def _offload_cached_modules(self) -> None:
-        """On a GPU, move the VAE (all latents cached) and a frozen text encoder (all prompts cached) to the
-        CPU: about 0.6 GB of SD1.5 weights the steps never read. Samples bring them back for a moment."""
+        """Put away the VAE (all latents cached) and a frozen text encoder (all prompts cached), which the steps
+        never read: on a GPU to the CPU (about 0.6 GB of SD1.5 weights in fp16), on a CPU to a file in the run
+        folder (about 0.8 GB in fp32; parking.py). Samples bring them back for a moment."""
         self.offloaded = []
-        if self.acc.device.type != "cuda":
-            return
         if self.instance_latents.cache and (self.class_latents is None or self.class_latents.cache):
             self.offloaded.append("vae")
         if self.prompt_embeddings.cached:
             self.offloaded.append("text_encoder")
+        if self.acc.device.type == "cpu":
+            modules = {name: getattr(self.comps, name) for name in self.offloaded}
+            # one file per process: the ranks of a CPU (gloo) run share the run folder
+            name = f".parked-weights-{self.acc.process_index}.safetensors"
+            self.parked = ParkedModules(self.run_dir / name, modules)
+            self.parked.park()
+            return
         for name in self.offloaded:
             getattr(self.comps, name).to("cpu")
-        torch.cuda.empty_cache()
+        if self.acc.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _bring_back(self) -> None:
+        if self.parked is not None:
+            self.parked.restore()
+        for name in self.offloaded:
+            getattr(self.comps, name).to(self.acc.device)
+
+    def _put_away(self) -> None:
+        if self.parked is not None:
+            self.parked.park()
+            return
+        for name in self.offloaded:
+            getattr(self.comps, name).to("cpu")
+        if self.offloaded and self.acc.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def build_optimizer(self) -> None:
         """Optimizer and LR schedule over the method's parameters; accelerate wraps the trainable modules.
@@ -468,8 +500,7 @@ class Trainer:
             training = [m for m in (self.comps.unet, self.comps.text_encoder) if m.training]
             for module in training:
                 module.eval()
-            for name in self.offloaded:
-                getattr(self.comps, name).to(acc.device)
+            self._bring_back()
             pipe = make_pipeline(self.comps, SAMPLE_SAMPLER)
             prompts = self.method.sample_prompts()
             with torch.no_grad(), acc.autocast():
@@ -488,10 +519,7 @@ class Trainer:
             atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
             for module in training:
                 module.train()
-            for name in self.offloaded:
-                getattr(self.comps, name).to("cpu")
-            if self.offloaded:
-                torch.cuda.empty_cache()
+            self._put_away()
             # a grid costs minutes for SD1.5 on a CPU: the log says how long, so a user can weigh sample_every
             self.events.emit("sample", step=step, path=str(path), seconds=round(time.perf_counter() - started, 1))
         acc.wait_for_everyone()
