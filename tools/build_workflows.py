@@ -253,7 +253,7 @@ def fabric_textual_inversion(info) -> dict:
             "learning_rate": 5e-4,
             "max_train_steps": 1500,
             "seed": 42,
-            "sample_every": 500,
+            "sample_every": 750,
             "output_name": "sks_fabric_ti",
         },
     )
@@ -403,7 +403,8 @@ def fabric_morph(info) -> dict:
     )
     wf.link(*vae, noise, "vae")
     select = wf.add("KSamplerSelect", (x + 360, y), {"sampler_name": "euler"})
-    sched = wf.add("BasicScheduler", (x + 360, y + 120), {"scheduler": "normal", "steps": 25, "denoise": 1.0})
+    # 20 Euler steps: 450 frames render in about 5 minutes on 2 CPU cores (25 took 6)
+    sched = wf.add("BasicScheduler", (x + 360, y + 120), {"scheduler": "normal", "steps": 20, "denoise": 1.0})
     wf.link(*model, sched, "model")
     render = wf.add("DreamLoomRenderMorph", (x + 720, y), {"cfg": 7.5, "chunk_size": 8})
     wf.link(*model, render, "model")

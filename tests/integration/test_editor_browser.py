@@ -287,3 +287,73 @@ def test_workflow_in_editor(editor_server, page, tmp_path, name):
         )
     if page.page_errors[errors_before:]:
         print(f"{name}: errors in the page: {page.page_errors[errors_before:]}")
+
+
+def _animation_graph(fmt: str) -> dict:
+    """Core Empty Image (6 frames) -> Save Animation (DreamLoom) in `fmt`: the smallest graph with an animation."""
+    return {
+        "last_node_id": 2,
+        "last_link_id": 1,
+        "nodes": [
+            {
+                "id": 1,
+                "type": "EmptyImage",
+                "pos": [40, 40],
+                "size": [300, 130],
+                "flags": {},
+                "order": 0,
+                "mode": 0,
+                "inputs": [],
+                "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]}],
+                "properties": {},
+                "widgets_values": [64, 64, 6, 0x2060A0],
+            },
+            {
+                "id": 2,
+                "type": "DreamLoomSaveAnimation",
+                "pos": [400, 40],
+                "size": [360, 420],
+                "flags": {},
+                "order": 1,
+                "mode": 0,
+                "inputs": [{"name": "images", "type": "IMAGE", "link": 1}],
+                "outputs": [{"name": "path", "type": "STRING", "links": []}],
+                "properties": {},
+                "widgets_values": [8.0, fmt, True, f"dreamloom/format_{fmt}"],
+            },
+        ],
+        "links": [[1, 1, 0, 2, 0, "IMAGE"]],
+        "groups": [],
+        "config": {},
+        "extra": {},
+        "version": 0.4,
+    }
+
+
+@pytest.mark.parametrize("fmt, tag", [("gif", "IMG"), ("webp", "IMG"), ("mp4", "VIDEO")])
+def test_save_animation_shows_every_format(editor_server, page, tmp_path, fmt, tag):
+    """Each format Save Animation writes is shown on the node: GIF and WebP as an <img>, MP4 as a <video>."""
+    if fmt == "mp4":
+        pytest.importorskip("av", reason="MP4 needs PyAV in ComfyUI's environment")
+    server = editor_server
+    before = set(server.get("/history") or {})
+    page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", _animation_graph(fmt))
+    page.wait_for_timeout(1000)
+    _close_dialogs(page)
+    page.evaluate("() => app.queuePrompt(0)")
+    _, entry = _wait_for_new_prompt(server, before, 300)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+    (saved,) = entry["outputs"]["2"]["images"]
+    assert saved["filename"].endswith(f".{fmt}"), saved
+    page.evaluate(FIT_VIEW_JS)
+    deadline = time.time() + 60
+    while True:
+        shown = page.evaluate(SHOWN_JS, 2)
+        elements = [e for e in shown["imgs"] + shown["dom"] if saved["filename"] in e["src"]]
+        if any(e["tag"] == tag and e["naturalWidth"] > 0 for e in elements) or time.time() > deadline:
+            break
+        page.wait_for_timeout(1000)
+    paths = _screenshot(page, f"save_animation_{fmt}", tmp_path)
+    assert any(e["tag"] == tag and e["naturalWidth"] == 64 for e in elements), (
+        f"Save Animation ({fmt}) shows no loaded <{tag.lower()}> for {saved['filename']}: {shown}; see {paths[1]}"
+    )

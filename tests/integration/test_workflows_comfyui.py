@@ -136,7 +136,9 @@ class _LoadSampler:
         self._thread.join()
 
 
-def _record(name: str, wall: float, load_before, entry, times_dir: Path, load_samples: list[float]) -> None:
+def _record(
+    name: str, wall: float, load_before, entry, times_dir: Path, load_samples: list[float], model: str = ""
+) -> None:
     """Print the run's wall time and keep it in pytest's temp dir and build/workflow_times.json."""
     stamps = {m[0]: m[1].get("timestamp") for m in entry["status"].get("messages", [])}
     executed = None
@@ -154,7 +156,7 @@ def _record(name: str, wall: float, load_before, entry, times_dir: Path, load_sa
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "model": "tiny-fabric (unchanged workflow)",
+        "model": model or "tiny-fabric (unchanged workflow)",
     }
     print(
         f"\n{name}: {wall:.1f} s wall on {os.cpu_count()} CPUs; 1-min load average during the run: mean "
@@ -185,17 +187,38 @@ def test_workflow_runs_unchanged_on_tiny_fabric(bare_server, times_dir, name):
     api = _load(name)
     (loader,) = _nodes(api, "DreamLoomLoadCheckpoint")
     assert loader["inputs"]["ckpt_name"] == TINY_FABRIC
-    log_start = len(bare_server.log_text())  # from here on: ComfyUI's start-up may warn about its own nodes
+    entry = _run_timed(bare_server, api, name, times_dir)
+    _check_outputs(bare_server, entry, api, name, tile=128, frames=450)
+
+
+def _run_timed(server, api: dict, name: str, times_dir: Path, model: str = "") -> dict:
+    """Queue `api`, wait for success and record its wall time; the server log from here on has no problems
+    (ComfyUI's start-up before may warn about its own nodes)."""
+    log_start = len(server.log_text())
     load_before = os.getloadavg()
     with _LoadSampler() as load:
         start = time.monotonic()
-        entry = bare_server.wait(bare_server.queue_prompt(api), timeout=3500)
+        entry = server.wait(server.queue_prompt(api), timeout=3500)
         wall = time.monotonic() - start
-    log = bare_server.log_text()[log_start:]
+    log = server.log_text()[log_start:]
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:] + "\n" + log[-3000:]
-    _record(name, wall, load_before, entry, times_dir, load.samples)
+    _record(name, wall, load_before, entry, times_dir, load.samples, model)
     assert _log_problems(log) == [], log[-5000:]
-    _check_outputs(bare_server, entry, api, name, tile=128, frames=450)
+    return entry
+
+
+@pytest.mark.timeout(3600)
+def test_explore_and_morph_reuse_the_lora_workflows_result(bare_server, times_dir):
+    """The order the README suggests, in one ComfyUI: the LoRA workflow trains, then explore and morph (the same
+    training chain, the same inputs) get its finished LoRA at once and only render."""
+    _run_timed(bare_server, _load("fabric_dreambooth_lora"), "fabric_dreambooth_lora (first of three)", times_dir)
+    runs = bare_server.base / "output" / "dreamloom" / "runs"
+    trained = sorted(p.name for p in runs.iterdir())
+    for name in ("fabric_explore", "fabric_morph"):
+        api = _load(name)
+        entry = _run_timed(bare_server, api, f"{name} (after the LoRA workflow)", times_dir, "tiny-fabric, reused LoRA")
+        _check_outputs(bare_server, entry, api, name, tile=128, frames=450)
+        assert sorted(p.name for p in runs.iterdir()) == trained, "a second training run was started"
 
 
 def one_widget_sd15(api: dict) -> dict:
