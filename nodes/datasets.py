@@ -105,7 +105,9 @@ class LoadTrainingImages:
                     False, "Randomly mirror images left-right (good for patterns, bad for text or logos)."
                 ),
                 "use_captions": bool_widget(
-                    False, "Use each image's .txt caption as its prompt instead of the instance prompt."
+                    False,
+                    "Use each image's .txt caption as its prompt instead of the instance prompt. '{token}' in a "
+                    "caption becomes the token; a caption without the token gets it in front.",
                 ),
             },
             "optional": {

@@ -72,6 +72,17 @@ class TrainingSettings:
                 TI_TEMPLATES, d.ti_templates, "TI: style templates, object templates, or the per-image captions."
             ),
             "clamp_norm": bool_widget(False, "TI: keep each learned vector's norm at or below the initializer's."),
+            # new options go last: saved workflows map widget values by position
+            "caption_shuffle": bool_widget(
+                False,
+                "Shuffle each caption's comma-separated tags at every showing, after the first caption_keep_tokens.",
+            ),
+            "caption_keep_tokens": int_widget(
+                d.caption_keep_tokens, 0, 1000, "Tags at the front that shuffling leaves in place (the token's, first)."
+            ),
+            "caption_dropout": float_widget(
+                d.caption_dropout, 0.0, 0.99, 0.01, "Probability of an empty prompt for a step (0.05-0.1 is typical)."
+            ),
         }
         return {"required": required}
 

@@ -38,6 +38,9 @@ class TrainConfig:
     instance_prompt: str = "a sks african fabric pattern"
     token: str = "sks"
     use_captions: bool = False
+    caption_shuffle: bool = False  # shuffle comma-separated tags after the first caption_keep_tokens
+    caption_keep_tokens: int = 1
+    caption_dropout: float = 0.0  # probability of an empty prompt (trains the unconditional case)
     resolution: int = 512
     center_crop: bool = True
     random_flip: bool = False
@@ -165,6 +168,7 @@ class TrainConfig:
             ("checkpoint_every", 0, 1_000_000),
             ("checkpoints_keep", 1, 1000),
             ("num_vectors", 1, 16),
+            ("caption_keep_tokens", 0, 1000),
         ):
             self._whole(name, low, high)
         for name in ("alpha", "learning_rate", "text_encoder_lr", "adam_epsilon"):
@@ -179,6 +183,7 @@ class TrainConfig:
             ("prior_loss_weight", 0.0, 100.0),
             ("class_guidance", 0.0, 50.0),
             ("sample_guidance", 0.0, 50.0),
+            ("caption_dropout", 0.0, 0.99),
         ):
             self._number(name, low, high)
         for name in ("seed", "sample_seed"):

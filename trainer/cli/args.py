@@ -15,6 +15,10 @@ HELP = {
     "instance_dir": "folder of 5-20 instance images (.jpg/.png/.webp, optional .txt captions)",
     "instance_prompt": "prompt for the instance images; must contain the token",
     "token": "the rare word that stands for the subject",
+    "use_captions": "read a .txt caption beside each image; '{token}' in it becomes the token, and a caption "
+    "without the token gets it in front",
+    "caption_shuffle": "shuffle a caption's comma-separated tags at every showing, after the first caption_keep_tokens",
+    "caption_dropout": "probability (0-0.99) that a step's prompt is empty, which trains the unconditional case",
     "class_dir": "folder for class images (default: a cache folder keyed by the settings)",
     "alpha": "LoRA alpha; the LoRA scale is alpha/rank and is stored in the file",
     "max_train_steps": "number of optimizer updates",

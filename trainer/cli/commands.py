@@ -184,7 +184,8 @@ def pipeline_with_adapters(args):
     """The base model as a pipeline on the best device, with --lora and --embedding applied."""
     from ..base_models.load import load_base_model
     from ..formats.embeddings import load_embedding_into_pipeline
-    from ..inference.pipelines import load_lora_into_pipeline, make_pipeline, to_inference_device
+    from ..inference.pipelines import load_lora_into_pipeline, make_pipeline
+    from ..training.precision import to_inference_device
 
     comps = load_base_model(args.base_model)
     pipe = make_pipeline(comps, args.sampler)

@@ -31,17 +31,6 @@ def make_pipeline(comps, sampler: str = "dpmpp_2m", unet=None, text_encoder=None
     return comps.family.pipeline(comps, make_scheduler(sampler, comps.scheduler_config), unet, text_encoder)
 
 
-def to_inference_device(pipe):
-    """Move a pipeline to the best device, in fp16/bf16 on a GPU (half the memory); returns the device."""
-    from ..training.precision import WEIGHT_DTYPES, best_device, resolve_mixed_precision
-
-    device = best_device()
-    precision, _ = resolve_mixed_precision("auto", device.type)
-    dtype = WEIGHT_DTYPES.get(precision)
-    pipe.to(device, dtype) if dtype is not None else pipe.to(device)
-    return device
-
-
 def generate(
     pipe,
     prompts: Sequence[str],

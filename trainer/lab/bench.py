@@ -344,7 +344,8 @@ def _run_bare_unet(spec: dict) -> dict:
 def _run_morph(comps, resolution: int, repeats: int) -> dict:
     """Batched against per-frame morph rendering (inference/morph.py:bench_morph)."""
     from ..inference.morph import MorphSpec, bench_morph
-    from ..inference.pipelines import make_pipeline, to_inference_device
+    from ..inference.pipelines import make_pipeline
+    from ..training.precision import to_inference_device
 
     pipe = make_pipeline(comps)
     to_inference_device(pipe)  # as `python -m trainer morph` renders: on the GPU in half precision when there is one

@@ -156,6 +156,8 @@ class Trainer:
 
         self.method = make_method(cfg)
         self.method.n_images = len(self.instance)
+        shown = [self.method.instance_prompt(i, c, i) for i, c in enumerate(self.instance.captions[:3])]
+        events.log("instance prompts (first images, first epoch): " + " | ".join(repr(p) for p in shown))
         self.use_prior = (
             cfg.with_prior_preservation and cfg.prior_loss_weight > 0 and self.method.uses_prior_preservation
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...config import TrainConfig
+from ...data.captions import CaptionPolicy, with_token
 
 
 def subject_phrase(instance_prompt: str) -> str:
@@ -56,13 +57,20 @@ class Method:
         pass
 
     # -- prompts ---------------------------------------------------------------------------------------
+    @property
+    def captions(self) -> CaptionPolicy:
+        cfg = self.cfg
+        return CaptionPolicy(cfg.caption_shuffle, cfg.caption_keep_tokens, cfg.caption_dropout, cfg.seed)
+
     def instance_prompt(self, index: int, caption: str | None, position: int) -> str:
-        """The prompt of image `index` shown at stream position `position`."""
-        return caption if (self.cfg.use_captions and caption) else self.cfg.instance_prompt
+        """The prompt of image `index` shown at stream position `position`: its caption with the token put in
+        (data/captions.py), or the instance prompt; then the caption options (shuffle, dropout)."""
+        text = with_token(caption, self.cfg.token) if (self.cfg.use_captions and caption) else self.cfg.instance_prompt
+        return self.captions.vary(text, index, position)
 
     def prompts_to_cache(self, captions: list[str | None]) -> list[str] | None:
         """Every instance prompt the run can show, when they can be encoded once; None when they cannot."""
-        if self.trains_text_encoder:
+        if self.trains_text_encoder or self.captions.varies:
             return None
         return sorted({self.instance_prompt(i, c, 0) for i, c in enumerate(captions)})
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ...data.captions import with_token
 from ...errors import DreamLoomError
 from ...formats.embeddings import save_embeddings
 from .base import Method
@@ -169,8 +170,8 @@ class TextualInversionMethod(Method):
 
     def instance_prompt(self, index: int, caption: str | None, position: int) -> str:
         if self.cfg.ti_templates == "captions" and caption:
-            text = caption.replace(self.cfg.placeholder_token, self.phrase)
-            return text if self.phrase in text else f"{self.phrase}, {text}"
+            text = with_token(caption.replace(self.cfg.placeholder_token, self.phrase), self.phrase)
+            return self.captions.vary(text, index, position)
         # Template for (image, epoch): image i sees template (epoch + i) mod T, so over T epochs every
         # image is shown with every template.
         epoch = position // max(self.n_images, 1)
