@@ -240,12 +240,7 @@ class Trainer:
             # one file per process: the ranks of a CPU (gloo) run share the run folder
             name = f".parked-weights-{self.acc.process_index}.safetensors"
             self.parked = ParkedModules(self.run_dir / name, modules)
-            self.parked.park()
-            return
-        for name in self.offloaded:
-            getattr(self.comps, name).to("cpu")
-        if self.acc.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self._put_away()
 
     def _bring_back(self) -> None:
         if self.parked is not None:

@@ -34,6 +34,8 @@ class Method:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.n_images = 1
+        # built once: instance_prompt runs for every row of every step
+        self.captions = CaptionPolicy(cfg.caption_shuffle, cfg.caption_keep_tokens, cfg.caption_dropout, cfg.seed)
 
     # -- parameters ------------------------------------------------------------------------------------
     def setup(self, comps) -> None:
@@ -57,11 +59,6 @@ class Method:
         pass
 
     # -- prompts ---------------------------------------------------------------------------------------
-    @property
-    def captions(self) -> CaptionPolicy:
-        cfg = self.cfg
-        return CaptionPolicy(cfg.caption_shuffle, cfg.caption_keep_tokens, cfg.caption_dropout, cfg.seed)
-
     def instance_prompt(self, index: int, caption: str | None, position: int) -> str:
         """The prompt of image `index` shown at stream position `position`: its caption with the token put in
         (data/captions.py), or the instance prompt; then the caption options (shuffle, dropout)."""
