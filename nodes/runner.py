@@ -10,9 +10,15 @@ from . import comfy
 
 BUILTIN_TINY = "tiny (built-in test model)"
 BUILTIN_TINY_FABRIC = "tiny-fabric (built-in 128 px fabric model)"
-BUILTIN_MODELS = ("tiny", "tiny-fabric")
+BUILTIN_TINY_SDXL = "tiny-sdxl (built-in 64 px SDXL test model)"
+# the label each built-in model has in a checkpoint list -> its name in the trainer
+BUILTIN_LABELS = {BUILTIN_TINY_FABRIC: "tiny-fabric", BUILTIN_TINY: "tiny", BUILTIN_TINY_SDXL: "tiny-sdxl"}
+BUILTIN_MODELS = tuple(BUILTIN_LABELS.values())
 PREVIEW_MAX_PX = 512
+# The size a VAE or a preview gets where no node says which model it is for (a VAE from core Load Checkpoint, SLERP
+# Noise without a VAE): SD1.5's. Wherever the model is known, its own native size is used (native_resolution).
 SD15_RESOLUTION = 512
+FAMILIES = "SD1.5 or SDXL"
 BASE_MODEL_INPUT = (
     "DL_BASE_MODEL",
     {"tooltip": "From Load Checkpoint (DreamLoom): train on the model it loads (overrides ckpt_name)."},
@@ -20,28 +26,42 @@ BASE_MODEL_INPUT = (
 
 
 def checkpoint_choices() -> list[str]:
-    return comfy.filename_list("checkpoints") + [BUILTIN_TINY_FABRIC, BUILTIN_TINY]
+    return comfy.filename_list("checkpoints") + [BUILTIN_TINY_FABRIC, BUILTIN_TINY, BUILTIN_TINY_SDXL]
 
 
 def resolve_checkpoint(name: str) -> str:
-    if name == BUILTIN_TINY:
-        return "tiny"
-    if name == BUILTIN_TINY_FABRIC:
-        return "tiny-fabric"
+    if name in BUILTIN_LABELS:
+        return BUILTIN_LABELS[name]
     path = comfy.full_path("checkpoints", name)
     if not path or not os.path.exists(path):
         raise DreamLoomError(
             f"Checkpoint {name!r} not found in ComfyUI's checkpoints folder.",
-            "Pick an SD1.5 checkpoint from the list (put .safetensors files in models/checkpoints).",
+            f"Pick an {FAMILIES} checkpoint from the list (put .safetensors files in models/checkpoints).",
         )
     return path
 
 
 def native_resolution(base_model: str) -> int:
-    """The size a model was trained at: the built-in models' own, 512 for a checkpoint file (SD1.5)."""
-    from ..trainer.config import BUILTIN_RESOLUTION
+    """The size a model was trained at: the built-in models' own, 1024 for an SDXL checkpoint, 512 for SD1.5."""
+    from ..trainer.base_models.native import native_resolution as of_model
 
-    return BUILTIN_RESOLUTION.get(base_model, SD15_RESOLUTION)
+    return of_model(base_model)
+
+
+def model_family(base_model: str) -> str | None:
+    """The family of a built-in model or checkpoint file as DreamLoom names it ("SD1.5", "SDXL"; for a model
+    DreamLoom does not train, what it looks like, e.g. "SD2" or "SDXL refiner"); None if the file cannot be read."""
+    from ..trainer.base_models.detect import detect_family
+    from ..trainer.files.safetensors_header import read_safetensors_header
+
+    if base_model in BUILTIN_MODELS:
+        from ..trainer.base_models.load import BUILTIN_FAMILIES
+
+        return BUILTIN_FAMILIES[base_model].name
+    try:
+        return detect_family(read_safetensors_header(Path(base_model)))
+    except Exception:  # noqa: BLE001 - a file core loads but we cannot read (e.g. a .ckpt): no family to compare
+        return None
 
 
 def model_fingerprint(base_model: str) -> str:

@@ -107,7 +107,62 @@ def test_lora_512_trains_within_budget(sd15_checkpoint, data, tmp_path, precisio
     assert moved >= 0.5
     frozen = [p.dtype for p in trainer.comps.unet.parameters() if not p.requires_grad]
     assert set(frozen) == {torch.float16 if precision == "fp16" else torch.bfloat16}
+    casts = [m.cast_input_dtype_enabled for m in trainer.comps.unet.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert casts and not any(casts)  # precision.place_modules: autocast casts the LoRA input itself
     assert peak < BUDGET_GIB[checkpointing], f"peak {peak:.2f} GiB"
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_skipping_lora_input_casts_changes_nothing(precision):
+    """Under autocast, peft's cast of a LoRA layer's input to fp32 is undone by autocast's cast back for the
+    matrix product: skipping it (precision.place_modules on a GPU) gives the same output and LoRA gradients."""
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    from trainer.base_models.builtin import build_tiny
+    from trainer.config import TrainConfig
+    from trainer.training.methods.lora import LoRAMethod
+    from trainer.training.precision import WEIGHT_DTYPES, skip_lora_input_casts
+
+    dtype = WEIGHT_DTYPES[precision]
+    comps = build_tiny()
+    torch.manual_seed(0)
+    LoRAMethod(TrainConfig(base_model="tiny", instance_dir="x", rank=4, alpha=4.0)).setup(comps)
+    unet = comps.unet
+    for name, param in unet.named_parameters():
+        param.data = param.data.to("cuda", torch.float32 if param.requires_grad else dtype)
+        if "lora_B" in name:  # B starts at zero: give the LoRA path something to carry
+            param.data.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, unet.config.in_channels, 16, 16), generator=g).cuda()
+    context = torch.randn((2, 77, unet.config.cross_attention_dim), generator=g).to("cuda", dtype)
+    t = torch.tensor([10, 500], device="cuda")
+    layers = [m for m in unet.modules() if hasattr(m, "cast_input_dtype_enabled")]
+
+    def run(cast: bool):
+        for layer in layers:
+            layer.cast_input_dtype_enabled = cast
+        unet.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype):
+            out = unet(x, t, context).sample
+        out.float().square().mean().backward()
+        return out.detach(), {n: p.grad.float() for n, p in unet.named_parameters() if p.requires_grad}
+
+    out, grads = run(True)
+    assert skip_lora_input_casts(unet) == len(layers) > 0
+    out_skipped, grads_skipped = run(False)
+    assert torch.equal(out, out_skipped)
+    for name, grad in grads.items():  # the same sums, perhaps added in another order
+        assert float((grad - grads_skipped[name]).norm()) <= 1e-2 * float(grad.norm()) + 1e-6, name
+
+
+def test_to_device_copies_without_waiting_and_exactly():
+    from trainer.training.precision import to_device
+
+    cpu = torch.randn((2, 4, 64, 64), generator=torch.Generator().manual_seed(0))
+    on_gpu = to_device(cpu[[1, 0]], torch.device("cuda"))
+    assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), cpu[[1, 0]])
+    assert to_device(on_gpu, "cuda") is on_gpu
+    assert to_device(cpu, "cpu") is cpu
 
 
 def test_resume_equals_uninterrupted_run(sd15_checkpoint, data, tmp_path):
@@ -153,7 +208,7 @@ def test_textual_inversion_trains(sd15_checkpoint, data, tmp_path):
     trainer, result, peak = _train(cfg, tmp_path / "run")
     print(f"\n[cuda] TI fp16 checkpointing: peak {peak:.2f} GiB")
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in result.losses])))
-    rows = trainer.method._embedding(trainer.comps).new_rows.detach().float()
+    rows = trainer.method.new_rows(trainer.comps)["text_encoder"].detach().float()
     base = trainer.comps.text_encoder.get_input_embeddings().base.weight
     init = base[trainer.comps.tokenizer.convert_tokens_to_ids("pattern</w>")].float()
     assert float((rows[0] - init).abs().max()) > 0

@@ -139,9 +139,14 @@ def test_missing_model_is_refused(tmp_path):
 
 
 def test_other_family_is_refused(tmp_path):
-    path = header_only_checkpoint(tmp_path / "xl.safetensors", SDXL_KEYS)
-    with pytest.raises(DreamLoomError, match="looks like SDXL, not Stable Diffusion 1.5"):
+    refiner = {
+        "model.diffusion_model.input_blocks.0.0.weight": [384, 4, 3, 3],
+        "conditioner.embedders.0.model.ln_final.weight": [1280],
+    }
+    path = header_only_checkpoint(tmp_path / "refiner.safetensors", refiner)
+    with pytest.raises(DreamLoomError, match="SDXL refiner.*which DreamLoom cannot train") as err:
         doctor(base_model=str(path))
+    assert "train on the SDXL base checkpoint" in err.value.hint
 
 
 def test_bad_settings_are_refused():

@@ -39,10 +39,10 @@ def test_kohya_diffusers_and_raw_peft_map_to_the_same_modules_and_scale(sd15_com
             p.data = torch.randn(p.shape, generator=g) * 0.01
     peft_sd = get_peft_model_state_dict(comps.unet)
 
-    kohya_path = save_kohya(tmp_path / "k" / "fabric.safetensors", peft_sd, None, cfg.alpha, {})
+    kohya_path = save_kohya(tmp_path / "k" / "fabric.safetensors", comps, peft_sd, {}, cfg.alpha, {})
     (tmp_path / "d").mkdir()
     diffusers_path = save_diffusers(
-        tmp_path / "d" / "pytorch_lora_weights.safetensors", peft_sd, None, method.lora_config(cfg.lora_targets)
+        tmp_path / "d" / "pytorch_lora_weights.safetensors", comps, peft_sd, {}, method.lora_config(cfg.lora_targets)
     )
     # Raw PEFT as PeftModel.save_pretrained writes it (the tutorial's published format).
     peft_dir = tmp_path / "p"

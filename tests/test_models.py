@@ -67,9 +67,11 @@ def test_family_detection_and_refusal(tmp_path, keys, family):
     path = _fake_ckpt(tmp_path, keys)
     assert detect_family(read_safetensors_header(path)).startswith(family)
     if family != "SD1.5":
-        with pytest.raises(DreamLoomError, match="not Stable Diffusion 1.5") as info:
+        # an incomplete SDXL file (no CLIP ViT-L here) is named and refused too, before any weight is read
+        with pytest.raises(DreamLoomError, match="which DreamLoom cannot train") as info:
             load_base_model(str(path))
         assert family.split()[0] in str(info.value)
+        assert "SD1.5" in info.value.hint and "SDXL base" in info.value.hint
 
 
 def test_detect_family_names_what_diffusers_calls_sd15():

@@ -33,7 +33,7 @@ def test_ti_trains_only_the_new_rows(fabric_dir, tmp_path):
     result = trainer.run()
     losses = [r["loss"] for r in result.losses]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, losses
-    emb = trainer.method._embedding(trainer.comps)
+    emb = trainer.comps.text_encoder.get_input_embeddings()
     # Every original row is bit-identical, the new rows moved away from the initializer.
     assert torch.equal(emb.base.weight, base.text_encoder.get_input_embeddings().weight)
     init_id = base.tokenizer.encode("pattern", add_special_tokens=False)[0]
@@ -128,8 +128,8 @@ def test_clamp_norm_keeps_rows_within_initializer_norm(fabric_dir, tmp_path):
         comps=build_tiny(),
     )
     trainer.run()
-    rows = trainer.method._embedding(trainer.comps).new_rows
-    assert float(rows.detach().norm(dim=1).max()) <= trainer.method.init_norm * (1 + 1e-5)
+    rows = trainer.method.new_rows(trainer.comps)["text_encoder"]
+    assert float(rows.detach().norm(dim=1).max()) <= trainer.method.init_norms["text_encoder"] * (1 + 1e-5)
 
 
 def test_ti_resume_matches_uninterrupted(fabric_dir, tmp_path):

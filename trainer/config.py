@@ -24,7 +24,7 @@ DEFAULT_LR = {"lora": 1e-4, "ti": 5e-4}
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "dreamloom"  # class images, when no folder is given
 # Built-in model -> native size in pixels. The same table as base_models/builtin.py:BUILTIN_RESOLUTION, kept here
 # so the CLI can pick the size without importing torch; tests/test_config.py checks that the two agree.
-BUILTIN_RESOLUTION = {"tiny": 64, "tiny-fabric": 128}
+BUILTIN_RESOLUTION = {"tiny": 64, "tiny-fabric": 128, "tiny-sdxl": 64}
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""The built-in models: `tiny` (random weights, for fast tests) and `tiny-fabric` (pretrained, 128 px).
+"""The built-in models: `tiny` (random weights, for fast tests), `tiny-fabric` (pretrained, 128 px) and
+`tiny-sdxl` (random weights in SDXL's component layout: two text encoders, pooled and time-id conditioning).
 
-Both have SD1.5's architecture at toy widths and use the real CLIP tokenizer. The tiny-fabric file format
+All have their family's architecture at toy widths and use the real CLIP tokenizer. The tiny-fabric file format
 (one fp16 safetensors, prefixes vae./unet./text_encoder., configs in the metadata) lives here; its recipe
 is trainer/lab/pretrain.py.
 """
@@ -17,10 +18,11 @@ from ..files.atomic import atomic_path
 from ..files.safetensors_header import fingerprint_file
 from .components import ASSETS, Components, load_tokenizer, match_text_model_level, state_fingerprint
 from .sd15 import SD15, sd15_scheduler_config
+from .sdxl import SDXL, load_tokenizer_2, sdxl_scheduler_config
 
 TINY_FABRIC_PATH = ASSETS / "tiny_fabric" / "tiny_fabric.safetensors"
 TINY_FABRIC_FORMAT = "dreamloom-tiny-fabric-v1"
-BUILTIN_RESOLUTION = {"tiny": 64, "tiny-fabric": 128}  # built-in model -> native size in pixels
+BUILTIN_RESOLUTION = {"tiny": 64, "tiny-fabric": 128, "tiny-sdxl": 64}  # built-in model -> native size in pixels
 
 TINY_UNET = dict(
     sample_size=8,
@@ -61,6 +63,30 @@ TINY_TEXT = dict(
 )
 TINY_VERSION = "tiny-v1"
 
+# SDXL's layout at toy widths: no attention in the first level, deeper transformers further down, linear
+# projections, text_time conditioning (6 time ids x 8 + a 32-wide pooled embedding = 80), 32 + 32 = 64-wide context.
+TINY_SDXL_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,
+    cross_attention_dim=64,
+    norm_num_groups=8,
+)
+TINY_SDXL_VAE = {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True}
+TINY_SDXL_TEXT = {**TINY_TEXT, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32}
+TINY_SDXL_TEXT_2 = {**TINY_SDXL_TEXT, "hidden_act": "gelu"}
+TINY_SDXL_VERSION = "tiny-sdxl-v1"
+
 
 def _modules_from_configs(vae_config: dict, unet_config: dict, text_config: dict):
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -94,6 +120,37 @@ def build_tiny() -> Components:
     payload = json.dumps([TINY_VERSION, TINY_UNET, TINY_VAE, TINY_TEXT], sort_keys=True).encode()
     fingerprint = "tiny-" + state_fingerprint([unet, vae, text_encoder], seed=payload)
     return _builtin("tiny", vae, unet, text_encoder, fingerprint, BUILTIN_RESOLUTION["tiny"])
+
+
+def build_tiny_sdxl() -> Components:
+    """The random-weight tiny SDXL: SDXL's component layout at toy widths, seeded weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(20261122)
+        unet = UNet2DConditionModel(**TINY_SDXL_UNET)
+        vae = AutoencoderKL(**TINY_SDXL_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_SDXL_TEXT))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_2))
+    payload = json.dumps(
+        [TINY_SDXL_VERSION, TINY_SDXL_UNET, TINY_SDXL_VAE, TINY_SDXL_TEXT, TINY_SDXL_TEXT_2], sort_keys=True
+    ).encode()
+    fingerprint = "tiny-sdxl-" + state_fingerprint([unet, vae, text_encoder, text_encoder_2], seed=payload)
+    return Components(
+        tokenizer=load_tokenizer(),
+        text_encoder=text_encoder,
+        vae=vae,
+        unet=unet,
+        scheduler_config=sdxl_scheduler_config(),
+        fingerprint=fingerprint,
+        source="tiny-sdxl",
+        kind="tiny",
+        family=SDXL,
+        native_resolution=BUILTIN_RESOLUTION["tiny-sdxl"],
+        tokenizer_2=load_tokenizer_2(),
+        text_encoder_2=text_encoder_2,
+    ).freeze()
 
 
 def build_tiny_fabric(path: Path | None = None) -> Components:

@@ -29,6 +29,8 @@ class Components:
     kind: str  # "tiny", "single_file" or "diffusers"
     family: Any  # a base_models.family.ModelFamily
     native_resolution: int = 512
+    tokenizer_2: Any = None  # SDXL's second text encoder (OpenCLIP ViT-bigG) and its tokenizer; None for SD1.5
+    text_encoder_2: Any = None
 
     def noise_scheduler(self):
         from diffusers import DDPMScheduler
@@ -36,7 +38,21 @@ class Components:
         return DDPMScheduler.from_config(self.scheduler_config)
 
     def modules(self) -> dict:
-        return {"text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet}
+        return {**self.text_encoders(), "vae": self.vae, "unet": self.unet}
+
+    def text_encoders(self) -> dict:
+        """The text encoders by attribute name: text_encoder, and text_encoder_2 where the family has one."""
+        encoders = {"text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            encoders["text_encoder_2"] = self.text_encoder_2
+        return encoders
+
+    def tokenizers(self) -> dict:
+        """The tokenizers by the name of the text encoder they feed."""
+        tokenizers = {"text_encoder": self.tokenizer}
+        if self.text_encoder_2 is not None:
+            tokenizers["text_encoder_2"] = self.tokenizer_2
+        return tokenizers
 
     def freeze(self) -> Components:
         """Every module frozen and in eval mode, as loaded; methods then enable what they train."""

@@ -1,22 +1,28 @@
 """The model-family extension point.
 
-A family is one module in this package (sd15.py today; SDXL is one more) holding one ModelFamily instance,
-registered in load.py's FAMILIES. It says how to recognise the family's checkpoints, load them offline,
-turn prompts into the UNet's conditioning, and name modules for kohya export. Everything above this
-package (training, methods, formats, inference) asks the family of the loaded Components, never the
-checkpoint layout itself.
+A family is one module in this package (sd15.py, sdxl.py) holding one ModelFamily instance, registered in
+load.py's FAMILIES. It says how to recognise the family's checkpoints, load them offline, turn prompts into the
+UNet's conditioning, and name modules for kohya export. Everything above this package (training, methods,
+formats, inference) asks the family of the loaded Components, never the checkpoint layout itself.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+CLIP_POSITIONS = 77  # the position table of every CLIP text encoder SD1.5 and SDXL use
+
 
 class ModelFamily:
     name = "base"  # as users read it, e.g. "SD1.5"
+    default_resolution = 512  # the training and sample size a user gets unless they set one
     kohya_base_version = ""  # kohya's ss_base_model_version
     modelspec_architecture = ""  # modelspec.architecture prefix, e.g. "stable-diffusion-v1"
     text_encoder_kohya_prefix = {"text_encoder": "lora_te_"}  # Components attribute -> kohya key prefix
+    # How kohya names UNet LoRA modules: "diffusers" module paths (SD1.5) or the original "ldm" layout (SDXL)
+    kohya_unet_layout = "diffusers"
+    # The keys of an A1111/ComfyUI embedding file, per text encoder ("emb_params" for one encoder)
+    embedding_keys = {"text_encoder": "emb_params"}
 
     def recognises(self, family_name: str) -> bool:
         """True for the name detect.detect_family gives this family's single-file checkpoints."""
@@ -28,17 +34,31 @@ class ModelFamily:
     def load_folder(self, path: Path, dtype):
         raise NotImplementedError
 
+    def file_fingerprint(self, path: Path, header: dict | None = None) -> str:
+        raise NotImplementedError
+
     def tokenize(self, tokenizer, prompts: list[str]):
+        """Token ids padded to CLIP's 77 positions, longer prompts truncated. Some diffusers folders' tokenizers
+        claim a model_max_length of 8192, which the text encoder's position table cannot take."""
+        length = min(tokenizer.model_max_length, CLIP_POSITIONS)
+        return tokenizer(
+            prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    def encode_prompts(self, comps, prompts: list[str], device, text_encoders: dict | None = None) -> dict:
+        """What the UNet is conditioned on for `prompts`, as tensors with one row per prompt: "hidden" (the
+        encoder_hidden_states), and "pooled" where the family uses a pooled text embedding. `text_encoders`
+        maps a Components attribute to the handle to run instead (the trainer's DDP-wrapped module)."""
         raise NotImplementedError
 
-    def encode_prompts(self, comps, prompts: list[str], device, text_encoder=None):
-        """The UNet's encoder_hidden_states for `prompts` (one row per prompt); `text_encoder` overrides
-        comps.text_encoder with a wrapped (DDP) handle of it during training."""
-        raise NotImplementedError
+    def unet_conditioning(self, embeddings: dict, size_ids, dtype) -> tuple:
+        """(encoder_hidden_states, extra UNet keyword arguments) for a batch. `size_ids` holds each row's
+        (original height, original width, crop top, crop left, target height, target width): SDXL's time ids."""
+        return embeddings["hidden"].to(dtype), {}
 
-    def unet_conditioning(self, comps, batch_size: int, device, dtype) -> dict:
-        """Extra keyword arguments of the UNet call (SDXL's added_cond_kwargs); none for SD1.5."""
-        return {}
+    def pipeline_class(self):
+        """The diffusers pipeline class of the family (also what saves its LoRA files)."""
+        raise NotImplementedError
 
     def pipeline(self, comps, scheduler, unet=None, text_encoder=None):
         raise NotImplementedError

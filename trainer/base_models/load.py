@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import DreamLoomError
 from ..files.safetensors_header import read_safetensors_header
-from .builtin import TINY_FABRIC_PATH, build_tiny, build_tiny_fabric, tiny_fabric_fingerprint
+from .builtin import TINY_FABRIC_PATH, build_tiny, build_tiny_fabric, build_tiny_sdxl, tiny_fabric_fingerprint
 from .components import Components
 from .detect import detect_family
 from .family import ModelFamily
 from .offline import set_offline
-from .sd15 import SD15, folder_fingerprint, single_file_fingerprint
+from .sd15 import SD15, folder_fingerprint
+from .sdxl import SDXL
 
-FAMILIES: list[ModelFamily] = [SD15]  # a new family is a module in this package plus one entry here
-BUILTIN_MODELS = ("tiny", "tiny-fabric")
+FAMILIES: list[ModelFamily] = [SD15, SDXL]  # a new family is a module in this package plus one entry here
+BUILTIN_MODELS = ("tiny", "tiny-fabric", "tiny-sdxl")
+BUILTIN_FAMILIES = {"tiny": SD15, "tiny-fabric": SD15, "tiny-sdxl": SDXL}
+# diffusers pipeline classes of folders (model_index.json's _class_name) -> the family that loads them
+FOLDER_PIPELINES = {"StableDiffusionPipeline": SD15, "StableDiffusionXLPipeline": SDXL}
 
 
 def resolve_model_path(spec: str, search_dirs: list[str] | None = None) -> Path:
@@ -27,8 +32,8 @@ def resolve_model_path(spec: str, search_dirs: list[str] | None = None) -> Path:
     if not path.exists():
         raise DreamLoomError(
             f"Base model not found: {spec}",
-            "Give 'tiny-fabric' or 'tiny', the path of an SD1.5 .safetensors checkpoint, or a diffusers folder "
-            "(one with model_index.json).",
+            "Give a built-in model (tiny-fabric, tiny, tiny-sdxl), the path of an SD1.5 or SDXL .safetensors "
+            "checkpoint, or a diffusers folder (one with model_index.json).",
         )
     return path
 
@@ -45,7 +50,7 @@ def _check_model_file(path: Path) -> None:
     if suffix not in (".safetensors", ".sft"):
         raise DreamLoomError(
             f"{path.name} is not a model file DreamLoom knows.",
-            "Use an SD1.5 .safetensors checkpoint or a diffusers folder.",
+            "Use an SD1.5 or SDXL .safetensors checkpoint or a diffusers folder.",
         )
 
 
@@ -57,17 +62,48 @@ def _check_diffusers_folder(path: Path) -> None:
         )
 
 
+SUPPORTED = "SD1.5 (v1-5-pruned-emaonly and its fine-tunes) and SDXL base (sd_xl_base_1.0 and its fine-tunes)"
+
+
 def family_of_file(path: Path, header: dict) -> ModelFamily:
     detected = detect_family(header)
     for family in FAMILIES:
         if family.recognises(detected):
             return family
-    supported = ", ".join(f.name for f in FAMILIES)
+    hint = f"DreamLoom trains {SUPPORTED} checkpoints."
+    if "refiner" in detected:
+        hint += " The refiner only polishes the base model's output; train on the SDXL base checkpoint."
+    elif "inpainting" in detected:
+        hint += " Inpainting models take 9 input channels; train on the matching base checkpoint."
+    raise DreamLoomError(f"{path.name} looks like {detected}, which DreamLoom cannot train.", hint)
+
+
+def family_of_folder(path: Path) -> ModelFamily:
+    """The family of a diffusers folder, from the pipeline class its model_index.json names."""
+    try:
+        pipeline = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        pipeline = ""
+    if pipeline in FOLDER_PIPELINES:
+        return FOLDER_PIPELINES[pipeline]
+    hint = f"DreamLoom trains {SUPPORTED} models."
+    if pipeline == "StableDiffusionXLImg2ImgPipeline":
+        hint += " This looks like the SDXL refiner; train on the SDXL base model."
     raise DreamLoomError(
-        f"{path.name} looks like {detected}, not Stable Diffusion 1.5.",
-        f"DreamLoom trains {supported}-family checkpoints (v1-5-pruned-emaonly and its fine-tunes). "
-        "Pick an SD1.5 checkpoint.",
+        f"{path.name} is a {pipeline or 'an unknown'} diffusers folder, which DreamLoom cannot train.", hint
     )
+
+
+def family_of(spec: str, search_dirs: list[str] | None = None) -> ModelFamily:
+    """The family of a base model, from its name, folder index or file header (no weights are read)."""
+    if spec in BUILTIN_FAMILIES:
+        return BUILTIN_FAMILIES[spec]
+    path = resolve_model_path(spec, search_dirs)
+    if path.is_dir():
+        _check_diffusers_folder(path)
+        return family_of_folder(path)
+    _check_model_file(path)
+    return family_of_file(path, read_safetensors_header(path))
 
 
 def load_base_model(spec: str, dtype=None, search_dirs: list[str] | None = None) -> Components:
@@ -76,11 +112,13 @@ def load_base_model(spec: str, dtype=None, search_dirs: list[str] | None = None)
         return build_tiny()
     if spec == "tiny-fabric":
         return build_tiny_fabric()
+    if spec == "tiny-sdxl":
+        return build_tiny_sdxl()
     set_offline()
     path = resolve_model_path(spec, search_dirs)
     if path.is_dir():
         _check_diffusers_folder(path)
-        return SD15.load_folder(path, dtype)
+        return family_of_folder(path).load_folder(path, dtype)
     _check_model_file(path)
     header = read_safetensors_header(path)
     return family_of_file(path, header).load_single_file(path, header, dtype)
@@ -90,9 +128,14 @@ def model_fingerprint(spec: str, search_dirs: list[str] | None = None) -> str:
     """The fingerprint load_base_model would report, without loading the weights."""
     if spec == "tiny":
         return build_tiny().fingerprint
+    if spec == "tiny-sdxl":
+        return build_tiny_sdxl().fingerprint
     if spec == "tiny-fabric":
         if not TINY_FABRIC_PATH.exists():
             build_tiny_fabric()  # raises the missing-weights error
         return tiny_fabric_fingerprint()
     path = resolve_model_path(spec, search_dirs)
-    return folder_fingerprint(path) if path.is_dir() else single_file_fingerprint(path)
+    if path.is_dir():
+        return folder_fingerprint(path)
+    header = read_safetensors_header(path)
+    return family_of_file(path, header).file_fingerprint(path, header)

@@ -11,10 +11,9 @@ import torch
 from ..errors import DreamLoomError
 from ..files.safetensors_header import fingerprint_file
 from .components import ASSETS, Components, load_tokenizer
-from .family import ModelFamily
+from .family import CLIP_POSITIONS, ModelFamily
 
 SD15_CONFIG_DIR = ASSETS / "sd15"
-CLIP_POSITIONS = 77  # SD1.5's text encoder has 77 position embeddings
 
 
 def sd15_scheduler_config() -> dict:
@@ -112,25 +111,25 @@ class SD15Family(ModelFamily):
             family=self,
         ).freeze()
 
-    def tokenize(self, tokenizer, prompts: list[str]):
-        """Token ids padded to CLIP's 77 positions, longer prompts truncated. Some diffusers folders' tokenizers
-        claim a model_max_length of 8192, which the text encoder's position table cannot take."""
-        length = min(tokenizer.model_max_length, CLIP_POSITIONS)
-        return tokenizer(
-            prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-        ).input_ids
+    def file_fingerprint(self, path: Path, header: dict | None = None) -> str:
+        return single_file_fingerprint(path, header)
 
-    def encode_prompts(self, comps, prompts: list[str], device, text_encoder=None):
-        return (text_encoder or comps.text_encoder)(self.tokenize(comps.tokenizer, prompts).to(device))[0]
+    def encode_prompts(self, comps, prompts: list[str], device, text_encoders: dict | None = None) -> dict:
+        text_encoder = (text_encoders or {}).get("text_encoder") or comps.text_encoder
+        return {"hidden": text_encoder(self.tokenize(comps.tokenizer, prompts).to(device))[0]}
+
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
 
     def pipeline(self, comps, scheduler, unet=None, text_encoder=None):
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
 
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # no safety-checker warning: there is none by design
         try:
-            pipe = StableDiffusionPipeline(
+            pipe = self.pipeline_class()(
                 vae=comps.vae,
                 text_encoder=text_encoder or comps.text_encoder,
                 tokenizer=comps.tokenizer,

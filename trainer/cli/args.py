@@ -6,7 +6,8 @@ import argparse
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from ..config import BUILTIN_RESOLUTION, TrainConfig
+from ..base_models.native import native_resolution
+from ..config import TrainConfig
 
 HELP = {
     "method": "lora (DreamBooth LoRA) or ti (textual inversion)",
@@ -57,11 +58,11 @@ def _config_from_args(args) -> TrainConfig:
         value = getattr(args, f.name, None)
         if value is not None:
             data[f.name] = value
-    # The CLI's base model is the pretrained tiny-fabric unless told otherwise; a built-in model trains at
-    # its native size unless a resolution is given.
+    # The CLI's base model is the pretrained tiny-fabric unless told otherwise; a model trains at its native size
+    # (built-in 64/128, SD1.5 512, SDXL 1024) unless a resolution is given.
     data.setdefault("base_model", "tiny-fabric")
-    if "resolution" not in data and data["base_model"] in BUILTIN_RESOLUTION:
-        data["resolution"] = BUILTIN_RESOLUTION[data["base_model"]]
+    if "resolution" not in data:
+        data["resolution"] = native_resolution(data["base_model"])
     return TrainConfig.from_dict(data)
 
 

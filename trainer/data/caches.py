@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from .images import crop_resize, pil_to_tensor
+from .images import crop_resize, pil_to_tensor, square_crop
 
 
 class LatentSource:
@@ -23,10 +23,27 @@ class LatentSource:
         if cache:
             self._fill_cache()
 
+    def _crop_rng(self, position: int):
+        return None if self.center_crop else random.Random(f"crop:{self.seed}:{position}")
+
     def _pixels(self, index: int, flip: bool, position: int):
-        rng = None if self.center_crop else random.Random(f"crop:{self.seed}:{position}")
-        t = pil_to_tensor(crop_resize(self.images[index], self.resolution, center=self.center_crop, rng=rng))
+        im = crop_resize(self.images[index], self.resolution, center=self.center_crop, rng=self._crop_rng(position))
+        t = pil_to_tensor(im)
         return torch.flip(t, dims=[2]) if flip else t
+
+    def size_ids(self, picks: list[tuple[int, bool]], positions: list[int]) -> torch.Tensor:
+        """Per pick: (original height, original width, crop top, crop left, target height, target width), the
+        crop measured in the resized image, as SDXL's time ids take them. A flipped image's crop is mirrored."""
+        rows = []
+        for (index, flip), position in zip(picks, positions):
+            width, height = self.images[index].size
+            left, top, side = square_crop(width, height, self.center_crop, self._crop_rng(position))
+            scale = self.resolution / side
+            left, top = round(left * scale), round(top * scale)
+            if flip and self.use_flip:
+                left = round(width * scale) - left - self.resolution
+            rows.append((height, width, top, left, self.resolution, self.resolution))
+        return torch.tensor(rows, dtype=torch.float32)
 
     @torch.no_grad()
     def _encode(self, pixels):
@@ -58,18 +75,21 @@ class LatentSource:
 
 
 class PromptEmbeddings:
-    """Text-encoder outputs per prompt: cached once when the text encoder is frozen, else computed per batch."""
+    """Text-encoder outputs per prompt (the family's dict: "hidden", and "pooled" for SDXL): cached once when the
+    text encoders are frozen, else computed per batch."""
 
     def __init__(self, comps, device, dtype, cached_prompts: list[str] | None):
         self.comps, self.device, self.dtype = comps, device, dtype
         self.cached = cached_prompts is not None
-        self.cache: dict[str, torch.Tensor] = {}
+        self.cache: dict[str, dict] = {}
         with torch.no_grad():
             for prompt in cached_prompts or []:
-                self.cache[prompt] = comps.family.encode_prompts(comps, [prompt], device)[0].to(dtype)
+                encoded = comps.family.encode_prompts(comps, [prompt], device)
+                self.cache[prompt] = {k: v[0].to(dtype) for k, v in encoded.items() if v is not None}
 
-    def __call__(self, prompts: list[str], text_encoder=None):
-        """Embeddings of `prompts`; `text_encoder` is the (possibly DDP-wrapped) module to run when not cached."""
+    def __call__(self, prompts: list[str], text_encoders: dict | None = None) -> dict:
+        """Embeddings of `prompts`; `text_encoders` are the (possibly DDP-wrapped) modules to run when not cached."""
         if self.cached:
-            return torch.stack([self.cache[p] for p in prompts])
-        return self.comps.family.encode_prompts(self.comps, prompts, self.device, text_encoder).to(self.dtype)
+            return {k: torch.stack([self.cache[p][k] for p in prompts]) for k in self.cache[prompts[0]]}
+        encoded = self.comps.family.encode_prompts(self.comps, prompts, self.device, text_encoders)
+        return {k: v.to(self.dtype) for k, v in encoded.items() if v is not None}

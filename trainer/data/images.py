@@ -288,16 +288,19 @@ def image_set_from_arrays(arrays, captions: list[str | None] | None = None) -> I
     return ImageSet(images, caps, [f"<batch:{i}>" for i in range(len(images))])
 
 
+def square_crop(width: int, height: int, center: bool = True, rng=None) -> tuple[int, int, int]:
+    """(left, top, side) of the square crop of a width x height image: centred, or random from `rng`."""
+    side = min(width, height)
+    if center or rng is None:
+        return (width - side) // 2, (height - side) // 2, side
+    return rng.randint(0, width - side), rng.randint(0, height - side), side
+
+
 def crop_resize(im, resolution: int, center: bool = True, rng=None):
     """Square crop (centred, or random from `rng`, a random.Random) and LANCZOS resize."""
     from PIL import Image
 
-    w, h = im.size
-    side = min(w, h)
-    if center or rng is None:
-        left, top = (w - side) // 2, (h - side) // 2
-    else:
-        left, top = rng.randint(0, w - side), rng.randint(0, h - side)
+    left, top, side = square_crop(*im.size, center=center, rng=rng)
     im = im.crop((left, top, left + side, top + side))
     if side != resolution:
         im = im.resize((resolution, resolution), Image.LANCZOS)

@@ -25,15 +25,25 @@ def peft_key_to_module(key: str) -> tuple[str, str] | None:
     return None
 
 
-def kohya_state_dict(
-    unet_lora: dict, text_lora: dict | None, alpha: float, dtype=None, text_prefix: str = "lora_te_"
-) -> dict:
-    """PEFT LoRA state dicts -> kohya keys: lora_unet_* / lora_te_* with lora_down, lora_up and alpha."""
+def kohya_unet_namer(comps):
+    """The function that names a UNet module (diffusers path) the way kohya does for this model's family:
+    SD1.5 LoRAs use diffusers' paths, SDXL LoRAs the original (LDM) layout's."""
+    if comps.family.kohya_unet_layout == "ldm":
+        from .ldm_layout import unet_module_to_ldm
+
+        config = dict(comps.unet.config)
+        return lambda module: unet_module_to_ldm(module, config)
+    return lambda module: module
+
+
+def kohya_state_dict(unet_lora: dict, text_loras: dict | None, alpha: float, dtype=None, unet_name=None) -> dict:
+    """PEFT LoRA state dicts -> kohya keys with lora_down, lora_up and alpha: lora_unet_* for the UNet (its module
+    paths named by `unet_name`, diffusers' by default), and `text_loras` maps a kohya prefix (lora_te_, lora_te1_,
+    lora_te2_) to a text encoder's PEFT state dict."""
     out = {}
-    for prefix, sd, path_fn in (
-        ("lora_unet_", unet_lora, lambda m: m),
-        (text_prefix, text_lora or {}, text_model_path),
-    ):
+    parts = [("lora_unet_", unet_lora, unet_name or (lambda m: m))]
+    parts += [(prefix, sd, text_model_path) for prefix, sd in (text_loras or {}).items()]
+    for prefix, sd, path_fn in parts:
         modules: dict[str, dict] = {}
         for key, value in sd.items():
             parsed = peft_key_to_module(key)
@@ -41,9 +51,9 @@ def kohya_state_dict(
                 raise ValueError(f"unexpected key in a LoRA state dict: {key}")
             module, tag = parsed
             modules.setdefault(module, {})[tag] = value
-        for module, parts in sorted(modules.items()):
+        for module, pair in sorted(modules.items()):
             name = kohya_module_name(prefix, path_fn(module))
-            down, up = parts["A"], parts["B"]
+            down, up = pair["A"], pair["B"]
             if dtype is not None:
                 down, up = down.to(dtype), up.to(dtype)
             out[f"{name}.lora_down.weight"] = down.detach().contiguous().cpu()
@@ -80,20 +90,24 @@ def kohya_metadata(cfg, step: int, comps) -> dict[str, str]:
     }
 
 
-def save_kohya(
-    path, unet_lora: dict, text_lora: dict | None, alpha: float, metadata: dict[str, str], text_prefix: str = "lora_te_"
-) -> Path:
+def save_kohya(path, comps, unet_lora: dict, text_loras: dict, alpha: float, metadata: dict[str, str]) -> Path:
+    """The kohya file for a model of comps' family; `text_loras` maps a Components text-encoder attribute to its
+    PEFT LoRA state dict."""
     from safetensors.torch import save_file
 
-    sd = kohya_state_dict(unet_lora, text_lora, alpha, text_prefix=text_prefix)
+    prefixes = comps.family.text_encoder_kohya_prefix
+    sd = kohya_state_dict(
+        unet_lora, {prefixes[name]: lora for name, lora in text_loras.items()}, alpha, unet_name=kohya_unet_namer(comps)
+    )
     return atomic_save(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata))
 
 
-def save_diffusers(path, unet_lora: dict, text_lora: dict | None, unet_lora_config, text_lora_config=None) -> Path:
-    """Write diffusers' LoRA file (with the adapter config, so load_lora_weights uses alpha/rank)."""
-    from diffusers import StableDiffusionPipeline
+def save_diffusers(path, comps, unet_lora: dict, text_loras: dict, unet_lora_config, text_lora_config=None) -> Path:
+    """Write diffusers' LoRA file (with the adapter configs, so load_lora_weights uses alpha/rank), through the
+    family's pipeline class (SDXL's adds text_encoder_2)."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
+    pipeline_class = comps.family.pipeline_class()
     path = Path(path)
     with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
         kwargs = dict(
@@ -103,11 +117,11 @@ def save_diffusers(path, unet_lora: dict, text_lora: dict | None, unet_lora_conf
             unet_lora_adapter_metadata=unet_lora_config.to_dict(),
             weight_name=DIFFUSERS_WEIGHT_NAME,
         )
-        if text_lora:
-            kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
-                {k: v.detach().cpu().contiguous() for k, v in text_lora.items()}
+        for name, lora in text_loras.items():
+            kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
+                {k: v.detach().cpu().contiguous() for k, v in lora.items()}
             )
-            kwargs["text_encoder_lora_adapter_metadata"] = text_lora_config.to_dict()
-        StableDiffusionPipeline.save_lora_weights(tmp, **kwargs)
+            kwargs[f"{name}_lora_adapter_metadata"] = text_lora_config.to_dict()
+        pipeline_class.save_lora_weights(tmp, **kwargs)
         atomic_save(path, lambda dst: shutil.copyfile(Path(tmp) / DIFFUSERS_WEIGHT_NAME, dst))
     return path

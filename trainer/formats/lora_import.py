@@ -1,6 +1,7 @@
 """Read LoRA files of several formats and convert them to kohya keys with an explicit alpha.
 
-Formats: kohya (`lora_unet_*` / `lora_te_*`), diffusers (`unet.*` / `text_encoder.*`, PEFT-style
+Formats: kohya (`lora_unet_*` / `lora_te_*`; SDXL's `lora_te1_*` / `lora_te2_*` with LDM-named UNet modules),
+diffusers (`unet.*` / `text_encoder.*` / SDXL's `text_encoder_2.*`, PEFT-style
 `lora_A/lora_B`, `lora.down/up`, `lora_linear_layer`, old `processor.to_q_lora`), and raw PEFT
 (`base_model.model.*` with an `adapter_config.json` holding `r` and `lora_alpha`, as
 `PeftModel.save_pretrained` writes). The result is what ComfyUI's core LoRA patching expects; the scale
@@ -122,11 +123,11 @@ def _checked_alpha(name: str, down, up, alpha) -> float:
 
 def detect_format(keys) -> str:
     keys = list(keys)
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return "kohya"
     if any(k.startswith("base_model.model.") for k in keys):
         return "peft"
-    if any(k.startswith(("unet.", "text_encoder.")) for k in keys):
+    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys):
         return "diffusers"
     if any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in keys):
         return "peft-unprefixed"
@@ -166,7 +167,7 @@ def _convert_kohya(sd: dict) -> ImportedLoRA:
     groups: dict[str, dict] = {}
     bad = []
     for key, value in sd.items():
-        m = re.match(r"^(lora_(?:unet|te1?)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$", key)
+        m = re.match(r"^(lora_(?:unet|te[12]?)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$", key)
         if not m:
             bad.append(key)
             continue
@@ -179,6 +180,7 @@ def _convert_kohya(sd: dict) -> ImportedLoRA:
             "LyCORIS types need ComfyUI's core LoraLoader.",
         )
     imported = ImportedLoRA({}, "kohya")
+    sdxl = any(name.startswith("lora_te2_") for name in groups)
     for name, parts in sorted(groups.items()):
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise DreamLoomError(
@@ -187,9 +189,9 @@ def _convert_kohya(sd: dict) -> ImportedLoRA:
         alpha = _checked_alpha(name, parts["lora_down.weight"], parts["lora_up.weight"], parts.get("alpha"))
         if "alpha" not in parts:
             imported.notes.append(f"{name}: no alpha stored; using alpha = rank ({alpha:g}), scale 1")
-        _add_module(
-            imported, name.replace("lora_te1_", "lora_te_"), parts["lora_down.weight"], parts["lora_up.weight"], alpha
-        )
+        if not sdxl:  # an SD1.5 file written with SDXL's prefix: ComfyUI reads lora_te_ for SD1.5's CLIP
+            name = name.replace("lora_te1_", "lora_te_")
+        _add_module(imported, name, parts["lora_down.weight"], parts["lora_up.weight"], alpha)
     return imported
 
 
@@ -220,7 +222,7 @@ def _convert_paired(sd: dict, fmt: str, metadata: dict | None, adapter_config: d
             )
         prefixes = [("base_model.model.", None)] if fmt == "peft" else [("", None)]
     else:
-        prefixes = [("unet.", "unet"), ("text_encoder.", "text_encoder")]
+        prefixes = [("unet.", "unet"), ("text_encoder.", "text_encoder"), ("text_encoder_2.", "text_encoder_2")]
     imported = ImportedLoRA({}, fmt)
     unknown = []
     for strip, component in prefixes:
@@ -240,12 +242,12 @@ def _convert_paired(sd: dict, fmt: str, metadata: dict | None, adapter_config: d
                 alpha = _alpha_for(path, config, down.shape[0])
                 if config is None:
                     imported.notes.append(f"{path}: no alpha stored; using alpha = rank, scale 1")
-            is_text = component == "text_encoder" or (component is None and _is_text_path(path))
-            name = (
-                kohya_module_name("lora_te_", text_model_path(path))
-                if is_text
-                else kohya_module_name("lora_unet_", path)
-            )
+            if component == "text_encoder_2":  # SDXL's OpenCLIP ViT-bigG
+                name = kohya_module_name("lora_te2_", text_model_path(path))
+            elif component == "text_encoder" or (component is None and _is_text_path(path)):
+                name = kohya_module_name("lora_te_", text_model_path(path))
+            else:
+                name = kohya_module_name("lora_unet_", path)
             _add_module(imported, name, down, up, alpha)
     unknown += [k for k in sd if not any(k.startswith(p) for p, _ in prefixes)]
     if unknown:

@@ -42,6 +42,7 @@ from .precision import (
     place_modules,
     resolve_gradient_checkpointing,
     resolve_mixed_precision,
+    to_device,
     weight_dtype,
 )
 from .timing import PhaseTimer, untimed
@@ -234,7 +235,7 @@ class Trainer:
         if self.instance_latents.cache and (self.class_latents is None or self.class_latents.cache):
             self.offloaded.append("vae")
         if self.prompt_embeddings.cached:
-            self.offloaded.append("text_encoder")
+            self.offloaded.extend(self.comps.text_encoders())
         if self.acc.device.type == "cpu":
             modules = {name: getattr(self.comps, name) for name in self.offloaded}
             # one file per process: the ranks of a CPU (gloo) run share the run folder
@@ -352,34 +353,43 @@ class Trainer:
             )
             positions = layout.positions(k)
             picks = layout.picks(cfg.seed, len(self.instance), k)
-            latents = self.instance_latents.latents(picks, eps[layout.own_instance_rows()], positions)
+            latents = self.instance_latents.latents(
+                picks, to_device(eps[layout.own_instance_rows()], device), positions
+            )
+            size_ids = self.instance_latents.size_ids(picks, positions)
             prompts = [
                 self.method.instance_prompt(i, self.instance.captions[i], pos) for (i, _), pos in zip(picks, positions)
             ]
             if self.use_prior:
                 class_picks = layout.picks(cfg.seed + CLASS_STREAM_SEED_OFFSET, len(self.class_images), k)
-                class_latents = self.class_latents.latents(class_picks, eps[layout.own_class_rows()], positions)
+                class_latents = self.class_latents.latents(
+                    class_picks, to_device(eps[layout.own_class_rows()], device), positions
+                )
                 latents = torch.cat([latents, class_latents])
+                size_ids = torch.cat([size_ids, self.class_latents.size_ids(class_picks, positions)])
                 prompts += [cfg.class_prompt] * len(class_picks)
         own = layout.own_rows()
+        text_encoders = {name: self.wrapped[name] for name in self.comps.text_encoders() if name in self.wrapped}
         with self.acc.accumulate(*self.wrapped.values()):
             with self.acc.autocast():
                 with self.phase("text_encoder"):
-                    hidden = self.prompt_embeddings(prompts, self.wrapped.get("text_encoder"))
+                    embeddings = self.prompt_embeddings(prompts, text_encoders)
                 with self.phase("unet_forward"):
                     unet = self.wrapped.get("unet", self.comps.unet)
-                    conditioning = self.comps.family.unet_conditioning(self.comps, len(own), device, dtype)
+                    hidden, unet_kwargs = self.comps.family.unet_conditioning(
+                        embeddings, to_device(size_ids, device), dtype
+                    )
                     losses = diffusion_loss(
                         unet,
                         self.noise_scheduler,
                         latents.to(device, dtype),
-                        noise[own].to(device, dtype),
-                        timesteps[own].to(device),
-                        hidden.to(dtype),
+                        to_device(noise[own], device).to(dtype),
+                        to_device(timesteps[own], device),
+                        hidden,
                         n_instance=len(picks),
                         prior_weight=cfg.prior_loss_weight,
                         snr_gamma=cfg.snr_gamma,
-                        unet_kwargs=conditioning,
+                        unet_kwargs=unet_kwargs,
                     )
             with self.phase("backward"):
                 self.acc.backward(losses[0])
@@ -494,7 +504,7 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process and cfg.sample_every > 0:  # 0: no samples at all, not even the first and last
             started = time.perf_counter()
-            training = [m for m in (self.comps.unet, self.comps.text_encoder) if m.training]
+            training = [m for m in (self.comps.unet, *self.comps.text_encoders().values()) if m.training]
             for module in training:
                 module.eval()
             self._bring_back()

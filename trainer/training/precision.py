@@ -66,7 +66,21 @@ def enable_tf32(device) -> bool:
         return False
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    # cudnn.benchmark stays off: on an H100 its algorithm search allocated about 67 GiB for a moment (cuDNN tries
+    # workspaces as large as the free memory; on a consumer card, the whole card), and the step is bound by
+    # kernel launches (the GPU was busy about 38 ms of each step), so faster convolutions barely show.
     return True
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """`tensor` on `device`. A CPU tensor bound for a CUDA device is copied from pinned memory without waiting:
+    a plain .to() from pageable memory makes the host wait for all queued GPU work, which on a step that is
+    bound by kernel launches keeps the next step's Python from running while the GPU finishes this one.
+    Elsewhere the same as tensor.to(device)."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int, project_dir) -> Accelerator:
@@ -96,13 +110,29 @@ def place_modules(comps, device, dtype: torch.dtype) -> None:
     diffusers' cast_training_params would upcast trainables after a whole-module cast, but cannot undo the
     rounding that cast did to their initial values (tests/test_training.py checks they stay exact). The VAE
     encodes in fp32 under fp16, where its activations overflow.
+
+    On a GPU in fp16/bf16, peft's LoRA layers stop casting their input to the fp32 of the LoRA weights: the step
+    runs under autocast, which casts it straight back to fp16/bf16 for the matrix product, so the values are
+    the same, less two copies forward and two back per layer (on a step bound by kernel launches, each costs).
     """
-    for module in (comps.unet, comps.text_encoder):
+    skip_casts = torch.device(device).type == "cuda" and dtype != torch.float32
+    for module in (comps.unet, *comps.text_encoders().values()):
         for param in module.parameters():
             param.data = param.data.to(device, torch.float32 if param.requires_grad else dtype)
         for buffer in module.buffers():
             buffer.data = buffer.data.to(device)
+        if skip_casts:
+            skip_lora_input_casts(module)
     comps.vae.to(device, torch.float32 if dtype == torch.float16 else dtype)
+
+
+def skip_lora_input_casts(module: torch.nn.Module) -> int:
+    """Turn off peft's cast of a LoRA layer's input to the LoRA weights' dtype in every layer of `module`
+    (only right under autocast, which casts the input to the matrix product's dtype itself); how many layers."""
+    layers = [m for m in module.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)
 
 
 def enable_checkpointing(comps, text_encoder_too: bool) -> None:

@@ -37,69 +37,61 @@ class LoRAMethod(Method):
                 f"No UNet module matches lora_targets {self.cfg.lora_targets}.",
                 "Use attention projections such as to_q, to_k, to_v, to_out.0.",
             )
-        if self.cfg.train_text_encoder:
-            comps.text_encoder.add_adapter(self.lora_config(TEXT_LORA_TARGETS))
+        for text_encoder in self._text_encoders(comps).values():
+            text_encoder.add_adapter(self.lora_config(TEXT_LORA_TARGETS))
+
+    def _text_encoders(self, comps) -> dict:
+        """The text encoders that get adapters: all of the family's (SDXL: both), when train_text_encoder is on."""
+        return comps.text_encoders() if self.cfg.train_text_encoder else {}
 
     def trainable_modules(self, comps) -> dict:
-        modules = {"unet": comps.unet}
-        if self.cfg.train_text_encoder:
-            modules["text_encoder"] = comps.text_encoder
-        return modules
+        return {"unet": comps.unet, **self._text_encoders(comps)}
 
     def param_groups(self, comps) -> list[dict]:
         groups = [{"params": [p for p in comps.unet.parameters() if p.requires_grad], "lr": self.cfg.learning_rate}]
-        if self.cfg.train_text_encoder:
+        for text_encoder in self._text_encoders(comps).values():
             groups.append(
-                {
-                    "params": [p for p in comps.text_encoder.parameters() if p.requires_grad],
-                    "lr": self.cfg.text_encoder_lr,
-                }
+                {"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": self.cfg.text_encoder_lr}
             )
         return groups
 
-    def lora_state_dicts(self, comps) -> tuple[dict, dict | None]:
-        unet = get_peft_model_state_dict(comps.unet)
-        text = get_peft_model_state_dict(comps.text_encoder) if self.cfg.train_text_encoder else None
-        return unet, text
+    def lora_state_dicts(self, comps) -> tuple[dict, dict]:
+        """(UNet LoRA, {text encoder attribute: its LoRA}) as PEFT state dicts."""
+        texts = {name: get_peft_model_state_dict(te) for name, te in self._text_encoders(comps).items()}
+        return get_peft_model_state_dict(comps.unet), texts
 
     def trainable_state(self, comps) -> dict:
-        unet, text = self.lora_state_dicts(comps)
+        unet, texts = self.lora_state_dicts(comps)
         state = {f"unet.{k}": v for k, v in unet.items()}
-        state.update({f"text_encoder.{k}": v for k, v in (text or {}).items()})
+        for name, text in texts.items():
+            state.update({f"{name}.{k}": v for k, v in text.items()})
         return state
 
     def load_trainable_state(self, comps, state: dict) -> None:
-        unet = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
-        result = set_peft_model_state_dict(comps.unet, unet)
-        if getattr(result, "unexpected_keys", None):
-            raise DreamLoomError(
-                f"The checkpoint does not fit this LoRA ({len(result.unexpected_keys)} unexpected keys).",
-                "Resume with the same rank and targets, or start a new run.",
-            )
-        if self.cfg.train_text_encoder:
-            text = {k[len("text_encoder.") :]: v for k, v in state.items() if k.startswith("text_encoder.")}
-            set_peft_model_state_dict(comps.text_encoder, text)
+        for name, module in {"unet": comps.unet, **self._text_encoders(comps)}.items():
+            part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+            result = set_peft_model_state_dict(module, part)
+            if getattr(result, "unexpected_keys", None) or not part:
+                raise DreamLoomError(
+                    f"The checkpoint does not fit this LoRA ({name}: "
+                    f"{len(getattr(result, 'unexpected_keys', None) or [])} unexpected keys, {len(part)} given).",
+                    "Resume with the same rank, targets and train_text_encoder, or start a new run.",
+                )
 
     def default_sample_prompts(self) -> list[str]:
         subject = subject_phrase(self.cfg.instance_prompt)
         return [self.cfg.instance_prompt, f"a dress made of {subject}", f"a watercolor painting of {subject}"]
 
     def export(self, comps, result_dir: Path, step: int) -> dict:
-        unet, text = self.lora_state_dicts(comps)
+        unet, texts = self.lora_state_dicts(comps)
         meta = kohya_metadata(self.cfg, step, comps)
-        kohya = save_kohya(
-            result_dir / f"{self.cfg.output_name}.safetensors",
-            unet,
-            text,
-            self.cfg.alpha,
-            meta,
-            text_prefix=comps.family.text_encoder_kohya_prefix["text_encoder"],
-        )
+        kohya = save_kohya(result_dir / f"{self.cfg.output_name}.safetensors", comps, unet, texts, self.cfg.alpha, meta)
         diffusers = save_diffusers(
             result_dir / "pytorch_lora_weights.safetensors",
+            comps,
             unet,
-            text,
+            texts,
             self.lora_config(self.cfg.lora_targets),
-            self.lora_config(TEXT_LORA_TARGETS) if text else None,
+            self.lora_config(TEXT_LORA_TARGETS) if texts else None,
         )
         return {"lora": str(kohya), "lora_diffusers": str(diffusers)}

@@ -113,60 +113,69 @@ class TextualInversionMethod(Method):
         super().__init__(cfg)
         self.tokens = placeholder_tokens(cfg.placeholder_token, cfg.num_vectors)
         self.templates = {"style": STYLE_TEMPLATES, "object": OBJECT_TEMPLATES}.get(cfg.ti_templates, STYLE_TEMPLATES)
-        self.init_norm = None
+        self.init_norms: dict[str, float] = {}
 
     @property
     def phrase(self) -> str:
         return " ".join(self.tokens)
 
     def setup(self, comps) -> None:
-        tok = comps.tokenizer
-        check_new_token(tok, self.cfg.placeholder_token, self.cfg.num_vectors)
-        init_id = initializer_id(tok, self.cfg.initializer_token)
-        te = comps.text_encoder
-        base = te.get_input_embeddings()
-        if base.num_embeddings != len(tok):
-            raise DreamLoomError(
-                "The tokenizer and text encoder disagree on the vocabulary size.",
-                "Reload the base model and train again.",
-            )
-        added = tok.add_tokens(self.tokens)
-        if added != len(self.tokens):
-            raise DreamLoomError(
-                f"Could not add the placeholder token(s) {self.tokens}.", "Pick another placeholder token."
-            )
-        init = base.weight.detach()[init_id].float()
-        self.init_norm = float(init.norm())
-        new_rows = init.unsqueeze(0).repeat(self.cfg.num_vectors, 1).clone()
-        te.requires_grad_(False)
-        te.set_input_embeddings(TokenEmbeddingWithNewRows(base, new_rows))
-        self._embedding(comps).new_rows.requires_grad_(True)
-        if tok.convert_tokens_to_ids(self.tokens[0]) != base.num_embeddings:
-            raise DreamLoomError(
-                "The placeholder token did not get the next free id.", "Reload the base model and train again."
-            )
+        """The placeholder token in every tokenizer of the model, and its rows in every text encoder (SDXL: both,
+        trained together), each initialised from that encoder's row of the initializer word."""
+        tokenizers = comps.tokenizers()
+        for name, te in comps.text_encoders().items():
+            tok = tokenizers[name]
+            check_new_token(tok, self.cfg.placeholder_token, self.cfg.num_vectors)
+            init_id = initializer_id(tok, self.cfg.initializer_token)
+            base = te.get_input_embeddings()
+            if base.num_embeddings != len(tok):
+                raise DreamLoomError(
+                    "The tokenizer and text encoder disagree on the vocabulary size.",
+                    "Reload the base model and train again.",
+                )
+            added = tok.add_tokens(self.tokens)
+            if added != len(self.tokens):
+                raise DreamLoomError(
+                    f"Could not add the placeholder token(s) {self.tokens}.", "Pick another placeholder token."
+                )
+            init = base.weight.detach()[init_id].float()
+            self.init_norms[name] = float(init.norm())
+            new_rows = init.unsqueeze(0).repeat(self.cfg.num_vectors, 1).clone()
+            te.requires_grad_(False)
+            te.set_input_embeddings(TokenEmbeddingWithNewRows(base, new_rows))
+            te.get_input_embeddings().new_rows.requires_grad_(True)
+            if tok.convert_tokens_to_ids(self.tokens[0]) != base.num_embeddings:
+                raise DreamLoomError(
+                    "The placeholder token did not get the next free id.", "Reload the base model and train again."
+                )
 
-    def _embedding(self, comps) -> TokenEmbeddingWithNewRows:
-        return comps.text_encoder.get_input_embeddings()
+    def new_rows(self, comps) -> dict:
+        """The trained rows per text encoder attribute: {"text_encoder": [n, 768]} (+ "text_encoder_2" for SDXL)."""
+        return {name: te.get_input_embeddings().new_rows for name, te in comps.text_encoders().items()}
 
     def trainable_modules(self, comps) -> dict:
-        return {"text_encoder": comps.text_encoder}
+        return comps.text_encoders()
 
     def param_groups(self, comps) -> list[dict]:
-        return [{"params": [self._embedding(comps).new_rows], "lr": self.cfg.learning_rate}]
+        return [{"params": list(self.new_rows(comps).values()), "lr": self.cfg.learning_rate}]
+
+    @staticmethod
+    def _state_key(name: str) -> str:
+        return "ti.new_rows" if name == "text_encoder" else f"ti.new_rows.{name}"
 
     def trainable_state(self, comps) -> dict:
-        return {"ti.new_rows": self._embedding(comps).new_rows.detach().float().cpu().clone()}
+        return {self._state_key(n): rows.detach().float().cpu().clone() for n, rows in self.new_rows(comps).items()}
 
     def load_trainable_state(self, comps, state: dict) -> None:
-        rows = self._embedding(comps).new_rows
-        if "ti.new_rows" not in state or state["ti.new_rows"].shape != rows.shape:
-            raise DreamLoomError(
-                "The checkpoint does not fit this embedding (other num_vectors or model).",
-                "Resume with the same settings, or start a new run.",
-            )
-        with torch.no_grad():
-            rows.copy_(state["ti.new_rows"].to(rows.device, rows.dtype))
+        for name, rows in self.new_rows(comps).items():
+            saved = state.get(self._state_key(name))
+            if saved is None or saved.shape != rows.shape:
+                raise DreamLoomError(
+                    "The checkpoint does not fit this embedding (other num_vectors or model).",
+                    "Resume with the same settings, or start a new run.",
+                )
+            with torch.no_grad():
+                rows.copy_(saved.to(rows.device, rows.dtype))
 
     def instance_prompt(self, index: int, caption: str | None, position: int) -> str:
         if self.cfg.ti_templates == "captions" and caption:
@@ -180,10 +189,10 @@ class TextualInversionMethod(Method):
     def after_optimizer_step(self, comps) -> None:
         if not self.cfg.clamp_norm:
             return
-        rows = self._embedding(comps).new_rows
         with torch.no_grad():
-            norms = rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
-            rows.mul_(torch.clamp(self.init_norm / norms, max=1.0))
+            for name, rows in self.new_rows(comps).items():
+                norms = rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
+                rows.mul_(torch.clamp(self.init_norms[name] / norms, max=1.0))
 
     # Sample prompts go through a diffusers pipeline, whose textual-inversion loader expands a multi-vector
     # token '<t>' into '<t> <t>_1 ...' itself; expanding here too gave '<t> <t>_1 <t> <t>_1_1'. So samples
@@ -208,6 +217,6 @@ class TextualInversionMethod(Method):
             "dreamloom.config": self.cfg.to_json(),
             "modelspec.architecture": f"{comps.family.modelspec_architecture}/textual-inversion",
         }
-        rows = self._embedding(comps).new_rows
+        rows = {comps.family.embedding_keys[name]: r for name, r in self.new_rows(comps).items()}
         files = save_embeddings(rows, result_dir, self.cfg.output_name, self.cfg.placeholder_token, meta)
         return {**files, "token": self.cfg.placeholder_token, "comfy_prompt": f"embedding:{self.cfg.output_name}"}

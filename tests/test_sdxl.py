@@ -1,0 +1,322 @@
+"""SDXL as a model family: the tiny-sdxl model trains LoRA and TI like SD1.5, with SDXL's conditioning
+(two text encoders, pooled embedding, time ids), and its files load in diffusers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from trainer.base_models.builtin import build_tiny_sdxl
+from trainer.base_models.sdxl import SDXL
+from trainer.errors import DreamLoomError, StopRequested
+from trainer.training.loop import Trainer
+from trainer.training.loss import diffusion_loss
+
+
+def sdxl_config(fabric_dir, **overrides):
+    return tiny_config(fabric_dir, base_model="tiny-sdxl", **overrides)
+
+
+def _batch(comps, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn((n, 4, 8, 8), generator=g)
+    noise = torch.randn((n, 4, 8, 8), generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    prompts = [f"a photo of pattern {i}" for i in range(n)]
+    with torch.no_grad():
+        embeddings = SDXL.encode_prompts(comps, prompts, "cpu")
+    size_ids = torch.tensor([[96.0, 64.0, 0.0, 16.0, 64.0, 64.0]] * n)
+    return latents, noise, t, embeddings, size_ids
+
+
+def test_prompt_conditioning_matches_diffusers_sdxl_pipeline():
+    comps = build_tiny_sdxl()
+    pipe = SDXL.pipeline(comps, comps.noise_scheduler())
+    prompts = ["a sks fabric pattern", "a dress"]
+    with torch.no_grad():
+        ours = SDXL.encode_prompts(comps, prompts, "cpu")
+        hidden, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    assert ours["hidden"].shape == (2, 77, 64) and ours["pooled"].shape == (2, 32)
+    assert torch.equal(ours["hidden"], hidden) and torch.equal(ours["pooled"], pooled)
+    # The second tokenizer pads with "!" (OpenCLIP), the first with its end token, as in SDXL's own files.
+    assert comps.tokenizer_2.pad_token == "!" and comps.tokenizer.pad_token == "<|endoftext|>"
+    # time ids in diffusers' order: original size, crop top-left, target size
+    time_ids = pipe._get_add_time_ids((96, 64), (0, 16), (64, 64), dtype=torch.float32, text_encoder_projection_dim=32)
+    assert torch.equal(time_ids[0], torch.tensor([96.0, 64.0, 0.0, 16.0, 64.0, 64.0]))
+
+
+def test_prior_preservation_concat_equals_two_pass_reference_with_sdxl_conditioning():
+    import torch.nn.functional as F
+
+    comps = build_tiny_sdxl()
+    sched = comps.noise_scheduler()
+    lat, noise, t, embeddings, size_ids = _batch(comps, 4)
+    hidden, kwargs = SDXL.unet_conditioning(embeddings, size_ids, torch.float32)
+    with torch.no_grad():
+        loss, inst, prior = diffusion_loss(comps.unet, sched, lat, noise, t, hidden, 2, 0.7, unet_kwargs=kwargs)
+        ref = []
+        for rows in (slice(0, 2), slice(2, 4)):
+            cond = {"text_embeds": embeddings["pooled"][rows], "time_ids": size_ids[rows]}
+            noisy = sched.add_noise(lat[rows], noise[rows], t[rows])
+            pred = comps.unet(noisy, t[rows], hidden[rows], added_cond_kwargs=cond).sample
+            ref.append(F.mse_loss(pred, noise[rows]))
+    assert torch.allclose(inst, ref[0], atol=1e-6) and torch.allclose(prior, ref[1], atol=1e-6)
+    assert torch.allclose(loss, ref[0] + 0.7 * ref[1], atol=1e-6)
+    # The time ids reach the UNet: other sizes, other prediction.
+    with torch.no_grad():
+        other = dict(kwargs["added_cond_kwargs"], time_ids=size_ids * 2)
+        changed = diffusion_loss(
+            comps.unet, sched, lat, noise, t, hidden, 2, 0.7, unet_kwargs={"added_cond_kwargs": other}
+        )
+    assert not torch.allclose(changed[0], loss)
+
+
+def test_size_ids_are_the_true_original_size_and_crop(tmp_path):
+    from trainer.data.caches import LatentSource
+
+    comps = build_tiny_sdxl()
+    wide = Image.new("RGB", (120, 60), (200, 30, 30))  # 2:1; resized to 64 x 128 before a 64 px square crop
+    centred = LatentSource(comps.vae, [wide], 64, center_crop=True, use_flip=True, cache=False, device="cpu", seed=1)
+    assert centred.size_ids([(0, False)], [0]).tolist() == [[60, 120, 0, 32, 64, 64]]
+    assert centred.size_ids([(0, True)], [0]).tolist() == [
+        [60, 120, 0, 32, 64, 64]
+    ]  # a centred crop mirrors onto itself
+    rand = LatentSource(comps.vae, [wide], 64, center_crop=False, use_flip=True, cache=False, device="cpu", seed=1)
+    left = random.Random("crop:1:5").randint(0, 60)  # the crop the pixels get at position 5
+    plain, flipped = rand.size_ids([(0, False), (0, True)], [5, 5]).tolist()
+    assert plain == [60, 120, 0, round(left * 64 / 60), 64, 64]
+    assert flipped[3] == 128 - plain[3] - 64
+
+
+def _lora_state(trainer):
+    return {k: v.detach().clone() for k, v in trainer.method.trainable_state(trainer.comps).items()}
+
+
+def test_tiny_sdxl_lora_trains_both_text_encoders_and_exports_kohya_ldm_names(fabric_dir, tmp_path):
+    from trainer.formats.ldm_layout import kohya_ldm_unet_name
+
+    base = build_tiny_sdxl()
+    cfg = sdxl_config(fabric_dir, max_train_steps=12, train_text_encoder=True, num_class_images=2)
+    trainer = Trainer(cfg, tmp_path / "run", comps=build_tiny_sdxl(), cache_root=tmp_path / "cache")
+    result = trainer.run()
+    comps = trainer.comps
+    assert len(list((tmp_path / "cache").rglob("*.png"))) == 2  # class images made by the SDXL pipeline, cached
+    # Only LoRA weights changed: every base weight of the UNet, both text encoders and the VAE is bit-identical.
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        before = getattr(base, name).state_dict()
+        for key, value in getattr(comps, name).state_dict().items():
+            if "lora_" not in key:
+                assert torch.equal(value, before[key.replace(".base_layer", "")]), (name, key)
+    state = _lora_state(trainer)
+    assert any(k.startswith("text_encoder_2.") for k in state) and any(k.startswith("text_encoder.") for k in state)
+    moved = [k for k, v in state.items() if "lora_B" in k and v.abs().max() > 0]
+    assert any(k.startswith("text_encoder_2.") for k in moved) and any(k.startswith("unet.") for k in moved)
+
+    kohya = load_file(result.outputs["lora"])
+    modules = {k.rsplit(".", 2)[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in kohya}
+    config = dict(comps.unet.config)
+    targeted = {
+        n
+        for n, m in base.unet.named_modules()
+        if n.split(".")[-1] in ("to_q", "to_k", "to_v") or n.endswith("to_out.0")
+    }
+    unet_names = {kohya_ldm_unet_name(n, config) for n in targeted}
+    assert {m for m in modules if m.startswith("lora_unet_")} == unet_names
+    assert all(
+        n.startswith("lora_unet_input_blocks_") or "_middle_block_" in n or "output_blocks" in n for n in unet_names
+    )
+    te1 = {m for m in modules if m.startswith("lora_te1_")}
+    te2 = {m for m in modules if m.startswith("lora_te2_")}
+    assert len(te1) == len(te2) == 2 * 4  # 2 layers x q, k, v, out per encoder
+    assert not modules - unet_names - te1 - te2
+    for module in modules:  # one down/up/alpha triple per module
+        assert {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"} <= kohya.keys()
+    with safe_open(result.outputs["lora"], "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+
+def test_diffusers_load_lora_weights_reproduces_the_trained_sdxl_unet_and_text_encoders(fabric_dir, tmp_path):
+    cfg = sdxl_config(fabric_dir, max_train_steps=6, train_text_encoder=True, with_prior_preservation=False)
+    trainer = Trainer(cfg, tmp_path / "run", comps=build_tiny_sdxl())
+    result = trainer.run()
+    trained = trainer.comps
+    lat, noise, t, _, size_ids = _batch(trained, 2, seed=3)
+    prompts = ["a sks fabric pattern", "a dress made of sks fabric"]
+
+    def outputs(comps):
+        with torch.no_grad():
+            emb = SDXL.encode_prompts(comps, prompts, "cpu")
+            hidden, kwargs = SDXL.unet_conditioning(emb, size_ids, torch.float32)
+            return emb, comps.unet(lat, t, hidden, **kwargs).sample
+
+    trained.unet.eval()
+    want_emb, want = outputs(trained)
+    for weights in (result.outputs["lora_diffusers"], result.outputs["lora"]):  # diffusers' file and kohya's
+        fresh = build_tiny_sdxl()
+        pipe = SDXL.pipeline(fresh, fresh.noise_scheduler())
+        pipe.load_lora_weights(str(tmp_path / "run" / "result"), weight_name=weights.rsplit("/", 1)[1])
+        got_emb, got = outputs(fresh)
+        assert torch.allclose(got_emb["hidden"], want_emb["hidden"], atol=1e-5), weights
+        assert torch.allclose(got_emb["pooled"], want_emb["pooled"], atol=1e-5), weights
+        assert torch.allclose(got, want, atol=1e-4), weights
+
+
+def test_sdxl_lora_files_import_to_the_same_layers_and_scales(fabric_dir, tmp_path):
+    """Our kohya file (LDM-named UNet, lora_te1_/lora_te2_) and diffusers file (unet.*, text_encoder.*,
+    text_encoder_2.*) import with every key mapped, onto the same layers with the same alpha/rank deltas."""
+    from trainer.formats.kohya_names import kohya_module_name
+    from trainer.formats.ldm_layout import kohya_ldm_unet_table
+    from trainer.formats.lora_import import load_lora_file
+
+    cfg = sdxl_config(fabric_dir, max_train_steps=2, train_text_encoder=True, with_prior_preservation=False)
+    result = Trainer(cfg, tmp_path / "run", comps=build_tiny_sdxl()).run()
+    comps = build_tiny_sdxl()
+    modules = [n for n, m in comps.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    names = kohya_ldm_unet_table(modules, dict(comps.unet.config))
+    names.update({kohya_module_name("lora_unet_", n): n for n in modules})
+    for prefix, encoder in (
+        ("lora_te_", "text_encoder"),
+        ("lora_te1_", "text_encoder"),
+        ("lora_te2_", "text_encoder_2"),
+    ):
+        for n, m in getattr(comps, encoder).named_modules():
+            if isinstance(m, torch.nn.Linear):
+                names[kohya_module_name(prefix, "text_model." + n.removeprefix("text_model."))] = f"{encoder}:{n}"
+
+    def deltas(path):
+        imported = load_lora_file(path)
+        out = {}
+        for module in imported.modules:
+            t = imported.tensors
+            down, up = t[f"{module}.lora_down.weight"], t[f"{module}.lora_up.weight"]
+            out[names[module]] = float(t[f"{module}.alpha"]) / down.shape[0] * (up.float() @ down.float())
+        return imported, out
+
+    kohya, from_kohya = deltas(result.outputs["lora"])
+    diffusers, from_diffusers = deltas(result.outputs["lora_diffusers"])
+    assert kohya.source_format == "kohya" and diffusers.source_format == "diffusers"
+    assert any(m.startswith("lora_te2_") for m in kohya.modules) and any(
+        m.startswith("lora_te2_") for m in diffusers.modules
+    )
+    assert from_kohya.keys() == from_diffusers.keys() and len(from_kohya) == len(kohya.modules)
+    for layer, delta in from_kohya.items():
+        assert torch.allclose(delta, from_diffusers[layer], atol=1e-6), layer
+
+
+def test_sdxl_resume_matches_uninterrupted_run(fabric_dir, tmp_path):
+    cfg = sdxl_config(fabric_dir, max_train_steps=6, random_flip=True, num_class_images=2)
+    full = Trainer(cfg, tmp_path / "full", comps=build_tiny_sdxl(), cache_root=tmp_path / "cache")
+    full.run()
+    calls = {"n": 0}
+
+    def stop_after_3():
+        calls["n"] += 1
+        return calls["n"] == 3
+
+    first = Trainer(
+        cfg, tmp_path / "r", comps=build_tiny_sdxl(), cache_root=tmp_path / "cache", should_stop=stop_after_3
+    )
+    with pytest.raises(StopRequested):
+        first.run()
+    second = Trainer(cfg, tmp_path / "r", comps=build_tiny_sdxl(), cache_root=tmp_path / "cache")
+    assert second.run().resumed_from == 3
+    expected, got = _lora_state(full), _lora_state(second)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_sdxl_textual_inversion_trains_a_token_in_both_encoders(fabric_dir, tmp_path):
+    from trainer.formats.embeddings import load_embedding_into_pipeline
+
+    base = build_tiny_sdxl()
+    cfg = sdxl_config(
+        fabric_dir, method="ti", placeholder_token="<sks>", num_vectors=2, learning_rate=5e-3, max_train_steps=20
+    )
+    trainer = Trainer(cfg, tmp_path / "run", comps=build_tiny_sdxl())
+    result = trainer.run()
+    saved = load_file(result.outputs["embedding"])
+    assert set(saved) == {"clip_l", "clip_g"} and saved["clip_l"].shape == saved["clip_g"].shape == (2, 32)
+    init_id = base.tokenizer.encode("pattern", add_special_tokens=False)[0]
+    for key, name in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
+        embedding = getattr(trainer.comps, name).get_input_embeddings()
+        assert torch.equal(embedding.base.weight, getattr(base, name).get_input_embeddings().weight)
+        init = getattr(base, name).get_input_embeddings().weight[init_id]
+        assert all((saved[key][i] - init).abs().max() > 1e-4 for i in range(2)), key
+        assert torch.equal(saved[key], embedding.new_rows.detach().float())
+    assert set(load_file(result.outputs["embedding_diffusers_2"])) == {"<sks>"}
+
+    # diffusers loads the file into both encoders and encodes the token as training did.
+    fresh = build_tiny_sdxl()
+    pipe = SDXL.pipeline(fresh, fresh.noise_scheduler())
+    load_embedding_into_pipeline(pipe, result.outputs["embedding"], "<sks>")
+    with torch.no_grad():
+        want = SDXL.encode_prompts(trainer.comps, ["a pattern in the style of <sks> <sks>_1"], "cpu")
+        hidden, _, pooled, _ = pipe.encode_prompt(
+            "a pattern in the style of <sks>", device="cpu", do_classifier_free_guidance=False
+        )
+    assert torch.allclose(hidden, want["hidden"], atol=1e-5) and torch.allclose(pooled, want["pooled"], atol=1e-5)
+
+
+def test_sdxl_ti_loss_falls_on_a_fixed_batch(fabric_dir):
+    from trainer.training.methods.ti import TextualInversionMethod
+
+    comps = build_tiny_sdxl()
+    method = TextualInversionMethod(sdxl_config(fabric_dir, method="ti", placeholder_token="<sks>", num_vectors=2))
+    method.setup(comps)
+    optimizer = torch.optim.Adam(method.param_groups(comps)[0]["params"], lr=0.05)
+    lat, noise, t, _, size_ids = _batch(comps, 2, seed=5)
+    sched = comps.noise_scheduler()
+    losses = []
+    for _ in range(15):
+        emb = SDXL.encode_prompts(comps, [f"a pattern in the style of {method.phrase}"] * 2, "cpu")
+        hidden, kwargs = SDXL.unet_conditioning(emb, size_ids, torch.float32)
+        loss = diffusion_loss(comps.unet, sched, lat, noise, t, hidden, 2, unet_kwargs=kwargs)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    # A random-weight UNet listens to its text conditioning only a little, so the fall is small but steady.
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 5e-3, losses
+
+
+def test_embedding_of_the_other_family_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from trainer.formats.embeddings import load_embedding_into_pipeline
+
+    path = tmp_path / "sd15.safetensors"
+    save_file({"emb_params": torch.zeros(1, 768)}, str(path))
+    comps = build_tiny_sdxl()
+    with pytest.raises(DreamLoomError, match="is an SD1.5 embedding; this model is SDXL"):
+        load_embedding_into_pipeline(SDXL.pipeline(comps, comps.noise_scheduler()), str(path), "<t>")
+
+
+def test_sdxl_diffusers_folder_loads_and_a_refiner_folder_is_refused(tmp_path):
+    import json
+
+    from trainer.base_models.load import family_of, load_base_model, model_fingerprint
+
+    comps = build_tiny_sdxl()
+    pipe = SDXL.pipeline(comps, comps.noise_scheduler())
+    pipe.save_pretrained(tmp_path / "xl")
+    loaded = load_base_model(str(tmp_path / "xl"))
+    assert loaded.family is SDXL and family_of(str(tmp_path / "xl")) is SDXL and family_of("tiny-sdxl") is SDXL
+    assert loaded.tokenizer_2.pad_token == "!" and loaded.text_encoder_2 is not None
+    assert loaded.fingerprint == model_fingerprint(str(tmp_path / "xl"))
+    for a, b in zip(comps.unet.state_dict().values(), loaded.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    index = json.loads((tmp_path / "xl" / "model_index.json").read_text())
+    (tmp_path / "xl" / "model_index.json").write_text(
+        json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"})
+    )
+    with pytest.raises(DreamLoomError, match="refiner"):
+        load_base_model(str(tmp_path / "xl"))
