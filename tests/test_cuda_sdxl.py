@@ -83,17 +83,19 @@ def _train(cfg, run_dir):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_sdxl_lora_1024_fits_a_12gb_card(sdxl_checkpoint, data, tmp_path, precision):
+def test_sdxl_lora_1024_training_fits_a_12gb_card(sdxl_checkpoint, data, tmp_path, precision):
+    """Latent caching and training (class images given, no sample grids)."""
     trainer, result, peak = _train(_config(sdxl_checkpoint, data, mixed_precision=precision), tmp_path / "run")
-    print(f"\nSDXL LoRA 1024 px {precision} + checkpointing, batch 1 + 1 prior: peak {peak:.2f} GiB")
+    print(f"\nSDXL LoRA 1024 px {precision} + checkpointing, batch 1 + 1 prior, training: peak {peak:.2f} GiB")
     assert trainer.comps.family.name == "SDXL"
     moved = [k for k, v in trainer.method.trainable_state(trainer.comps).items() if "lora_B" in k and v.abs().max() > 0]
     assert moved, "no LoRA weight changed"
     assert peak < TWELVE_GB_CARD_BUDGET_GIB
 
 
-def test_sdxl_class_images_and_samples_fit_a_12gb_card(sdxl_checkpoint, data, tmp_path):
-    """The other phases of a run: class images made by the SDXL pipeline (fp16, VAE upcast) and the sample grid."""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_sdxl_whole_run_with_class_images_and_samples_fits_a_12gb_card(sdxl_checkpoint, data, tmp_path, precision):
+    """Every phase of a run: class images made by the SDXL pipeline, latent caching, training and sample grids."""
     cfg = _config(
         sdxl_checkpoint,
         data,
@@ -102,9 +104,9 @@ def test_sdxl_class_images_and_samples_fit_a_12gb_card(sdxl_checkpoint, data, tm
         class_batch_size=2,
         sample_every=2,
         max_train_steps=2,
-        mixed_precision="fp16",
+        mixed_precision=precision,
     )
     _, result, peak = _train(cfg, tmp_path / "run")
-    print(f"\nSDXL 1024 px fp16 whole run with 2 class images and 2 sample grids: peak {peak:.2f} GiB")
+    print(f"\nSDXL 1024 px {precision} whole run, 2 class images and 2 sample grids: peak {peak:.2f} GiB")
     assert result.outputs["samples"]
     assert peak < TWELVE_GB_CARD_BUDGET_GIB

@@ -320,3 +320,22 @@ def test_sdxl_diffusers_folder_loads_and_a_refiner_folder_is_refused(tmp_path):
     )
     with pytest.raises(DreamLoomError, match="refiner"):
         load_base_model(str(tmp_path / "xl"))
+
+
+def test_large_images_decode_in_tiles_on_a_gpu_and_the_vae_is_restored():
+    """generate() decodes images above 512 px in 512 px tiles on CUDA (SDXL's fp32 VAE at 1024 px measured 11.6 ->
+    8.6 GiB whole-run peak on an H100); a CPU and small images decode whole, and the VAE's settings come back."""
+    from trainer.inference.pipelines import _decode_in_pieces, _restore_decoding
+
+    vae = build_tiny_sdxl().vae
+    before = (vae.use_slicing, vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+    for device, resolution, tiled in (("cpu", 1024, False), ("cuda", 512, False), ("cuda", 1024, True)):
+        state = _decode_in_pieces(vae, resolution, device)
+        assert vae.use_slicing and vae.use_tiling == tiled
+        if tiled:
+            assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == (512, 64)
+            z = torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                assert vae.decode(z).sample.shape == (1, 3, 1024, 1024)
+        _restore_decoding(vae, state)
+        assert (vae.use_slicing, vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size) == before

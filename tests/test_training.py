@@ -228,6 +228,8 @@ def test_mixed_precision_keeps_trainable_initial_values_exact(fabric_dir, tmp_pa
     mixed = Trainer(cfg, tmp_path / "bf16", comps=build_tiny())
     mixed.set_up()
     mixed.place_on_device()
+    assert {p.dtype for p in mixed.comps.text_encoder.parameters()} == {torch.bfloat16}
+    mixed.build_caches()  # the UNet is placed once the latents are cached
     params = dict(mixed.comps.unet.named_parameters())
     assert expected and all(params[n].dtype == torch.float32 and torch.equal(params[n], v) for n, v in expected.items())
     assert {p.dtype for p in mixed.comps.unet.parameters() if not p.requires_grad} == {torch.bfloat16}

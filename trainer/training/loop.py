@@ -40,6 +40,7 @@ from .precision import (
     make_accelerator,
     make_optimizer,
     place_modules,
+    place_trainable_module,
     resolve_gradient_checkpointing,
     resolve_mixed_precision,
     to_device,
@@ -184,7 +185,8 @@ class Trainer:
             module.train()
 
     def place_on_device(self) -> None:
-        place_modules(self.comps, self.acc.device, self.weight_dtype)
+        """The VAE and text encoders now; the UNet once the caches are built (build_caches)."""
+        place_modules(self.comps, self.acc.device, self.weight_dtype, unet=False)
 
     def build_caches(self) -> None:
         """Latents of the instance and class images, and text embeddings when the text encoder is frozen."""
@@ -222,6 +224,7 @@ class Trainer:
             cached = cached + [cfg.class_prompt]
         self.prompt_embeddings = PromptEmbeddings(comps, device, self.weight_dtype, cached)
         self._offload_cached_modules()
+        place_trainable_module(comps.unet, device, self.weight_dtype)
         vae_cfg = comps.vae.config
         side = cfg.resolution // (2 ** (len(vae_cfg.block_out_channels) - 1))
         self.latent_shape = (vae_cfg.latent_channels, side, side)
