@@ -9,7 +9,10 @@ the environment it starts with (see `contender_plan` and `contender_env`), as ou
 
 What is measured, the same way for each contender (bench_measure.py):
 
-* the wall time of every step, from the end of one step to the end of the next (the median is reported);
+* the wall time of every step, from the end of one step to the end of the next (the median is reported). Our
+  processes run the timed steps as training runs, with no device sync per phase, and mark the time (after a
+  device sync) every 10 steps, each step of a window taking its mean; the per-phase times come from a few
+  steps after the timed ones (StepMarks);
 * minor page faults, kernel (system) and user CPU time over the timed steps (getrusage in our processes,
   /proc/<pid>/stat for diffusers' script), per step;
 * peak resident memory while the timed steps run, sampled from /proc by this process, and the process's
@@ -22,6 +25,7 @@ each step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -51,6 +55,7 @@ from .bench_measure import (
 )
 
 ROLES = ("prepare", "ours", "tutorial", "unet")
+PHASE_STEPS = 3  # steps after the timed ones, with each phase timed (see StepMarks)
 MALLOC_CHOICES = ("tuned", "default", "both", "all")
 
 
@@ -171,12 +176,37 @@ def _cuda_peak():
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
+class _PhaseSteps:
+    """The timer the bench's loops get: a PhaseTimer that times phases (waiting for the device around each) only
+    once `timing_phases` is on, in the phase steps after the timed ones (StepMarks turns it on); until then a
+    phase costs nothing, so the timed steps run as training runs."""
+
+    def __init__(self, device_type: str):
+        from ..training.timing import PhaseTimer
+
+        self.inner = PhaseTimer(device_type)
+        self.totals = self.inner.totals
+        self.timing_phases = False
+        self.step_times: list[float] = []
+
+    def __call__(self, name: str):
+        return self.inner(name) if self.timing_phases else contextlib.nullcontext()
+
+
+def _bench_timer(device_type: str, warmup: int, steps: int) -> tuple[_PhaseSteps, StepMarks]:
+    import torch
+
+    timer = _PhaseSteps(device_type)
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    timer.step_times = marks = StepMarks(timer, warmup, steps, sync=sync)
+    return timer, marks
+
+
 def _loop_result(timer, marks: StepMarks, warmup: int, malloc: str) -> dict:
-    timed = max(len(marks) - warmup, 1)
     return {
-        "marks": marks.marks,
+        "marks": marks.marks,  # (step, mark) at the end of the warm-up, every 10 timed steps and the last
         "loop_step_times": list(marks),  # the loop's own timing of each step (without its end-of-step work)
-        "phases": {k: timer.totals.get(k, 0.0) / timed for k in PHASES},
+        "phases": {k: timer.totals.get(k, 0.0) / max(marks.phase_steps, 1) for k in PHASES},
         "peak_rss_process": process_peak(),
         "peak_cuda": _cuda_peak(),
         "malloc": malloc,
@@ -187,15 +217,12 @@ def _run_ours(spec: dict) -> dict:
     """The real Trainer loop (caches, one concatenated UNet pass)."""
     from ..training.loop import Trainer
     from ..training.precision import best_device
-    from ..training.timing import PhaseTimer
 
     warmup, steps = spec["warmup"], spec["steps"]
-    cfg = TrainConfig.from_dict(
-        {**spec["cfg"], "max_train_steps": warmup + steps, "torch_compile": bool(spec.get("compile"))}
-    )
+    total = warmup + steps + PHASE_STEPS
+    cfg = TrainConfig.from_dict({**spec["cfg"], "max_train_steps": total, "torch_compile": bool(spec.get("compile"))})
     comps = _factory(spec["base_model"])()
-    timer = PhaseTimer(best_device().type)
-    timer.step_times = marks = StepMarks(timer, warmup)
+    timer, marks = _bench_timer(best_device().type, warmup, steps)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir, comps=comps, class_dir=spec["class_dir"], timer=timer, bench=True)
         _cuda_peak_reset()
@@ -218,17 +245,15 @@ def _run_tutorial(spec: dict) -> dict:
     import torch
 
     from ..training.precision import best_device
-    from ..training.timing import PhaseTimer
 
     cfg = TrainConfig.from_dict(spec["cfg"])
     warmup, steps = spec["warmup"], spec["steps"]
     device = best_device()
     m = _tutorial_setup(cfg, spec, device)
-    timer = PhaseTimer(device.type)
-    timer.step_times = marks = StepMarks(timer, warmup)
+    timer, marks = _bench_timer(device.type, warmup, steps)
     g = torch.Generator().manual_seed(cfg.seed)
     _cuda_peak_reset()
-    for _ in range(warmup + steps):
+    for _ in range(warmup + steps + PHASE_STEPS):
         t0 = time.perf_counter()
         _tutorial_step(m, cfg, timer, g, device)
         marks.append(time.perf_counter() - t0)
@@ -298,7 +323,6 @@ def _run_bare_unet(spec: dict) -> dict:
 
     from ..training.methods.lora import LoRAMethod
     from ..training.precision import WEIGHT_DTYPES, best_device
-    from ..training.timing import PhaseTimer
 
     cfg = TrainConfig.from_dict(spec["cfg"])
     warmup, steps = spec["warmup"], spec["steps"]
@@ -324,10 +348,9 @@ def _run_bare_unet(spec: dict) -> dict:
     trainable = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
     autocast = torch.autocast(device.type, dtype=frozen_dtype, enabled=frozen_dtype != torch.float32)
-    timer = PhaseTimer(device.type)
-    timer.step_times = marks = StepMarks(timer, warmup)
+    timer, marks = _bench_timer(device.type, warmup, steps)
     _cuda_peak_reset()
-    for _ in range(warmup + steps):
+    for _ in range(warmup + steps + PHASE_STEPS):
         t0 = time.perf_counter()
         with timer("unet_forward"), autocast:
             loss = F.mse_loss(unet(latents, timesteps, context).sample.float(), noise)
@@ -409,7 +432,7 @@ def _spawn(role: str, spec_path: Path, work: Path, tag: str, env: dict | None = 
 
 def _run_loop_contender(role: str, spec_path: Path, work: Path, tag: str, env: dict, spec: dict) -> dict:
     raw, sampler, t0 = _spawn(role, spec_path, work, tag, env, gpu=spec["device"] == "cuda")
-    marks = {i + 1: m for i, m in enumerate(raw["marks"])}
+    marks = {n: m for n, m in raw["marks"]}
     run = measure(raw, marks, spec["warmup"], sampler, t0)
     run["loop_step_times"] = raw["loop_step_times"][spec["warmup"] :]
     return run
@@ -481,13 +504,15 @@ def bench(
     compile_unet: bool = False,
     malloc: str | None = None,
     compare_diffusers: str | None = None,
+    contenders: list[str] | None = None,
 ) -> dict:
     """Prepare the data in one process, then run the contenders, each in a fresh process, `repeats` rounds.
 
     malloc: "tuned" (ours and the tutorial loop with our glibc settings from their start, as our trainer runs on
     a CPU; diffusers' script in the default environment), "default" (glibc's defaults for all), "both" (tuned,
     plus ours once more with glibc's defaults) or "all" (both, plus diffusers' script once more with our
-    settings); None: both on a Linux CPU, else tuned. Off a CPU nobody is tuned.
+    settings); None: both on a Linux CPU, else tuned. Off a CPU nobody is tuned. contenders: the names of the
+    plan's contenders to run (ours always runs); None: all of them.
     """
     script = _check_args(steps, warmup, repeats, malloc, compare_diffusers)
     work = Path(tempfile.mkdtemp(prefix="dreamloom-bench-"))
@@ -497,7 +522,7 @@ def bench(
     spec_path.write_text(json.dumps(spec))
     if malloc is None:
         malloc = "both" if spec["device"] == "cpu" and sys.platform.startswith("linux") else "tuned"
-    plan = contender_plan(malloc, script)
+    plan = [c for c in contender_plan(malloc, script) if contenders is None or c[0] in ("ours", *contenders)]
     print(
         f"bench: {base_model} at {spec['resolution']}px on {spec['device']}, rank 4, batch 1, prior preservation on; "
         f"{warmup} warm-up + {steps} timed steps; {repeats} rounds of {', '.join(name for name, _, _ in plan)}, "

@@ -152,19 +152,33 @@ def malloc_label(device: str, env: Mapping[str, str] = os.environ) -> str:
 
 # --------------------------------------------------------------------------------------------- step marks
 class StepMarks(list):
-    """The list a loop appends each step's wall time to (PhaseTimer.step_times). Each append also takes a
-    step_mark(), and once the warm-up steps are done the phase totals start again, so they cover the timed
-    steps only."""
+    """The list a loop appends each step's wall time to (PhaseTimer.step_times): the loop's own timing of the
+    warm-up and timed steps. It also takes a step_mark() (step number, mark) at the end of the warm-up, then every
+    `every` timed steps and at the last, each after `sync()` (waiting for the device), so a window's time is the
+    device's too; the steps between run as training runs (our loop reads its loss back, a device sync, every
+    10 steps). Once the timed steps are done, the loop runs phase steps: `timer.timing_phases` turns on and
+    its totals start again, so the per-phase times come from those steps alone (timing a phase waits for the
+    device before and after it, which the timed steps must not do)."""
 
-    def __init__(self, timer, warmup: int):
+    def __init__(self, timer, warmup: int, steps: int, every: int = 10, sync=lambda: None):
         super().__init__()
-        self.timer, self.warmup, self.marks = timer, warmup, []
+        self.timer, self.warmup, self.steps, self.every, self.sync = timer, warmup, steps, every, sync
+        self.marks: list[tuple[int, list]] = []
+        self.n = self.phase_steps = 0
 
     def append(self, seconds: float) -> None:
+        self.n += 1
+        n, last = self.n, self.warmup + self.steps
+        if n > last:
+            self.phase_steps += 1
+            return
         super().append(seconds)
-        self.marks.append(step_mark())
-        if len(self) == self.warmup:
+        if n == self.warmup or n == last or (n > self.warmup and (n - self.warmup) % self.every == 0):
+            self.sync()
+            self.marks.append((n, step_mark()))
+        if n == last:
             self.timer.totals.clear()
+            self.timer.timing_phases = True
 
 
 def per_step_rows(marks: dict[int, list], warmup: int) -> list[list[float]]:
