@@ -233,3 +233,35 @@ def test_cli_doctor_reads_no_weights(tmp_path):
     assert out.count(" GiB") >= 6 and "(predicted" in out
     probe = json.loads((tmp_path / "probe.json").read_text())
     assert probe == {"modules_built": 0, "imported": []}
+
+
+# tests/test_cuda_sdxl.py on an H100 (torch 2.11): SDXL at 1024 px, LoRA rank 4, batch 1 + 1 prior, checkpointing.
+SDXL_MEASURED = [
+    (dict(precision="bf16", phase="training"), 6.36),
+    (dict(precision="fp16", phase="training"), 6.36),
+    (dict(precision="bf16", phase="whole run"), 8.45),  # with 2 class images and 2 sample grids
+    (dict(precision="fp16", phase="whole run"), 8.61),
+]
+
+
+@pytest.mark.parametrize("settings,measured", SDXL_MEASURED)
+def test_sdxl_prediction_reproduces_measured_runs_and_fits_a_12gb_card(settings, measured):
+    pred = predict_memory(family="SDXL", precision=settings["precision"], checkpointing=True)
+    predicted = pred.training if settings["phase"] == "training" else pred.peak
+    assert abs(predicted - measured) / measured < 0.05, (settings, predicted, measured)
+    assert pred.peak + doctor_mod.CONTEXT_GIB < 11.2  # a 12 GB card (about 11.2 GiB usable)
+
+
+def test_sdxl_checkpoint_is_described_and_sized_as_sdxl(cpu_only, tmp_path):
+    from helpers.sdxl_layout import sdxl_configs, sdxl_meta_models
+    from trainer.formats.ldm_layout import to_sdxl_ldm_state_dict
+
+    cfg, models = sdxl_configs(), sdxl_meta_models()
+    parts = {name: m.state_dict() for name, m in models.items()}
+    layout = to_sdxl_ldm_state_dict(
+        parts["unet"], parts["vae"], parts["text"], parts["text_2"], cfg["unet"], cfg["vae"], logit_scale=None
+    )
+    path = header_only_checkpoint(tmp_path / "sd_xl_base.safetensors", {k: list(v.shape) for k, v in layout.items()})
+    report = doctor(base_model=str(path))
+    assert "SDXL, single file" in report and "1024 px" in report and "of an SDXL run" in report
+    assert "1024 px" in doctor(base_model="sdxl") and "the SDXL architecture" in doctor(base_model="sdxl")

@@ -339,3 +339,57 @@ def test_large_images_decode_in_tiles_on_a_gpu_and_the_vae_is_restored():
                 assert vae.decode(z).sample.shape == (1, 3, 1024, 1024)
         _restore_decoding(vae, state)
         assert (vae.use_slicing, vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size) == before
+
+
+@pytest.mark.slow
+def test_full_size_sdxl_single_file_loads_offline_tensor_by_tensor(tmp_path):
+    """A random-weight full-size SDXL base in the original single-file layout (6.9 GB, written here and deleted)
+    loads through the offline path a user's sd_xl_base_1.0.safetensors takes, every tensor where it belongs."""
+    from helpers.sdxl_layout import write_random_sdxl
+    from trainer.base_models.components import match_text_model_level
+    from trainer.base_models.load import load_base_model, model_fingerprint
+    from trainer.base_models.native import native_resolution
+    from trainer.formats import ldm_layout as L
+
+    path = write_random_sdxl(tmp_path / "sd_xl_random.safetensors")
+    try:
+        comps = load_base_model(str(path), dtype=torch.float16)
+        assert comps.family is SDXL and comps.native_resolution == 1024 == native_resolution(str(path))
+        assert comps.fingerprint == model_fingerprint(str(path)) and comps.fingerprint.startswith("sdxl-")
+        assert comps.tokenizer_2.pad_token == "!" and comps.vae.config.scaling_factor == 0.13025
+        unet_config, vae_blocks = dict(comps.unet.config), len(comps.vae.config.block_out_channels)
+        loaded = {
+            "unet": comps.unet.state_dict(),
+            "vae": comps.vae.state_dict(),
+            "text": comps.text_encoder.state_dict(),
+            "text_2": comps.text_encoder_2.state_dict(),
+        }
+        seen = {part: set() for part in loaded}
+        with safe_open(str(path), "pt") as f:
+            open_clip = {}
+            for key in f.keys():
+                if key.startswith(L.UNET_PREFIX):
+                    part, name = "unet", L.ldm_key_to_unet(key[len(L.UNET_PREFIX) :], unet_config)
+                    value = f.get_tensor(key)
+                elif key.startswith(L.VAE_PREFIX):
+                    name, conv = L.ldm_key_to_vae(key[len(L.VAE_PREFIX) :], vae_blocks)
+                    part, value = "vae", f.get_tensor(key)
+                    value = value[:, :, 0, 0] if conv else value
+                elif key.startswith(L.SDXL_TEXT_PREFIX):
+                    name = next(iter(match_text_model_level({key[len(L.SDXL_TEXT_PREFIX) :]: 0}, comps.text_encoder)))
+                    part, value = "text", f.get_tensor(key)
+                else:
+                    assert key.startswith(L.SDXL_TEXT_2_PREFIX), key
+                    open_clip[key[len(L.SDXL_TEXT_2_PREFIX) :]] = f.get_tensor(key)
+                    continue
+                assert torch.equal(loaded[part][name], value), key
+                seen[part].add(name)
+        for name, value in L.hf_from_open_clip(open_clip).items():
+            # text_projection sits beside text_model; the rest has the installed transformers' level
+            name = next(n for n in (name, name.removeprefix("text_model.")) if n in loaded["text_2"])
+            assert torch.equal(loaded["text_2"][name], value), name
+            seen["text_2"].add(name)
+        for part, state in loaded.items():  # every weight of every module came from the file
+            assert set(state) - seen[part] <= {k for k in state if k.endswith("position_ids")}, part
+    finally:
+        path.unlink(missing_ok=True)

@@ -152,8 +152,12 @@ def _add_lab_commands(sub) -> None:
     p = sub.add_parser(
         "doctor", help="versions, device and free memory; the settings DreamLoom would choose and the predicted peak"
     )
-    p.add_argument("--base-model", default="sd15", help="sd15 (SD1.5 architecture), tiny-fabric, or a checkpoint path")
-    p.add_argument("--resolution", type=int, default=0, help="default: the model's native size (512 for SD1.5)")
+    p.add_argument(
+        "--base-model",
+        default="sd15",
+        help="sd15 or sdxl (the architecture, no file), tiny-fabric, or a checkpoint or diffusers folder path",
+    )
+    p.add_argument("--resolution", type=int, default=0, help="default: the model's native size (SD1.5 512, SDXL 1024)")
     p.add_argument("--method", default="lora", choices=["lora", "ti"])
     p.add_argument("--train-batch-size", type=int, default=1)
     p.add_argument("--train-text-encoder", action="store_true")

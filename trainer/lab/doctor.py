@@ -34,6 +34,12 @@ Fitted constants (GiB at 512 px, fp16/bf16):
         checkpointed runs after their weights (0.96, 0.95, 0.95, 0.96).
     C = 0.68 for class images (4 at a time with CFG, all modules in fp16): 2.67 - 1.99 weights.
 fp32 (mixed_precision no) is extrapolated, not measured: weights x2 and activations x2.
+
+SDXL uses the same model with its own sizes (p = (resolution / 1024)^2; two text encoders; UNet 2.57 B parameters,
+rank-4 LoRA 5.8 M), fitted to tests/test_cuda_sdxl.py on the same H100 (1024 px, batch 1 + 1 prior, checkpointing):
+training 6.36 GiB in bf16 and in fp16, so A = (6.36 - 4.78 UNet - 0.09 LoRA state) / 2 = 0.75 per row; a whole run
+with 2 class images (batch 2) and 2 sample grids 8.45 GiB bf16 / 8.61 fp16, so S = C = 1.98 after the weights (both
+precisions give the same). Without checkpointing SDXL was not measured: A = 0.75 x 3.9, SD1.5's ratio (predicted).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from ..base_models.load import (
     _check_diffusers_folder,
     _check_model_file,
     family_of_file,
+    family_of_folder,
     resolve_model_path,
 )
 from ..config import BUILTIN_RESOLUTION
@@ -62,18 +69,37 @@ from ..training.precision import CHECKPOINTING_FREE_GIB, resolve_gradient_checkp
 
 GIB = 2**30
 SD15_NAME = "sd15"  # the CLI's default: the SD1.5 architecture, no file
-SD15_RESOLUTION = 512
+FAMILY_ARCHITECTURES = {SD15_NAME: "SD1.5", "sdxl": "SDXL"}  # architecture names the CLI takes without a file
 
-# Parameter counts of SD1.5 and of DreamLoom's rank-4 LoRA (to_q/k/v/out.0 on the UNet, q/k/v/out_proj on CLIP).
-UNET_PARAMS, TEXT_ENCODER_PARAMS, VAE_PARAMS = 859.5e6, 123.1e6, 83.7e6
-LORA_UNET_PARAMS, LORA_TEXT_PARAMS, TI_PARAMS = 797_184, 294_912, 768
+
+@dataclass(frozen=True)
+class FamilySize:
+    """What the memory model needs of a model family: parameter counts, its native size, fitted activations."""
+
+    name: str
+    resolution: int  # p = (resolution / this)^2
+    unet: float
+    text_encoders: float  # all of them
+    vae: float
+    lora_unet: int  # DreamLoom's rank-4 LoRA: to_q/k/v/out.0 on the UNet
+    lora_text: int  # q/k/v/out_proj on every text encoder
+    ti_row: int  # one TI vector in every text encoder
+    row_gib: dict  # per UNet row at `resolution`, without / with gradient checkpointing
+    text_row_gib: float  # per row, when the text encoders train
+    samples_gib: float  # the sample grid
+    class_images_gib: float  # class images, 4 at a time (SDXL: 2 measured) with CFG
+    measured: bool = True  # False: extrapolated
+
+
+# Fitted activation constants, GiB at the family's native size in fp16/bf16 (see the module docstring).
+SD15_SIZE = FamilySize(
+    "SD1.5", 512, 859.5e6, 123.1e6, 83.7e6, 797_184, 294_912, 768, {False: 1.13, True: 0.29}, 0.03, 0.95, 0.68
+)
+SDXL_SIZE = FamilySize(
+    "SDXL", 1024, 2567.5e6, 817.7e6, 83.7e6, 5_806_080, 1_605_632, 2048, {False: 2.9, True: 0.75}, 0.16, 1.98, 1.98
+)
+FAMILY_SIZES = {"SD1.5": SD15_SIZE, "SDXL": SDXL_SIZE}
 TRAINABLE_BYTES = 16  # fp32 weight + gradient + AdamW's two moments
-
-# Fitted activation constants, GiB at 512 px in fp16/bf16 (see the module docstring for how each was fitted).
-ROW_GIB = {False: 1.13, True: 0.29}  # per UNet row, without / with gradient checkpointing
-TEXT_ROW_GIB = 0.03  # per row, when the text encoder trains
-SAMPLES_GIB = 0.95  # the sample grid: 4 prompts with CFG
-CLASS_IMAGES_GIB = 0.68  # class images, 4 at a time with CFG
 FP32_ACTIVATIONS = 2.0  # extrapolated
 ERROR = 0.25  # the model's stated accuracy
 CONTEXT_GIB = 0.75  # the CUDA context and PyTorch's cache on top of the allocated peak (README: 0.5-1 GB)
@@ -102,50 +128,53 @@ class Prediction:
 
 def predict_memory(
     method: str = "lora",
-    resolution: int = SD15_RESOLUTION,
+    resolution: int | None = None,
     batch_size: int = 1,
     train_text_encoder: bool = False,
     precision: str = "fp16",
     checkpointing: bool = False,
     prior: bool | None = None,
+    family: str = "SD1.5",
 ) -> Prediction:
-    """The predicted peak of an SD1.5-family run on a CUDA GPU (GiB), phase by phase; see the module docstring.
-
-    `precision` is fp16, bf16 or no (fp32); `prior` defaults to the method's default (LoRA on, TI off)."""
+    """The predicted peak of a run of an SD1.5 or SDXL model on a CUDA GPU (GiB), phase by phase; see the module
+    docstring. `precision` is fp16, bf16 or no (fp32); `prior` defaults to the method's default (LoRA on, TI off);
+    `resolution` to the family's native size."""
+    size = FAMILY_SIZES[family]
     if prior is None:
         prior = method == "lora"
     prior = prior and method == "lora"
     weight_bytes = 4 if precision == "no" else 2
     act = FP32_ACTIVATIONS if precision == "no" else 1.0
-    p = (resolution / SD15_RESOLUTION) ** 2
+    p = ((resolution or size.resolution) / size.resolution) ** 2
     rows = batch_size * (2 if prior else 1)
-    unet = UNET_PARAMS * weight_bytes / GIB
-    text = TEXT_ENCODER_PARAMS * weight_bytes / GIB
-    vae_train = VAE_PARAMS * (4 if precision == "fp16" else weight_bytes) / GIB  # fp16's VAE stays fp32
-    vae_class = VAE_PARAMS * weight_bytes / GIB  # class images run every module in the training dtype
+    unet = size.unet * weight_bytes / GIB
+    text = size.text_encoders * weight_bytes / GIB
+    vae_train = size.vae * (4 if precision == "fp16" else weight_bytes) / GIB  # fp16's VAE stays fp32
+    vae_class = size.vae * weight_bytes / GIB  # class images run every module in the training dtype
     text_trains = method == "ti" or train_text_encoder
     if method == "ti":
-        trainable = TI_PARAMS
+        trainable = size.ti_row
     else:
-        trainable = LORA_UNET_PARAMS + (LORA_TEXT_PARAMS if train_text_encoder else 0)
+        trainable = size.lora_unet + (size.lora_text if train_text_encoder else 0)
     state = trainable * TRAINABLE_BYTES / GIB
-    training = unet + state + rows * ROW_GIB[checkpointing] * p * act
-    if text_trains:  # not cached, so it stays on the GPU and keeps activations for its backward pass
-        training += text + rows * TEXT_ROW_GIB * act
-    samples = unet + text + vae_train + state + SAMPLES_GIB * p * act
-    class_images = unet + text + vae_class + CLASS_IMAGES_GIB * p * act if prior else None
+    training = unet + state + rows * size.row_gib[checkpointing] * p * act
+    if text_trains:  # not cached, so they stay on the GPU and keep activations for their backward pass
+        training += text + rows * size.text_row_gib * act
+    samples = unet + text + vae_train + state + size.samples_gib * p * act
+    class_images = unet + text + vae_class + size.class_images_gib * p * act if prior else None
     return Prediction(training, samples, class_images)
 
 
-def predict_ram(method, resolution, batch_size, train_text_encoder, precision, checkpointing) -> float:
-    """A CPU run, GiB (extrapolated): the GPU model in `precision` (bf16, else fp32), with the VAE and text encoder
+def predict_ram(method, resolution, batch_size, train_text_encoder, precision, checkpointing, family="SD1.5") -> float:
+    """A CPU run, GiB (extrapolated): the GPU model in `precision` (bf16, else fp32), with the VAE and text encoders
     counted in the training phase too, since they stay in RAM."""
+    size = FAMILY_SIZES[family]
     precision = "bf16" if precision == "bf16" else "no"
-    pred = predict_memory(method, resolution, batch_size, train_text_encoder, precision, checkpointing)
+    pred = predict_memory(method, resolution, batch_size, train_text_encoder, precision, checkpointing, family=family)
     weight_bytes = 2 if precision == "bf16" else 4
-    resident = VAE_PARAMS * weight_bytes
+    resident = size.vae * weight_bytes
     if not (method == "ti" or train_text_encoder):  # otherwise already counted in the training phase
-        resident += TEXT_ENCODER_PARAMS * weight_bytes
+        resident += size.text_encoders * weight_bytes
     return max(pred.training + resident / GIB, pred.samples)
 
 
@@ -227,19 +256,23 @@ def _device() -> _Device:
     return _Device("cpu", [f"CPU: {cores} cores, {ram}; no CUDA GPU"], bf16=False)
 
 
-def _describe_model(spec: str) -> tuple[str, bool]:
-    """(what the model is, whether it is SD1.5-size); raises the loader's DreamLoomError for a bad path or file."""
+def _describe_model(spec: str) -> tuple[str, str | None]:
+    """(what the model is, its family for the memory model: "SD1.5", "SDXL", or None for a built-in tiny model);
+    raises the loader's DreamLoomError for a bad path or file."""
     if spec in BUILTIN_MODELS:
-        return f"{spec}: DreamLoom's built-in {BUILTIN_RESOLUTION[spec]} px model", False
-    if spec == SD15_NAME and not Path(spec).exists():
-        return "the SD1.5 architecture (no checkpoint given: any SD1.5 fine-tune is the same size)", True
+        return f"{spec}: DreamLoom's built-in {BUILTIN_RESOLUTION[spec]} px model", None
+    if spec in FAMILY_ARCHITECTURES and not Path(spec).exists():
+        family = FAMILY_ARCHITECTURES[spec]
+        return f"the {family} architecture (no checkpoint given: its fine-tunes are the same size)", family
     path = resolve_model_path(spec)
     if path.is_dir():
         _check_diffusers_folder(path)
-        return f"{path}: a diffusers folder, loaded as SD1.5", True
+        family = family_of_folder(path)
+        return f"{path}: a diffusers folder, loaded as {family.name}", family.name
     _check_model_file(path)
     family = family_of_file(path, read_safetensors_header(path))
-    return f"{path}: {family.name}, single file, {path.stat().st_size / 1e9:.2f} GB (header read, no weights)", True
+    size = path.stat().st_size / 1e9
+    return f"{path}: {family.name}, single file, {size:.2f} GB (header read, no weights)", family.name
 
 
 def _parse_checkpointing(value) -> bool | None:
@@ -306,7 +339,7 @@ def _table(args: dict, chosen: tuple[str, bool], device: _Device) -> list[str]:
             notes = []
             if (precision, ckpt) == chosen:
                 notes.append("<- chosen")
-            if precision == "no":
+            if precision == "no" or (args["family"] == "SDXL" and not ckpt):
                 notes.append("extrapolated")
             if precision == "bf16" and device.kind == "cuda" and not device.bf16:
                 notes.append("no bf16 on this GPU")
@@ -331,9 +364,9 @@ def doctor(
     pickle checkpoint or another model family."""
     _check_arguments(method, resolution, batch_size, mixed_precision)
     requested_ckpt = _parse_checkpointing(gradient_checkpointing)
-    model_text, sd15_size = _describe_model(base_model)
+    model_text, family = _describe_model(base_model)
     if resolution is None:
-        resolution = BUILTIN_RESOLUTION.get(base_model, SD15_RESOLUTION)
+        resolution = BUILTIN_RESOLUTION.get(base_model) or FAMILY_SIZES[family].resolution
     device = _device()
 
     out = ["DreamLoom doctor", "", "Versions"]
@@ -366,18 +399,26 @@ def doctor(
         )
 
     out += [""]
-    if not sd15_size:
+    if family is None:
         out.append(f"Memory: {base_model} is tiny: a run needs well under 1 GB on any device (not modelled).")
         return "\n".join(out)
 
-    args = dict(method=method, resolution=resolution, batch_size=batch_size, train_text_encoder=train_text_encoder)
+    args = dict(
+        method=method,
+        resolution=resolution,
+        batch_size=batch_size,
+        train_text_encoder=train_text_encoder,
+        family=family,
+    )
     where = "" if device.kind == "cuda" else ", on a GPU"
-    out.append(f"Peak GPU memory (predicted, +-{ERROR:.0%}{where}; GiB allocated, CUDA context not included)")
+    out.append(
+        f"Peak GPU memory of an {family} run (predicted, +-{ERROR:.0%}{where}; GiB allocated, without the CUDA context)"
+    )
     out += _table(args, (precision, ckpt), device)
     chosen = predict_memory(precision=precision, checkpointing=ckpt, **args)
     out += _wrap(
-        "phases: training = the training steps; samples = the sample grid (VAE and text encoder back on the GPU)"
-        f"{'; class img = making prior images, 4 at a time' if prior else ''}.",
+        "phases: training = the training steps; samples = the sample grid (VAE and text encoders back on the GPU)"
+        f"{'; class img = making prior images' if prior else ''}.",
         "  ",
     )
     out.append("")
@@ -395,7 +436,7 @@ def doctor(
             f"{need:.1f} GiB of {device.free_gib:.1f} GiB free: {verdict}."
         )
     else:
-        ram = predict_ram(method, resolution, batch_size, train_text_encoder, precision, ckpt)
+        ram = predict_ram(method, resolution, batch_size, train_text_encoder, precision, ckpt, family)
         total, available = _ram_gib()
         have = f"{available:.1f} GiB available" if available is not None else "RAM unknown"
         if total is not None:
