@@ -104,26 +104,31 @@ def weight_dtype(accelerator: Accelerator) -> torch.dtype:
     return WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
 
 
-def place_modules(comps, device, dtype: torch.dtype) -> None:
+def place_modules(comps, device, dtype: torch.dtype, unet: bool = True) -> None:
     """Frozen weights in `dtype` on `device`; trainable parameters moved as they are, in fp32 (master weights).
+    `unet=False` leaves the UNet where it is (the trainer places it after the latent cache is built, so the VAE's
+    activations at SDXL's 1024 px never share the GPU with the UNet's weights).
 
     diffusers' cast_training_params would upcast trainables after a whole-module cast, but cannot undo the
     rounding that cast did to their initial values (tests/test_training.py checks they stay exact). The VAE
     encodes in fp32 under fp16, where its activations overflow.
-
-    On a GPU in fp16/bf16, peft's LoRA layers stop casting their input to the fp32 of the LoRA weights: the step
-    runs under autocast, which casts it straight back to fp16/bf16 for the matrix product, so the values are
-    the same, less two copies forward and two back per layer (on a step bound by kernel launches, each costs).
     """
-    skip_casts = torch.device(device).type == "cuda" and dtype != torch.float32
-    for module in (comps.unet, comps.text_encoder):
-        for param in module.parameters():
-            param.data = param.data.to(device, torch.float32 if param.requires_grad else dtype)
-        for buffer in module.buffers():
-            buffer.data = buffer.data.to(device)
-        if skip_casts:
-            skip_lora_input_casts(module)
+    for module in ((comps.unet,) if unet else ()) + tuple(comps.text_encoders().values()):
+        place_trainable_module(module, device, dtype)
     comps.vae.to(device, torch.float32 if dtype == torch.float16 else dtype)
+
+
+def place_trainable_module(module, device, dtype: torch.dtype) -> None:
+    """A UNet or text encoder as place_modules places it. On a GPU in fp16/bf16, its peft LoRA layers also stop
+    casting their input to the fp32 of the LoRA weights: the step runs under autocast, which casts it straight
+    back to fp16/bf16 for the matrix product, so the values are the same, less two copies forward and two back
+    per layer (on a step bound by kernel launches, each costs)."""
+    for param in module.parameters():
+        param.data = param.data.to(device, torch.float32 if param.requires_grad else dtype)
+    for buffer in module.buffers():
+        buffer.data = buffer.data.to(device)
+    if torch.device(device).type == "cuda" and dtype != torch.float32:
+        skip_lora_input_casts(module)
 
 
 def skip_lora_input_casts(module: torch.nn.Module) -> int:
