@@ -393,3 +393,33 @@ def test_full_size_sdxl_single_file_loads_offline_tensor_by_tensor(tmp_path):
             assert set(state) - seen[part] <= {k for k in state if k.endswith("position_ids")}, part
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_a_lora_of_the_other_family_is_refused_naming_both(tmp_path):
+    from safetensors.torch import save_file
+
+    from trainer.cli.commands import check_lora_family
+    from trainer.files.safetensors_header import read_safetensors_header
+    from trainer.formats.lora_import import lora_family
+
+    def lora(name, tensors, metadata=None):
+        save_file(tensors, str(tmp_path / name), metadata=metadata)
+        return str(tmp_path / name)
+
+    down = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    sd15 = lora("sd15.safetensors", {down: torch.zeros(4, 768)}, {"ss_base_model_version": "sd_v1"})
+    by_width = lora("unnamed.safetensors", {down: torch.zeros(4, 2048)})  # no metadata: the context width says SDXL
+    te2 = lora("te2.safetensors", {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(4.0)})
+    tiny = lora("toy.safetensors", {down: torch.zeros(4, 64)})
+    assert [lora_family(read_safetensors_header(p)) for p in (sd15, by_width, te2, tiny)] == [
+        "SD1.5",
+        "SDXL",
+        "SDXL",
+        None,
+    ]
+
+    comps = build_tiny_sdxl()
+    with pytest.raises(DreamLoomError, match="sd15.safetensors was trained on SD1.5; the base model tiny-sdxl is SDXL"):
+        check_lora_family(sd15, comps)
+    check_lora_family(by_width, comps)  # same family: no error
+    check_lora_family(tiny, comps)  # nothing says: the loader's own checks decide

@@ -180,6 +180,26 @@ def _remove_if_unused(folder: Path, created: list[Path], had_manifest: bool, man
             break
 
 
+def check_lora_family(path: str, comps) -> None:
+    """Refuse a LoRA made for another model family (an SD1.5 LoRA on SDXL), naming both, before any sampling."""
+    from ..files.safetensors_header import read_safetensors_header
+    from ..formats.lora_import import lora_family
+
+    if not Path(path).is_file():
+        return  # the loader says it is missing
+    header = read_safetensors_header(path)
+    made_for = lora_family(header)
+    if made_for and made_for != comps.family.name:
+        meta = header.get("__metadata__") or {}
+        base = Path(meta.get("dreamloom.base_model") or meta.get("ss_sd_model_name") or "").name  # the file's model
+        raise DreamLoomError(
+            f"{Path(path).name} was trained on {made_for}{f' ({base})' if base else ''}; the base model "
+            f"{Path(comps.source).name} is {comps.family.name}.",
+            f"Use an {comps.family.name} LoRA with this model, or pass the {made_for} checkpoint it was trained on as "
+            "--base-model.",
+        )
+
+
 def pipeline_with_adapters(args):
     """The base model as a pipeline on the best device, with --lora and --embedding applied."""
     from ..base_models.load import load_base_model
@@ -191,6 +211,7 @@ def pipeline_with_adapters(args):
     pipe = make_pipeline(comps, args.sampler)
     to_inference_device(pipe)
     if args.lora:
+        check_lora_family(args.lora, comps)
         load_lora_into_pipeline(pipe, args.lora, args.lora_scale)
     if args.embedding:
         load_embedding_into_pipeline(pipe, args.embedding, args.embedding_token)

@@ -302,6 +302,31 @@ def load_lora_file(path: str | Path) -> ImportedLoRA:
     return imported
 
 
+# cross-attention key width -> family, for LoRA files that do not say what they were trained on
+CONTEXT_WIDTH_FAMILY = {768: "SD1.5", 1024: "SD2", 2048: "SDXL"}
+
+
+def lora_family(header: dict) -> str | None:
+    """The model family a LoRA file was made for ("SD1.5", "SDXL", "SD2"), from its safetensors header alone: the
+    metadata kohya and DreamLoom write, SDXL's second text encoder, or the width of a cross-attention key
+    projection's down matrix. None when nothing says (e.g. a LoRA of the built-in toy-width models without
+    metadata)."""
+    meta = header.get("__metadata__") or {}
+    named = f"{meta.get('ss_base_model_version', '')} {meta.get('modelspec.architecture', '')}".lower()
+    if "sdxl" in named or "stable-diffusion-xl" in named:
+        return "SDXL"
+    if "sd_v1" in named or "stable-diffusion-v1" in named:
+        return "SD1.5"
+    if "sd_v2" in named or "stable-diffusion-v2" in named:
+        return "SD2"
+    if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in header):
+        return "SDXL"
+    for key, info in header.items():
+        if re.search(r"attn2[._]to_k.*(lora_down|lora_A|lora\.down)", key) and isinstance(info, dict):
+            return CONTEXT_WIDTH_FAMILY.get(info["shape"][-1])
+    return None
+
+
 def trained_on(metadata: dict) -> str | None:
     """The base model a LoRA or embedding file says it was trained on, as a short name; None if it does not say."""
     base = metadata.get("dreamloom.base_model") or metadata.get("ss_sd_model_name")
