@@ -423,3 +423,11 @@ def test_a_lora_of_the_other_family_is_refused_naming_both(tmp_path):
         check_lora_family(sd15, comps)
     check_lora_family(by_width, comps)  # same family: no error
     check_lora_family(tiny, comps)  # nothing says: the loader's own checks decide
+
+
+def test_class_images_are_made_at_most_2_at_a_time_at_1024_px_on_a_gpu():
+    from trainer.data.class_images import class_batch_for
+
+    assert class_batch_for(4, 512, "cuda") == 4  # SD1.5's measured 2.67 GiB setting is unchanged
+    assert class_batch_for(4, 1024, "cuda") == 2 and class_batch_for(4, 2048, "cuda") == 1
+    assert class_batch_for(8, 1024, "cpu") == 8  # RAM, not a 12 GB card, is the limit there

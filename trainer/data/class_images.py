@@ -111,6 +111,18 @@ def generate_class_images(
     return [folder / f"class_{i:05d}.png" for i in range(count)]
 
 
+# On a GPU, at most this many pixels go through the pipeline at once: 4 images at 512 px, 2 at SDXL's 1024 px
+# (measured within 8.6 GiB for a whole SDXL run on an H100; tests/test_cuda_sdxl.py).
+CLASS_BATCH_PIXELS = 2 * 1024 * 1024
+
+
+def class_batch_for(requested: int, resolution: int, device_type: str) -> int:
+    """The class-image batch size: as requested on a CPU; on a GPU capped at CLASS_BATCH_PIXELS per batch."""
+    if device_type != "cuda":
+        return requested
+    return max(1, min(requested, CLASS_BATCH_PIXELS // (resolution * resolution)))
+
+
 def prepare_class_images(
     cfg, comps, class_dir: Path | None, cache_root: Path, accelerator, weight_dtype, events, should_stop
 ):
@@ -128,12 +140,16 @@ def prepare_class_images(
         # On a GPU, generated in the training precision (diffusers' --prior_generation_precision): a fp32
         # SD1.5 pipeline at 512 px needs about 8 GB.
         dtype = weight_dtype if accelerator.device.type == "cuda" else None
+        batch = class_batch_for(cfg.class_batch_size, cfg.resolution, accelerator.device.type)
+        if batch < cfg.class_batch_size and events:
+            note = f"class images are made {batch} at a time at {cfg.resolution} px (class_batch_size "
+            events.log(note + f"{cfg.class_batch_size}) to stay within a 12 GB card")
         generate_class_images(
             comps,
             spec,
             cfg.num_class_images,
             folder,
-            cfg.class_batch_size,
+            batch,
             device=accelerator.device,
             dtype=dtype,
             events=events,
