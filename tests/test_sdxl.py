@@ -431,3 +431,42 @@ def test_class_images_are_made_at_most_2_at_a_time_at_1024_px_on_a_gpu():
     assert class_batch_for(4, 512, "cuda") == 4  # SD1.5's measured 2.67 GiB setting is unchanged
     assert class_batch_for(4, 1024, "cuda") == 2 and class_batch_for(4, 2048, "cuda") == 1
     assert class_batch_for(8, 1024, "cpu") == 8  # RAM, not a 12 GB card, is the limit there
+
+
+def test_cli_trains_tiny_sdxl_then_generates_and_refuses_its_lora_on_sd15(fabric_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def cli(*args):
+        cmd = [sys.executable, "-m", "trainer", *args]
+        return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
+
+    common = ["--base-model", "tiny-sdxl", "--instance-dir", str(fabric_dir), "--max-train-steps", "2"]
+    r = cli("train", "--output-dir", str(tmp_path / "run"), *common, "--num-class-images", "2", "--class-steps", "2",
+            "--sample-steps", "2", "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    outputs = json.loads(r.stdout)
+    job = json.loads((tmp_path / "run" / "job.json").read_text())
+    assert job["config"]["resolution"] == 64  # tiny-sdxl's native size
+    r = cli(
+        "generate",
+        "--base-model",
+        "tiny-sdxl",
+        "--lora",
+        outputs["lora"],
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "g.png"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "g.png").width > 3 * 64
+    r = cli(
+        "generate", "--base-model", "tiny", "--lora", outputs["lora"], "--steps", "2", "--out", str(tmp_path / "x.png")
+    )
+    assert r.returncode == 2 and "was trained on SDXL" in r.stderr and "is SD1.5" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "x.png").exists()
