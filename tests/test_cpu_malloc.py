@@ -41,6 +41,33 @@ def test_who_gets_tuned():
     assert not cpu_malloc.cuda_expected({"CUDA_VISIBLE_DEVICES": ""})
 
 
+@linux_only
+def test_large_blocks_stay_in_the_heap_once_asked():
+    code = (
+        "import ctypes\n"
+        "from trainer import cpu_malloc\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "names = 'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in names]\n"
+        "libc.mallinfo2.restype = Info\n"
+        "def mapped():\n"
+        "    p = libc.malloc(96 * 2**20)\n"
+        "    n = libc.mallinfo2().hblks\n"
+        "    libc.free(p)\n"
+        "    return n\n"
+        "before = mapped()\n"
+        "print(before, cpu_malloc.keep_large_blocks_in_heap(), mapped() - before)\n"
+    )
+    env = cpu_malloc.with_tuned_malloc(_clean_env(PYTHONPATH=str(ROOT)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    before, asked, extra = out.split()
+    assert int(before) >= 1 and asked == "True" and extra == "-1"  # the 96 MiB block was mmapped, then is not
+    assert not cpu_malloc.keep_large_blocks_in_heap({})  # untuned (DREAMLOOM_MALLOC=default): left alone
+
+
 def _doctor_allocator_line(env: dict) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "trainer", "doctor", "--base-model", "tiny"],

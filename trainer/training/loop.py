@@ -106,6 +106,8 @@ class Trainer:
         self.record_job()
         if start_step == 0 and not self.bench:
             self._sample(0)
+        if self.acc.device.type == "cpu":  # after loading and parking: the steps' large blocks stay in the heap
+            cpu_malloc.keep_large_blocks_in_heap()
         self.t0, self.start_step = time.perf_counter(), start_step
         step = start_step
         try:
