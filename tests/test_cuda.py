@@ -7,11 +7,12 @@ the same offline path a user's checkpoint takes. Budgets are peak allocated CUDA
 `tools/gpu_proof.sh` runs these, `doctor` and `bench` in one command.
 """
 
-import gc
 import os
 
 import pytest
 import torch
+
+from helpers.gpu_runs import GIB, fresh_gpu, run_config, train_with_peak, write_run_images
 
 # cuBLAS is deterministic only with a fixed workspace; it must be set before CUDA starts.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -21,64 +22,17 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU: run `pytest -m cuda` on one"),
 ]
 
-GIB = 2**30
 BUDGET_GIB = {False: 6.0, True: 4.5}  # training peak without / with gradient checkpointing
 CLASS_IMAGES_BUDGET_GIB = 4.0
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from PIL import Image
-
-    from trainer.data.sample_set import write_fabric_samples
-
-    root = tmp_path_factory.mktemp("cuda_data")
-    write_fabric_samples(root / "instance", size=512)
-    (root / "class").mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        pixels = (torch.rand((512, 512, 3), generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(root / "class" / f"class_{i:05d}.png")
-    return root
+    return write_run_images(tmp_path_factory.mktemp("cuda_data"), 512)
 
 
 def _config(checkpoint, data, **overrides):
-    from trainer.config import TrainConfig
-
-    settings = dict(
-        base_model=str(checkpoint),
-        instance_dir=str(data / "instance"),
-        class_dir=str(data / "class"),
-        num_class_images=2,
-        resolution=512,
-        rank=4,
-        alpha=4.0,
-        learning_rate=1e-4,
-        max_train_steps=6,
-        checkpoint_every=3,
-        sample_every=0,
-        sample_steps=2,
-        mixed_precision="fp16",
-        gradient_checkpointing=True,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
-
-
-def _fresh_gpu():
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-
-
-def _train(cfg, run_dir, **kwargs):
-    from trainer.training.loop import Trainer
-
-    _fresh_gpu()
-    trainer = Trainer(cfg, run_dir, **kwargs)
-    result = trainer.run()
-    peak = torch.cuda.max_memory_allocated() / GIB
-    return trainer, result, peak
+    return run_config(checkpoint, data, 512, **overrides)
 
 
 def _lora_state(trainer):
@@ -96,7 +50,7 @@ def test_lora_512_trains_within_budget(sd15_checkpoint, data, tmp_path, precisio
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     cfg = _config(sd15_checkpoint, data, mixed_precision=precision, gradient_checkpointing=checkpointing)
-    trainer, result, peak = _train(cfg, tmp_path / "run")
+    trainer, result, peak = train_with_peak(cfg, tmp_path / "run")
     print(f"\n[cuda] LoRA {precision} checkpointing={checkpointing}: peak {peak:.2f} GiB")
     losses = [r["loss"] for r in result.losses]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
@@ -169,7 +123,7 @@ def test_resume_equals_uninterrupted_run(sd15_checkpoint, data, tmp_path):
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         cfg = _config(sd15_checkpoint, data)
-        straight, _, _ = _train(cfg, tmp_path / "straight")
+        straight, _, _ = train_with_peak(cfg, tmp_path / "straight")
         reference = _lora_state(straight)
         del straight
         calls = {"n": 0}
@@ -181,8 +135,8 @@ def test_resume_equals_uninterrupted_run(sd15_checkpoint, data, tmp_path):
         from trainer.errors import StopRequested
 
         with pytest.raises(StopRequested):
-            _train(cfg, tmp_path / "resumed", should_stop=stop_at_third_step)
-        resumed, result, _ = _train(cfg, tmp_path / "resumed")
+            train_with_peak(cfg, tmp_path / "resumed", should_stop=stop_at_third_step)
+        resumed, result, _ = train_with_peak(cfg, tmp_path / "resumed")
         assert result.resumed_from == 3
         state = _lora_state(resumed)
         assert state.keys() == reference.keys()
@@ -194,7 +148,7 @@ def test_resume_equals_uninterrupted_run(sd15_checkpoint, data, tmp_path):
 
 def test_text_encoder_lora_trains(sd15_checkpoint, data, tmp_path):
     cfg = _config(sd15_checkpoint, data, train_text_encoder=True)
-    trainer, result, peak = _train(cfg, tmp_path / "run")
+    trainer, result, peak = train_with_peak(cfg, tmp_path / "run")
     print(f"\n[cuda] LoRA + text encoder fp16 checkpointing: peak {peak:.2f} GiB")
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in result.losses])))
     moved = _moved_fraction(trainer, "text_encoder.")
@@ -205,7 +159,7 @@ def test_text_encoder_lora_trains(sd15_checkpoint, data, tmp_path):
 
 def test_textual_inversion_trains(sd15_checkpoint, data, tmp_path):
     cfg = _config(sd15_checkpoint, data, method="ti", learning_rate=5e-3, with_prior_preservation=False)
-    trainer, result, peak = _train(cfg, tmp_path / "run")
+    trainer, result, peak = train_with_peak(cfg, tmp_path / "run")
     print(f"\n[cuda] TI fp16 checkpointing: peak {peak:.2f} GiB")
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in result.losses])))
     rows = trainer.method.new_rows(trainer.comps)["text_encoder"].detach().float()
@@ -218,7 +172,7 @@ def test_textual_inversion_trains(sd15_checkpoint, data, tmp_path):
 def test_torch_compile_trains(sd15_checkpoint, data, tmp_path):
     precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     cfg = _config(sd15_checkpoint, data, mixed_precision=precision, torch_compile=True)
-    trainer, result, peak = _train(cfg, tmp_path / "run")
+    trainer, result, peak = train_with_peak(cfg, tmp_path / "run")
     print(f"\n[cuda] LoRA {precision} torch.compile: peak {peak:.2f} GiB")
     assert type(trainer.wrapped["unet"]).__name__ in ("OptimizedModule", "DistributedDataParallel")
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in result.losses])))
@@ -231,7 +185,7 @@ def test_class_images_within_budget(sd15_checkpoint, tmp_path):
 
     comps = load_base_model(str(sd15_checkpoint))
     spec = ClassImageSpec(comps.fingerprint, "a fabric pattern", "", "dpmpp_2m", 2, 7.5, 512, 0)
-    _fresh_gpu()
+    fresh_gpu()
     # fp16, as a fp16 training run makes them (data/class_images.py:prepare_class_images)
     paths = generate_class_images(
         comps, spec, 4, tmp_path / "class", batch_size=4, device=torch.device("cuda"), dtype=torch.float16
@@ -246,7 +200,7 @@ def test_class_images_within_budget(sd15_checkpoint, tmp_path):
 def test_defaults_without_settings_node(sd15_checkpoint, data, tmp_path):
     """What a ComfyUI user gets when no Training Settings node is connected: the config's defaults."""
     cfg = _config(sd15_checkpoint, data, mixed_precision="auto", gradient_checkpointing=None, max_train_steps=2)
-    trainer, result, peak = _train(cfg, tmp_path / "run")
+    trainer, result, peak = train_with_peak(cfg, tmp_path / "run")
     settings = trainer.settings
     print(f"\n[cuda] auto settings: {settings}; peak {peak:.2f} GiB")
     expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -260,7 +214,7 @@ def test_defaults_without_settings_node(sd15_checkpoint, data, tmp_path):
 def test_8bit_adam_trains(sd15_checkpoint, data, tmp_path):
     pytest.importorskip("bitsandbytes", reason="8-bit AdamW needs bitsandbytes (pip install bitsandbytes)")
     cfg = _config(sd15_checkpoint, data, use_8bit_adam=True)
-    trainer, result, peak = _train(cfg, tmp_path / "run")
+    trainer, result, peak = train_with_peak(cfg, tmp_path / "run")
     print(f"\n[cuda] LoRA fp16 checkpointing 8-bit AdamW: peak {peak:.2f} GiB")
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     assert type(inner).__module__.startswith("bitsandbytes"), type(inner)

@@ -4,18 +4,18 @@ LoRA at 1024 px fits a 12 GB card with fp16/bf16, gradient checkpointing and cac
 `pytest -m cuda`; elsewhere every test here is skipped with that reason. Peaks are printed for the README.
 """
 
-import gc
 import math
 
 import pytest
 import torch
+
+from helpers.gpu_runs import run_config, train_with_peak, write_run_images
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU: run `pytest -m cuda` on one"),
 ]
 
-GIB = 2**30
 # A 12 GB card has about 11.2 GiB; the CUDA context and PyTorch's cache take 0.5-1 GiB of it.
 TWELVE_GB_CARD_BUDGET_GIB = 10.5
 
@@ -32,52 +32,15 @@ def sdxl_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from PIL import Image
-
-    from trainer.data.sample_set import write_fabric_samples
-
-    root = tmp_path_factory.mktemp("cuda_sdxl_data")
-    write_fabric_samples(root / "instance", size=1024, count=4)
-    (root / "class").mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        pixels = (torch.rand((1024, 1024, 3), generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(root / "class" / f"class_{i:05d}.png")
-    return root
+    return write_run_images(tmp_path_factory.mktemp("cuda_sdxl_data"), 1024, instance_count=4)
 
 
 def _config(checkpoint, data, **overrides):
-    from trainer.config import TrainConfig
-
-    settings = dict(
-        base_model=str(checkpoint),
-        instance_dir=str(data / "instance"),
-        class_dir=str(data / "class"),
-        num_class_images=2,
-        resolution=1024,
-        rank=4,
-        alpha=4.0,
-        learning_rate=1e-4,
-        max_train_steps=4,
-        checkpoint_every=0,
-        sample_every=0,
-        sample_steps=2,
-        mixed_precision="bf16",
-        gradient_checkpointing=True,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    return run_config(checkpoint, data, 1024, **{"max_train_steps": 4, "checkpoint_every": 0, **overrides})
 
 
 def _train(cfg, run_dir):
-    from trainer.training.loop import Trainer
-
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(cfg, run_dir)
-    result = trainer.run()
-    peak = torch.cuda.max_memory_allocated() / GIB
+    trainer, result, peak = train_with_peak(cfg, run_dir)
     assert all(math.isfinite(r["loss"]) for r in result.losses), result.losses
     return trainer, result, peak
 
