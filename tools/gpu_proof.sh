@@ -17,7 +17,8 @@ status=0
 if [[ $stage == tests || $stage == all ]]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
     $python -m trainer doctor 2>&1 | tee "$out/doctor.txt" || status=1
-    $python -m pytest -m cuda -v -s -p no:cacheprovider tests/test_cuda.py tests/test_cuda_sdxl.py 2>&1 | tee "$out/cuda_tests.log" || status=1
+    $python -m pytest -m cuda -v -s -p no:cacheprovider tests/test_cuda.py tests/test_cuda_sdxl.py 2>&1 \
+        | tee "$out/cuda_tests.log" || status=1
 fi
 
 if [[ $stage == bench || $stage == all ]]; then
