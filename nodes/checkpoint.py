@@ -1,9 +1,10 @@
 """Load Checkpoint (DreamLoom) and Empty Latent (DreamLoom): one loader for the built-in models and checkpoint files.
 
 The loader returns ComfyUI's own MODEL, CLIP and VAE for either, so core samplers, core LoRA and embedding
-loading and VAE decode work on the built-in tiny-fabric exactly as on SD1.5; its base_model output feeds the
-training nodes, so one widget picks the model of a whole workflow. The built-in VAE scales by 4, not 8, so
-the workflows make latents with Empty Latent (DreamLoom), which asks the VAE.
+loading and VAE decode work on the built-in models exactly as on SD1.5 and SDXL (tiny-sdxl is ComfyUI's SDXL
+model with its two text encoders and size conditioning); its base_model output feeds the training nodes, so one
+widget picks the model of a whole workflow. tiny-fabric's VAE scales by 4, not 8, and the native sizes differ (64
+to 1024 px), so the workflows make latents with Empty Latent (DreamLoom), which asks the VAE and the model.
 """
 
 from __future__ import annotations
@@ -14,13 +15,21 @@ from .widgets import choice_widget, int_widget
 
 CATEGORY = "DreamLoom/loaders"
 BASE_MODEL_TYPE = "DL_BASE_MODEL"
-SIZE_TOOLTIP = "{} in pixels; 0 = the model's native size (128 for tiny-fabric, 512 for a checkpoint file)."
+SIZE_TOOLTIP = (
+    "{} in pixels; 0 = the model's native size (128 for tiny-fabric, 64 for tiny and tiny-sdxl, 512 for SD1.5, "
+    "1024 for SDXL; 512 for a VAE that did not come from Load Checkpoint (DreamLoom))."
+)
 
 
 def tag_models(model, clip, vae, label: str, base_model: str) -> None:
     """Remember which base model these objects came from, so our loaders can name it in a mismatch error.
     The attribute sits on the inner modules, which ComfyUI's clones share."""
-    info = {"label": label, "base_model": base_model, "native_resolution": runner.native_resolution(base_model)}
+    info = {
+        "label": label,
+        "base_model": base_model,
+        "family": runner.model_family(base_model),
+        "native_resolution": runner.native_resolution(base_model),
+    }
     for obj in (getattr(model, "model", None), getattr(clip, "cond_stage_model", None), vae):
         if obj is not None:
             obj.dreamloom_base = info
@@ -38,8 +47,9 @@ def base_of(obj) -> dict | None:
 class LoadCheckpoint:
     DESCRIPTION = (
         "Loads a checkpoint as MODEL, CLIP and VAE: the built-in tiny-fabric model (trains and renders on a laptop "
-        "CPU in minutes) or any checkpoint file, as core Load Checkpoint does. Connect base_model to the training "
-        "and class-image nodes so this one widget chooses the model of the whole workflow."
+        "CPU in minutes), the built-in tiny-sdxl (SDXL's layout at toy size, random weights: for trying SDXL "
+        "workflows) or any SD1.5 or SDXL checkpoint file, as core Load Checkpoint does. Connect base_model to the "
+        "training and class-image nodes so this one widget chooses the model of the whole workflow."
     )
     CATEGORY = CATEGORY
     FUNCTION = "load"
@@ -54,14 +64,16 @@ class LoadCheckpoint:
 
     @classmethod
     def INPUT_TYPES(cls):
-        choices = [runner.BUILTIN_TINY_FABRIC] + comfy.filename_list("checkpoints") + [runner.BUILTIN_TINY]
+        choices = [runner.BUILTIN_TINY_FABRIC] + comfy.filename_list("checkpoints")
+        choices += [runner.BUILTIN_TINY, runner.BUILTIN_TINY_SDXL]
         return {
             "required": {
                 "ckpt_name": choice_widget(
                     choices,
                     runner.BUILTIN_TINY_FABRIC,
-                    "tiny-fabric is built in (128 px, for CPUs and trying things out); pick an SD1.5 checkpoint "
-                    "from models/checkpoints for real work.",
+                    "tiny-fabric is built in (128 px, for CPUs and trying things out), and so is tiny-sdxl (64 px, "
+                    "random weights, to try SDXL workflows); pick an SD1.5 or SDXL checkpoint from "
+                    "models/checkpoints for real work.",
                 ),
             }
         }
@@ -82,7 +94,7 @@ def latent_size(vae, width: int, height: int) -> tuple[int, int, int, int]:
     """(channels, latent height, latent width, pixel size used) for `vae`; 0 means the model's native size."""
     ratio, channels = comfy.vae_latent_geometry(vae)
     info = base_of(vae)
-    native = info["native_resolution"] if info else runner.SD15_RESOLUTION
+    native = info["native_resolution"] if info else runner.SD15_RESOLUTION  # SD1.5 and SDXL VAEs look alike
     width, height = int(width) or native, int(height) or native
     if width % ratio or height % ratio:
         raise DreamLoomError(
@@ -94,8 +106,9 @@ def latent_size(vae, width: int, height: int) -> tuple[int, int, int, int]:
 
 class EmptyLatent:
     DESCRIPTION = (
-        "An empty latent batch sized for the connected VAE: works for SD1.5 (8x) and the built-in tiny-fabric (4x) "
-        "alike, where core Empty Latent Image always divides by 8."
+        "An empty latent batch sized for the connected VAE and its model: SD1.5 (8x, 512 px native), SDXL (8x, "
+        "1024 px) and the built-in tiny-fabric (4x, 128 px) alike, where core Empty Latent Image always divides by "
+        "8 and has no native size."
     )
     CATEGORY = "DreamLoom/latent"
     FUNCTION = "build"

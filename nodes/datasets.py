@@ -93,7 +93,7 @@ class LoadTrainingImages:
                     0,
                     2048,
                     "Training resolution in pixels (square); 0 = the base model's native size (512 for SD1.5, "
-                    "128 for tiny-fabric).",
+                    "1024 for SDXL, 128 for tiny-fabric, 64 for tiny and tiny-sdxl).",
                     step=8,
                 ),
                 "crop": choice_widget(
@@ -131,6 +131,8 @@ class LoadTrainingImages:
         from ..trainer.jobs.parent import folder_fingerprint
 
         path = _save_batch(images, captions) if images is not None else resolve_folder(folder)
+        # with 0 the native size is the training node's to know (the model is connected there, not here); this node
+        # only checks the files and previews them, at most 512 px
         check_size = int(resolution) or runner.SD15_RESOLUTION
         loaded = load_image_folder(path, check_size, use_captions)  # every bad file is reported here, early
         dataset = TrainingImages(
@@ -142,7 +144,7 @@ class LoadTrainingImages:
             len(loaded),
             folder_fingerprint(path),
         )
-        preview = files_to_batch(list_image_files(path), square=min(check_size, 512))
+        preview = files_to_batch(list_image_files(path), square=min(check_size, runner.PREVIEW_MAX_PX))
         return (dataset, preview)
 
 
@@ -166,7 +168,10 @@ class GenerateClassImages:
 
         return {
             "required": {
-                "ckpt_name": (runner.checkpoint_choices(), {"tooltip": "The SD1.5 checkpoint you will train on."}),
+                "ckpt_name": (
+                    runner.checkpoint_choices(),
+                    {"tooltip": "The SD1.5 or SDXL checkpoint you will train on; base_model overrides it."},
+                ),
                 "class_prompt": string_widget(
                     "a fabric pattern", "The class your subject belongs to, without the token."
                 ),
@@ -176,8 +181,8 @@ class GenerateClassImages:
                     0,
                     0,
                     2048,
-                    "Size in pixels; use the training resolution. 0 = the model's native size (512 for SD1.5, 128 "
-                    "for tiny-fabric).",
+                    "Size in pixels; use the training resolution. 0 = the model's native size (512 for SD1.5, 1024 "
+                    "for SDXL, 128 for tiny-fabric, 64 for tiny and tiny-sdxl).",
                     step=8,
                 ),
                 "steps": int_widget(25, 1, 200, "Sampling steps per image."),

@@ -1,4 +1,5 @@
-"""Load DreamLoom LoRA: kohya, diffusers and raw PEFT files into MODEL and CLIP via ComfyUI's own patching."""
+"""Load DreamLoom LoRA: kohya, diffusers and raw PEFT files into MODEL and CLIP via ComfyUI's own patching; and the
+checks that a LoRA or an embedding fits the model it meets (family first: SD1.5, SD2, SDXL; then layers and widths)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import re
 
 from ..trainer.errors import DreamLoomError
-from . import comfy
+from . import comfy, runner
 from .checkpoint import base_of
 from .widgets import float_widget
 
@@ -39,11 +40,62 @@ def _resolve(lora_name: str, lora_path: str | None) -> str:
     return found
 
 
+# the embedding keys of a CLIP's tokenizers -> the family ({"clip_l"} is also what the built-in SD1.5 models have)
+CLIP_KEYS = {("clip_l",): "SD1.5", ("clip_h",): "SD2", ("clip_g", "clip_l"): "SDXL", ("clip_g",): "SDXL refiner"}
+ROOTS = ("SDXL refiner", "SDXL", "SD1.5", "SD2")
+
+
+def family_root(name: str | None) -> str | None:
+    """The family a model name belongs to for LoRAs and embeddings: "SD1.5 inpainting" -> "SD1.5", "SDXL inpainting"
+    -> "SDXL"; None for a name no family claims (then only layers and widths are compared)."""
+    return next((root for root in ROOTS if name and name.startswith(root)), None)
+
+
+def file_family(header: dict) -> str | None:
+    """The family a LoRA or embedding file was made for, from its safetensors header: DreamLoom's built-in base
+    model, else what the trainer reads for LoRAs (kohya's and modelspec's metadata, SDXL's second text encoder, the
+    cross-attention width)."""
+    from ..trainer.formats.lora_import import lora_family
+
+    base = (header.get("__metadata__") or {}).get("dreamloom.base_model")
+    if base in runner.BUILTIN_MODELS:
+        return runner.model_family(base)
+    return lora_family(header)
+
+
+def clip_family(clip) -> str | None:
+    return CLIP_KEYS.get(tuple(sorted(comfy.clip_embedding_widths(clip))))
+
+
+def _short(info: dict) -> str:
+    """A model's name as the user knows it: a built-in model's short name, or the checkpoint as picked in the list."""
+    return info["base_model"] if info.get("base_model") in runner.BUILTIN_MODELS else info["label"]
+
+
+def target_of(model, clip) -> tuple[str | None, str]:
+    """(family, name) of the model a LoRA or embedding meets: from Load Checkpoint (DreamLoom)'s tag, else from
+    ComfyUI's model classes."""
+    info = base_of(model) or base_of(clip)
+    family = info.get("family") if info else None
+    if family is None and model is not None:
+        family = comfy.model_family(model)
+    if family is None and clip is not None:
+        family = clip_family(clip)
+    return family, _short(info) if info else "the connected model"
+
+
+def _trained(metadata: dict) -> str:
+    from ..trainer.formats.lora_import import trained_on
+
+    return trained_on(metadata) or "its base model not named in the file"
+
+
 class LoadDreamLoomLoRA:
     DESCRIPTION = (
         "Applies a LoRA to MODEL and CLIP through ComfyUI's own LoRA patching. Reads kohya, diffusers and raw PEFT "
-        "files (base_model.model.* with adapter_config.json) and applies each at its trained scale (alpha/rank). "
-        "Keys that cannot be mapped are an error listing them, never silently skipped."
+        "files (base_model.model.* with adapter_config.json) of SD1.5 and SDXL models and applies each at its "
+        "trained scale (alpha/rank). A LoRA of another model family, and keys that cannot be mapped, are an error "
+        "naming them, never silently skipped."
     )
     CATEGORY = "DreamLoom/loaders"
     FUNCTION = "load"
@@ -58,8 +110,8 @@ class LoadDreamLoomLoRA:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to patch."}),
-                "clip": ("CLIP", {"tooltip": "The CLIP text encoder to patch."}),
+                "model": ("MODEL", {"tooltip": "The diffusion model to patch (SD1.5 or SDXL)."}),
+                "clip": ("CLIP", {"tooltip": "The CLIP text encoder to patch (SDXL: both of its text encoders)."}),
                 "lora_name": (
                     [LINKED] + comfy.filename_list("loras"),
                     {"tooltip": "A LoRA in the loras folder, or the first entry to use the lora_path input."},
@@ -78,16 +130,25 @@ class LoadDreamLoomLoRA:
         }
 
     def load(self, model, clip, lora_name, strength_model, strength_clip, lora_path=None):
+        from ..trainer.files.safetensors_header import read_safetensors_header
         from ..trainer.formats.lora_import import load_lora_file, lora_shape_mismatches, trained_on
 
         path = _resolve(lora_name, lora_path)
         imported = load_lora_file(path)
-        key_map = comfy.lora_key_map(model, clip)
         name = os.path.basename(path)
+        family, target_name = target_of(model, clip)
+        trained_family = file_family(read_safetensors_header(path))
+        if family_root(trained_family) and family_root(family) and family_root(trained_family) != family_root(family):
+            raise DreamLoomError(
+                f"{name} was trained on {trained_family} ({_trained(imported.metadata)}), applied to {family} "
+                f"({target_name}): a LoRA only fits the model family it was trained on.",
+                f"Load an {trained_family} checkpoint for this LoRA (e.g. with Load Checkpoint (DreamLoom)), or train "
+                f"the LoRA on this {family} model.",
+            )
+        key_map = comfy.lora_key_map(model, clip)
         trained = trained_on(imported.metadata)
         where = f"{name} (trained on {trained})" if trained else name
-        target = base_of(model) or base_of(clip)
-        target = f"this model ({target['label']})" if target else "this model"
+        target = f"this model ({target_name})"
         unmapped = [m for m in imported.modules if m not in key_map]
         if unmapped:
             raise DreamLoomError(
@@ -111,14 +172,67 @@ class LoadDreamLoomLoRA:
 
 
 EMBEDDING_REF = re.compile(r"embedding:([^\s,()\[\]{}]+)")
+SDXL_KEYS = ("clip_l", "clip_g")
+
+
+def _comfy_picks(tensors: dict, key: str):
+    """The shape of the tensor ComfyUI's loader takes from an embedding file for a text encoder's key (its own key,
+    else SD1.5's emb_params or a file's only tensor, which is what ComfyUI falls back to); None if unclear."""
+    from ..trainer.formats.embeddings import EMBEDDING_KEY
+
+    if key in tensors:
+        return tensors[key]
+    if EMBEDDING_KEY in tensors:
+        return tensors[EMBEDDING_KEY]
+    return next(iter(tensors.values())) if len(tensors) == 1 else None
+
+
+def embedding_family(header: dict, tensors: dict) -> str | None:
+    """The family an embedding file was made for: as file_family reads it, else by its keys (SDXL's clip_l and
+    clip_g) or the width of its one text encoder's vectors."""
+    from ..trainer.formats.embeddings import EMBEDDING_KEY
+    from ..trainer.formats.lora_import import CONTEXT_WIDTH_FAMILY
+
+    family = file_family(header)
+    if family:
+        return family
+    if all(k in tensors for k in SDXL_KEYS):
+        return "SDXL"
+    one = tensors.get(EMBEDDING_KEY) or (next(iter(tensors.values())) if len(tensors) == 1 else None)
+    return CONTEXT_WIDTH_FAMILY.get(int(one[-1])) if one else None
+
+
+def _describe_file(tensors: dict) -> str:
+    if all(k in tensors for k in SDXL_KEYS):
+        return f"vectors for two text encoders (clip_l {tensors['clip_l'][-1]} and clip_g {tensors['clip_g'][-1]} wide)"
+    (key, shape), *_ = tensors.items()
+    return f"vectors for one text encoder ({key}, {shape[-1]} wide)"
+
+
+def _embedding_misfit(tensors: dict, widths: dict) -> str | None:
+    """What ComfyUI would do wrong with this embedding file on a CLIP whose tokenizers take `widths` (key -> width):
+    ignore it for some text encoder (its vectors are another width), or use only a part of it (an SDXL file on a
+    CLIP with one text encoder); None when it fits, or when the file's layout is not one we can predict."""
+    picked = {key: _comfy_picks(tensors, key) for key in widths}
+    if any(shape is None or len(shape) not in (1, 2) for shape in picked.values()):
+        return None
+    ignored = [key for key, shape in picked.items() if int(shape[-1]) != widths[key]]
+    used = [key for key in widths if key not in ignored]
+    unused = [k for k in SDXL_KEYS if k in tensors and k not in widths] if all(k in tensors for k in SDXL_KEYS) else []
+    if not ignored and not unused:
+        return None
+    if not used:
+        return "ComfyUI would ignore the embedding"
+    if ignored:
+        return f"ComfyUI would use it for {', '.join(used)} and ignore it for {', '.join(ignored)}"
+    return f"ComfyUI would use only its {', '.join(used)} part and drop {', '.join(unused)}"
 
 
 def check_embeddings(clip, texts: list[str]) -> None:
-    """Refuse prompts whose embedding:<name> ComfyUI would skip with only a console warning: a missing file, or
-    one of DreamLoom's embeddings whose width does not fit this CLIP (trained on another base model)."""
+    """Refuse prompts whose embedding:<name> ComfyUI would skip or only half use, with only a console warning or none:
+    a missing file, or an embedding of another model family or width (an SD1.5 file on SDXL's two text encoders, an
+    SDXL file's clip_l/clip_g pair on SD1.5's one, a tiny model's on a full-size one)."""
     from ..trainer.files.safetensors_header import read_safetensors_header
-    from ..trainer.formats.embeddings import EMBEDDING_KEY
-    from ..trainer.formats.lora_import import trained_on
 
     widths = comfy.clip_embedding_widths(clip)
     for name in sorted({m for text in texts for m in EMBEDDING_REF.findall(text)}):
@@ -128,21 +242,20 @@ def check_embeddings(clip, texts: list[str]) -> None:
                 f"embedding:{name} is not in ComfyUI's embeddings folder.",
                 "Check the name (a training node's prompt_token output gives the right one) or refresh (press R).",
             )
-        if not path.endswith(".safetensors"):
-            continue  # not one of ours; ComfyUI reads pickled embeddings itself
+        if not path.endswith(".safetensors") or not widths:
+            continue  # a pickle (ComfyUI reads those itself; we do not open them), or a CLIP we cannot see into
         header = read_safetensors_header(path)
         meta = header.get("__metadata__") or {}
-        info = header.get(EMBEDDING_KEY)
-        if meta.get("dreamloom.format") != "textual_inversion" or not info or not widths:
+        tensors = {k: v["shape"] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+        problem = _embedding_misfit(tensors, widths) if tensors else None
+        if problem is None:
             continue
-        width = int(info["shape"][-1])
-        if width not in widths.values():
-            target = base_of(clip)
-            target = f"this CLIP ({target['label']})" if target else "this CLIP"
-            trained = trained_on(meta) or "another model"
-            raise DreamLoomError(
-                f"embedding:{name} was trained on {trained}, whose text encoder is {width} wide; {target} takes "
-                f"{' / '.join(str(w) for w in widths.values())}. ComfyUI would ignore the embedding.",
-                "Use the checkpoint the embedding was trained on (e.g. with Load Checkpoint (DreamLoom)), or train "
-                "the embedding on this one.",
-            )
+        family, target = target_of(None, clip)
+        trained_family = embedding_family(header, tensors) or "another model"
+        takes = " and ".join(f"{k} {w}" for k, w in widths.items())
+        raise DreamLoomError(
+            f"embedding:{name} was trained on {trained_family} ({_trained(meta)}), applied to {family or 'a model'} "
+            f"({target}): it holds {_describe_file(tensors)}, this CLIP takes {takes}. {problem}.",
+            "Use the checkpoint the embedding was trained on (e.g. with Load Checkpoint (DreamLoom)), or train "
+            "the embedding on this one.",
+        )

@@ -98,7 +98,13 @@ class SlerpNoise:
                 "height": int_widget(0, 0, 4096, SIZE_TOOLTIP.format("Frame height"), step=8),
             },
             "optional": {
-                "vae": ("VAE", {"tooltip": "The VAE that decodes the frames: sizes the latent (SD1.5 8x, tiny 4x)."}),
+                "vae": (
+                    "VAE",
+                    {
+                        "tooltip": "The VAE that decodes the frames: sizes the latent (SD1.5 and SDXL 8x, tiny-fabric "
+                        "4x) and, from Load Checkpoint (DreamLoom), sets the native size."
+                    },
+                ),
             },
         }
 
@@ -111,7 +117,7 @@ class SlerpNoise:
         n = source.num_frames()
         if vae is not None:
             channels, h, w, _ = latent_size(vae, width, height)
-        else:  # without a VAE: SD1.5's 4 channels at 1/8 of the size
+        else:  # without a VAE: 4 channels at 1/8 of the size (SD1.5 and SDXL), SD1.5's 512 px for 0
             size = runner.SD15_RESOLUTION
             channels, h, w = 4, (int(height) or size) // 8, (int(width) or size) // 8
         latent = torch.zeros((n, channels, h, w))

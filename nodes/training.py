@@ -19,7 +19,10 @@ def _common_inputs(method: str) -> dict:
     return {
         "ckpt_name": (
             runner.checkpoint_choices(),
-            {"tooltip": "SD1.5 checkpoint to personalise (from models/checkpoints); base_model overrides it."},
+            {
+                "tooltip": "SD1.5 or SDXL checkpoint to personalise (from models/checkpoints; the family is read from "
+                "the file); base_model overrides it."
+            },
         ),
         "instance_images": ("DL_DATASET", {"tooltip": "Your 5-20 images, from Load Training Images."}),
         "output_name": string_widget(
@@ -43,7 +46,7 @@ def _common_inputs(method: str) -> dict:
             0,
             100000,
             "A preview grid every N steps, and at the start and the end; 0 = no previews at all (each grid costs "
-            "minutes for SD1.5 on a CPU; the run's log says how long).",
+            "minutes for SD1.5 on a CPU, more for SDXL; the run's log says how long).",
         ),
     }
 

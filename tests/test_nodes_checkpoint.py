@@ -34,6 +34,7 @@ def test_loader_offers_tiny_fabric_first_and_tags_what_it_loads(fake_comfy):
         assert checkpoint.base_of(obj) == {
             "label": runner.BUILTIN_TINY_FABRIC,
             "base_model": "tiny-fabric",
+            "family": "SD1.5",
             "native_resolution": 128,
         }
 
@@ -41,6 +42,7 @@ def test_loader_offers_tiny_fabric_first_and_tags_what_it_loads(fake_comfy):
     model, clip, vae, base = node().load("mine.safetensors")
     assert fake_comfy.loaded == ("file", str(fake_comfy.models / "checkpoints" / "mine.safetensors"))
     assert checkpoint.base_of(vae)["native_resolution"] == 512 and base == "mine.safetensors"
+    assert checkpoint.base_of(vae)["family"] is None  # not a safetensors file: nothing to compare a LoRA with
     with pytest.raises(_error(), match="not found"):
         node().load("gone.safetensors")
 
@@ -116,7 +118,8 @@ def test_prompt_batch_refuses_an_embedding_comfyui_would_ignore(fake_comfy):
     with pytest.raises(_error()) as err:
         batch.encode(FakeClip(768), "a dress made of {s}", "embedding:ti")
     text = str(err.value)
-    assert "trained on tiny-fabric" in text and "64 wide" in text and "takes 768" in text
+    assert "trained on SD1.5 (tiny-fabric), applied to SD1.5" in text and "(emb_params, 64 wide)" in text
+    assert "this CLIP takes clip_l 768. ComfyUI would ignore the embedding." in text
     with pytest.raises(_error(), match="embedding:nope is not in ComfyUI's embeddings folder"):
         batch.encode(FakeClip(64), "a dress made of {s}", "embedding:nope")
     cond, labels, count = batch.encode(FakeClip(64), "dress: a dress made of {s}", "embedding:ti")

@@ -12,8 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from workflow_format import input_specs, is_widget, object_info, ui_to_api, validate_ui  # noqa: E402
 
-NAMES = ["fabric_dreambooth_lora", "fabric_textual_inversion", "fabric_explore", "fabric_morph"]
+SD15_NAMES = ["fabric_dreambooth_lora", "fabric_textual_inversion", "fabric_explore", "fabric_morph"]
+SDXL_NAMES = ["sdxl_dreambooth_lora", "sdxl_textual_inversion"]
+NAMES = SD15_NAMES + SDXL_NAMES
 TINY_FABRIC = "tiny-fabric (built-in 128 px fabric model)"
+TINY_SDXL = "tiny-sdxl (built-in 64 px SDXL test model)"
 BASE_MODEL_USERS = ("DreamLoomGenerateClassImages", "DreamLoomTrainLoRA", "DreamLoomTrainTextualInversion")
 # Training and class-image nodes draw their sample previews inside themselves (up to ~512 px tall) and grow.
 GROWING = BASE_MODEL_USERS
@@ -75,19 +78,22 @@ def _widget(node, info, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_one_loader_chooses_the_model_of_the_whole_workflow(name, info):
-    """Runs unchanged on the built-in tiny-fabric; SD1.5 is one widget away (issue: the whole graph on any machine)."""
+    """Runs unchanged on the built-in tiny-fabric (SD1.5 workflows) or tiny-sdxl (SDXL workflows); an SD1.5 or SDXL
+    checkpoint is one widget away (issue: the whole graph on any machine)."""
     ui = _ui(name)
+    builtin = TINY_SDXL if name in SDXL_NAMES else TINY_FABRIC
     loaders = [n for n in ui["nodes"] if n["type"] == "DreamLoomLoadCheckpoint"]
     assert len(loaders) == 1
     (loader,) = loaders
-    assert loader["widgets_values"] == [TINY_FABRIC]
+    assert loader["widgets_values"] == [builtin]
+    assert builtin in info["DreamLoomLoadCheckpoint"]["input"]["required"]["ckpt_name"][0]
     assert not {"CheckpointLoaderSimple", "EmptyLatentImage"} & {n["type"] for n in ui["nodes"]}
     base_users = [n for n in ui["nodes"] if n["type"] in BASE_MODEL_USERS]
     assert base_users
     for node in base_users:
         assert _sources(ui, node, "base_model") == (loader, "base_model"), f"{node['type']}#{node['id']}"
         # the overridden widget still names a choice every machine has, so ComfyUI's validation passes anywhere
-        assert _widget(node, info, "ckpt_name") == TINY_FABRIC
+        assert _widget(node, info, "ckpt_name") == builtin
     # every latent is made at the model's native size, by the loader's VAE
     for node in ui["nodes"]:
         if node["type"] in ("DreamLoomEmptyLatent", "DreamLoomSlerpNoise"):
@@ -110,12 +116,19 @@ def test_one_loader_chooses_the_model_of_the_whole_workflow(name, info):
             "fabric_textual_inversion": 1,
             "fabric_explore": 2,
             "fabric_morph": 0,
+            "sdxl_dreambooth_lora": 1,
+            "sdxl_textual_inversion": 1,
         }[name]
     )
     # the first note says so
     note = min((n for n in ui["nodes"] if n["type"] == "Note"), key=lambda n: n["id"])["widgets_values"][0]
-    for words in ("Load Checkpoint (DreamLoom)", "whole workflow", "tiny-fabric", "any CPU", "SD1.5", "0", "native"):
-        assert words in note, words
+    words = ["Load Checkpoint (DreamLoom)", "whole workflow", "any CPU", "0", "native"]
+    if name in SDXL_NAMES:
+        words += ["tiny-sdxl", "random weights", "noise", "SDXL checkpoint", "1024 px"]
+    else:
+        words += ["tiny-fabric", "SD1.5"]
+    for word in words:
+        assert word in note, word
 
 
 def _boxes(ui):
@@ -241,3 +254,28 @@ def test_template_has_a_thumbnail(name):
     with Image.open(ROOT / "workflows" / f"{name}.jpg") as thumb:
         assert thumb.format == "JPEG" and thumb.size[0] == thumb.size[1] >= 256
         assert thumb.convert("L").getextrema()[1] - thumb.convert("L").getextrema()[0] > 64  # a picture
+
+
+def test_sdxl_workflows_train_for_sdxl_and_publish_their_own_names():
+    """The SDXL workflows' settings are SDXL's (run unchanged on tiny-sdxl in minutes), and their files do not take
+    the SD1.5 workflows' names, so both sets run in one ComfyUI side by side."""
+    lora = json.loads((ROOT / "tests" / "workflows" / "sdxl_dreambooth_lora.api.json").read_text())
+    train = next(n["inputs"] for n in lora.values() if n["class_type"] == "DreamLoomTrainLoRA")
+    assert (train["rank"], train["learning_rate"], train["max_train_steps"], train["prior_preservation"]) == (
+        4,
+        1e-4,
+        500,
+        True,
+    )
+    assert train["output_name"] == "sks_fabric_sdxl" and train["num_class_images"] == 50
+    classes = next(n["inputs"] for n in lora.values() if n["class_type"] == "DreamLoomGenerateClassImages")
+    assert (classes["count"], classes["resolution"]) == (50, 0)
+    ti = json.loads((ROOT / "tests" / "workflows" / "sdxl_textual_inversion.api.json").read_text())
+    train = next(n["inputs"] for n in ti.values() if n["class_type"] == "DreamLoomTrainTextualInversion")
+    assert train["output_name"] == "sks_fabric_sdxl_ti" and train["max_train_steps"] == 500
+    batch = next(n["inputs"] for n in ti.values() if n["class_type"] == "DreamLoomPromptBatch")
+    assert batch["subject"] == ["5", 1]  # the training node's prompt_token: embedding:<the published name>
+    for api in (lora, ti):
+        for node in api.values():
+            if node["class_type"] == "KSampler":
+                assert (node["inputs"]["steps"], node["inputs"]["cfg"]) == (30, 7.0)

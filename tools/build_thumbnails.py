@@ -1,11 +1,12 @@
 """Template-browser thumbnails (workflows/<name>.jpg) from what the shipped workflows rendered in ComfyUI.
 
 ComfyUI serves a pack's workflows/ folder as templates and the editor shows <name>.jpg beside each one. Run
-the workflows unchanged (on tiny-fabric) in ComfyUI, then point this at its output folder(s):
+the workflows unchanged (on tiny-fabric and tiny-sdxl) in ComfyUI, then point this at its output folder(s):
 
-    python tools/build_thumbnails.py ComfyUI/output [more output folders ...]
+    python tools/build_thumbnails.py ComfyUI/output [more output folders ...] [--only sdxl_dreambooth_lora ...]
 
-A workflow with no output there gets `make demo`'s committed picture of the same step (docs/images/).
+A fabric workflow with no output there gets `make demo`'s committed picture of the same step (docs/images/); an
+SDXL one has none (tiny-sdxl's random weights draw noise, which is what its thumbnail honestly shows).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ SOURCES = {
     "fabric_textual_inversion": ("fabric_ti_contexts_", "demo_ti_vs_lora"),
     "fabric_explore": ("fabric_styles_", "quality_grid"),
     "fabric_morph": ("fabric_morph_", "demo_morph"),
+    "sdxl_dreambooth_lora": ("sdxl_contexts_", None),
+    "sdxl_textual_inversion": ("sdxl_ti_contexts_", None),
 }
 SIZE = 512
 
@@ -57,11 +60,15 @@ def thumbnail(path: Path) -> Image.Image:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outputs", nargs="+", type=Path, help="ComfyUI output folders to search")
+    parser.add_argument("--only", nargs="+", choices=sorted(SOURCES), help="these workflows' thumbnails only")
     args = parser.parse_args(argv)
     missing = []
     for name, prefixes in SOURCES.items():
+        if args.only and name not in args.only:
+            continue
         source = next(filter(None, (newest(args.outputs, p) for p in prefixes[:1])), None)
-        source = source or newest([ROOT / "docs" / "images"], prefixes[1])
+        if source is None and prefixes[1]:
+            source = newest([ROOT / "docs" / "images"], prefixes[1])
         if source is None:
             missing.append(name)
             continue

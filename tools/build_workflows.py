@@ -1,4 +1,5 @@
-"""Build the shipped fabric workflows (workflows/*.json, UI format) and their API twins (tests/workflows/*.api.json).
+"""Build the shipped workflows (workflows/*.json, UI format) and their API twins (tests/workflows/*.api.json): the
+fabric ones on SD1.5 (tiny-fabric by default) and the SDXL ones (tiny-sdxl by default).
 
 python tools/build_workflows.py          # write both
 python tools/build_workflows.py --check  # fail if the committed files differ from what this builds
@@ -50,17 +51,38 @@ ONE_WIDGET = (
 )
 
 
+SDXL_ONE_WIDGET = (
+    "ONE WIDGET CHOOSES THE MODEL: 'Load Checkpoint (DreamLoom)' loads it for the whole workflow - its base_model "
+    "output drives the training and class-image nodes (their own ckpt_name widget is then ignored) and its model, "
+    "clip and vae drive the rendering. The default, the built-in tiny-sdxl, is SDXL's architecture (two text "
+    "encoders, size conditioning) at toy size with random weights: the whole graph runs on any CPU in minutes, but "
+    "what it draws is noise. For real results pick your SDXL checkpoint there (e.g. sd_xl_base_1.0.safetensors); "
+    "training SDXL at 1024 px wants a GPU (Training Settings: gradient checkpointing, 8-bit Adam). Sizes of 0 "
+    "(resolution, width, height) mean the model's native size: 64 px for tiny-sdxl, 1024 px for SDXL."
+)
+# What the SDXL workflows train and render: settings for SDXL itself (shorter runs than SD1.5's tutorial, as SDXL
+# LoRAs are usually trained), small enough that the graph runs unchanged on tiny-sdxl on a CPU.
+SDXL_LORA = dict(class_images=50, steps=500, sample_every=250, output_name="sks_fabric_sdxl", cfg=7.0)
+SDXL_TI = dict(learning_rate=1e-3, steps=500, sample_every=250, output_name="sks_fabric_sdxl_ti")
+FABRIC_LORA = dict(class_images=100, steps=800, sample_every=200, output_name="sks_fabric", cfg=7.5)
+
+
 def builtin_model(info) -> str:
     """The loader's default choice: the built-in tiny-fabric, present on every machine."""
     return info["DreamLoomLoadCheckpoint"]["input"]["required"]["ckpt_name"][1]["default"]
 
 
-def first_note(wf: Workflow, title: str, text: str, height: int = 360) -> int:
-    return wf.note(f"{title}\n\n{ONE_WIDGET}\n\n{text}", (0, -40), (740, height))
+def sdxl_model(info) -> str:
+    """The built-in tiny-sdxl, as the loader lists it (present on every machine)."""
+    return next(c for c in info["DreamLoomLoadCheckpoint"]["input"]["required"]["ckpt_name"][0] if "tiny-sdxl" in c)
 
 
-def load_checkpoint(wf: Workflow, x: int, y: int) -> int:
-    return wf.add("DreamLoomLoadCheckpoint", (x, y), {"ckpt_name": builtin_model(wf.info)})
+def first_note(wf: Workflow, title: str, text: str, height: int = 360, one_widget: str = ONE_WIDGET) -> int:
+    return wf.note(f"{title}\n\n{one_widget}\n\n{text}", (0, -40), (740, height))
+
+
+def load_checkpoint(wf: Workflow, x: int, y: int, model: str | None = None) -> int:
+    return wf.add("DreamLoomLoadCheckpoint", (x, y), {"ckpt_name": model or builtin_model(wf.info)})
 
 
 def training_images(wf: Workflow, x: int, y: int) -> int:
@@ -70,10 +92,12 @@ def training_images(wf: Workflow, x: int, y: int) -> int:
     return images
 
 
-def training_chain(wf: Workflow, x: int = 0, y: int = CHAIN_Y) -> dict:
+def training_chain(
+    wf: Workflow, x: int = 0, y: int = CHAIN_Y, model: str | None = None, run: dict = FABRIC_LORA
+) -> dict:
     """Load Checkpoint, the training images, class images, Train DreamBooth LoRA and Load DreamLoom LoRA."""
-    tiny = builtin_model(wf.info)
-    ckpt = load_checkpoint(wf, x, y)
+    tiny = model or builtin_model(wf.info)
+    ckpt = load_checkpoint(wf, x, y, tiny)
     images = training_images(wf, x, y + 220)
     classes = wf.add(
         "DreamLoomGenerateClassImages",
@@ -82,10 +106,10 @@ def training_chain(wf: Workflow, x: int = 0, y: int = CHAIN_Y) -> dict:
             "ckpt_name": tiny,
             "class_prompt": "a fabric pattern",
             "negative_prompt": "",
-            "count": 100,
+            "count": run["class_images"],
             "resolution": 0,
             "steps": 25,
-            "cfg": 7.5,
+            "cfg": run["cfg"],
             "sampler": "dpmpp_2m",
             "seed": 42,
             "batch_size": 4,
@@ -102,14 +126,14 @@ def training_chain(wf: Workflow, x: int = 0, y: int = CHAIN_Y) -> dict:
             "class_prompt": "a fabric pattern",
             "prior_preservation": True,
             "prior_loss_weight": 1.0,
-            "num_class_images": 100,
+            "num_class_images": run["class_images"],
             "rank": 4,
             "alpha": 4.0,
             "learning_rate": 1e-4,
-            "max_train_steps": 800,
+            "max_train_steps": run["steps"],
             "seed": 42,
-            "sample_every": 200,
-            "output_name": "sks_fabric",
+            "sample_every": run["sample_every"],
+            "output_name": run["output_name"],
         },
     )
     wf.link(ckpt, "base_model", train, "base_model")
@@ -425,11 +449,106 @@ def fabric_morph(info) -> dict:
     return wf.to_ui()
 
 
+def sdxl_dreambooth_lora(info) -> dict:
+    wf = Workflow(info)
+    tiny = sdxl_model(info)
+    run = SDXL_LORA
+    first_note(
+        wf,
+        "DreamLoom - SDXL DreamBooth LoRA on the fabric sample set",
+        "1. Load Training Images: 'dreamloom_fabric' is the bundled sample set (10 woven-strip fabrics). Point it at "
+        "your own folder of 5-20 images to train on them.\n"
+        f"2. Generate Class Images: {run['class_images']} images of 'a fabric pattern' from the base model, for "
+        "prior preservation; cached, and a cancelled run resumes.\n"
+        f"3. Train DreamBooth LoRA: rank 4, learning rate 1e-4, {run['steps']} steps, prior weight 1.0, on the UNet "
+        "(Training Settings can add both text encoders). The LoRA is written in kohya's SDXL format, which ComfyUI, "
+        "A1111 and kohya read. Cancel keeps a checkpoint; queueing again resumes.",
+        one_widget=SDXL_ONE_WIDGET,
+    )
+    t = training_chain(wf, model=tiny, run=run)
+    x = 4 * COLUMN + 40
+    wf.note(
+        "4. Generation with the trained LoRA: Load DreamLoom LoRA takes the LoRA from the training node and refuses "
+        "one of another model family (an SD1.5 LoRA on SDXL) before anything is rendered. Prompt Batch encodes the "
+        "nine contexts with both of SDXL's text encoders; one KSampler renders all nine; Image Grid labels them.",
+        (x, CHAIN_Y - 240),
+        (700, 180),
+    )
+    prompt_grid(
+        wf,
+        (t["lora"], "clip"),
+        (t["lora"], "model"),
+        (t["ckpt"], "vae"),
+        x,
+        CHAIN_Y,
+        CONTEXTS,
+        SUBJECT,
+        "sks african fabric pattern in nine contexts (SDXL LoRA)",
+        "dreamloom/sdxl_contexts",
+        cfg=run["cfg"],
+    )
+    return wf.to_ui()
+
+
+def sdxl_textual_inversion(info) -> dict:
+    wf = Workflow(info)
+    tiny = sdxl_model(info)
+    run = SDXL_TI
+    first_note(
+        wf,
+        "DreamLoom - SDXL Textual Inversion on the fabric sample set",
+        "Train Textual Inversion learns one new token in both of SDXL's text encoders at once: the file holds its "
+        "clip_l and clip_g vectors, as ComfyUI and A1111 read SDXL embeddings. Its prompt_token output is "
+        "'embedding:<name>', which Prompt Batch puts where each prompt says {s}; an embedding of another model family "
+        f"is refused there. Learning rate {run['learning_rate']:g}, {run['steps']} steps. Cancel keeps a checkpoint; "
+        "queueing again resumes.",
+        one_widget=SDXL_ONE_WIDGET,
+    )
+    ckpt = load_checkpoint(wf, 0, CHAIN_Y, tiny)
+    images = training_images(wf, 0, CHAIN_Y + 220)
+    train = wf.add(
+        "DreamLoomTrainTextualInversion",
+        (COLUMN, CHAIN_Y),
+        {
+            "ckpt_name": tiny,
+            "placeholder_token": "<sks-fabric>",
+            "initializer_token": "pattern",
+            "learning_rate": run["learning_rate"],
+            "max_train_steps": run["steps"],
+            "seed": 42,
+            "sample_every": run["sample_every"],
+            "output_name": run["output_name"],
+        },
+    )
+    wf.link(ckpt, "base_model", train, "base_model")
+    wf.link(images, "dataset", train, "instance_images")
+    loss = wf.add("PreviewImage", (2 * COLUMN, CHAIN_Y), title="Loss", size=PREVIEW)
+    wf.link(train, "loss_plot", loss, "images")
+    prompts = [(label, text.replace("{s}", "{s} fabric")) for label, text in CONTEXTS]
+    prompt_grid(
+        wf,
+        (ckpt, "clip"),
+        (ckpt, "model"),
+        (ckpt, "vae"),
+        3 * COLUMN + 40,
+        CHAIN_Y,
+        prompts,
+        f"embedding:{run['output_name']}",
+        "the learned SDXL embedding in nine contexts (TI)",
+        "dreamloom/sdxl_ti_contexts",
+        cfg=SDXL_LORA["cfg"],
+        subject_link=(train, "prompt_token"),
+    )
+    return wf.to_ui()
+
+
 WORKFLOWS = {
     "fabric_dreambooth_lora": fabric_dreambooth_lora,
     "fabric_textual_inversion": fabric_textual_inversion,
     "fabric_explore": fabric_explore,
     "fabric_morph": fabric_morph,
+    "sdxl_dreambooth_lora": sdxl_dreambooth_lora,
+    "sdxl_textual_inversion": sdxl_textual_inversion,
 }
 
 

@@ -1,6 +1,6 @@
-"""The built-in tiny-fabric as ComfyUI's own MODEL, CLIP and VAE (nodes/comfy.py:load_builtin) computes what our
-diffusers modules compute, and core LoRA patching maps every module of a tiny-fabric LoRA. Runs ComfyUI's code
-in its own interpreter (COMFYUI_PATH, optional COMFYUI_PYTHON)."""
+"""The built-in tiny-fabric (and tiny) as ComfyUI's own MODEL, CLIP and VAE (nodes/comfy.py:load_builtin) computes
+what our diffusers modules compute, and core LoRA patching maps every module of a tiny-fabric LoRA. Runs ComfyUI's
+code in its own interpreter (COMFYUI_PATH, optional COMFYUI_PYTHON). tiny-sdxl: test_sdxl_in_comfyui.py."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent(
         out["unet"] = (model.model.diffusion_model(x, timesteps=t, context=ctx) - ref).abs().max().item()
         text = "a sks african fabric pattern"
         cond = clip.encode_from_tokens(clip.tokenize(text))
-        out["clip"] = (cond - comps.family.encode_prompts(comps, [text], "cpu")).abs().max().item()
+        out["clip"] = (cond - comps.family.encode_prompts(comps, [text], "cpu")["hidden"]).abs().max().item()
         z = torch.randn(1, 4, 32, 32, generator=g)
         img = ((comps.vae.decode(z).sample + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
         decoded = vae.decode(z)
@@ -52,6 +52,20 @@ SCRIPT = textwrap.dedent(
     out["unet_modules"] = len(set(key_map[k] for k in unet_keys))
     out["to_q_layers"] = sorted(set(str(key_map[k]) for k in unet_keys if k.endswith("attn1_to_q")))
     out["to_q_names"] = sorted(k for k in unet_keys if k.endswith("attn1_to_q"))
+    # tiny: its VAE's first level has 16 channels, fewer than the 32 groups ComfyUI's VAE class builds by default
+    tiny = builtin.build_tiny()
+    t_model, t_clip, t_vae = C.load_builtin(tiny)
+    with torch.no_grad():
+        x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 64, generator=g)
+        ref = tiny.unet(x, t, ctx).sample
+        out["tiny_unet"] = (t_model.model.diffusion_model(x, timesteps=t, context=ctx) - ref).abs().max().item()
+        cond = t_clip.encode_from_tokens(t_clip.tokenize(text))
+        out["tiny_clip"] = (cond - tiny.family.encode_prompts(tiny, [text], "cpu")["hidden"]).abs().max().item()
+        z = torch.randn(1, 4, 8, 8, generator=g)
+        img = ((tiny.vae.decode(z).sample + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+        decoded = t_vae.decode(z)
+        out["tiny_vae_shape"] = list(decoded.shape)
+        out["tiny_vae"] = (decoded - img).abs().max().item()
     print("RESULT " + json.dumps(out))
     """
 )
@@ -78,4 +92,6 @@ def test_tiny_fabric_in_comfyuis_classes_matches_diffusers(tmp_path):
     # kohya's diffusers-style names (what our exporter writes) map for every one of them
     assert len([n for n in out["to_q_names"] if n.startswith(("lora_unet_down_blocks", "lora_unet_mid_block",
                                                                "lora_unet_up_blocks"))]) == 7  # fmt: skip
+    assert out["tiny_unet"] < 1e-4 and out["tiny_clip"] < 1e-4 and out["tiny_vae"] < 1e-4, out
+    assert out["tiny_vae_shape"] == [1, 64, 64, 3]  # 8x: 64 px, tiny's native size
     assert "Traceback" not in r.stderr, r.stderr[-4000:]

@@ -55,6 +55,9 @@ def settings(**overrides):
         "num_vectors": 1,
         "ti_templates": "style",
         "clamp_norm": False,
+        "caption_shuffle": False,
+        "caption_keep_tokens": 0,
+        "caption_dropout": 0.0,
     }
     s.update(overrides)
     return {"class_type": "DreamLoomTrainingSettings", "inputs": s}

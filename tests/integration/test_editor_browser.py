@@ -5,7 +5,8 @@ in the loaded graph (steps, counts, frames), queued with the editor's Run button
 * every Train DreamBooth LoRA / Train Textual Inversion node: its preview, which grows the node, is not covered by
   another node (node boxes in canvas coordinates after the run).
 
-The model stays the built-in tiny-fabric (the loader's default) in a fresh ComfyUI with no checkpoint file.
+The model stays the loader's default, the built-in tiny-fabric (tiny-sdxl for the sdxl_* workflows), in a fresh
+ComfyUI with no checkpoint file.
 A screenshot of each workflow after its run goes to pytest's temp dir and build/screenshots/<name>.png.
 
 Needs COMFYUI_PATH (a ComfyUI checkout; COMFYUI_PYTHON optional), the `playwright` Python package and a Chromium
@@ -49,6 +50,7 @@ SCREENSHOTS = ROOT / "build" / "screenshots"
 WIDTH, HEIGHT = 1600, 1000
 TRAINING = ("DreamLoomTrainLoRA", "DreamLoomTrainTextualInversion")
 TINY_FABRIC = "tiny-fabric (built-in 128 px fabric model)"
+TINY_SDXL = "tiny-sdxl (built-in 64 px SDXL test model)"
 RUN_TIMEOUT = 2400  # a hang guard, not a timing assertion
 # Widget values set in the loaded graph, by node type; {"max": n} caps the current value.
 SMALL = {
@@ -228,7 +230,7 @@ def test_workflow_in_editor(editor_server, page, tmp_path, name):
     loader = page.evaluate(
         "() => app.graph._nodes.filter((n) => n.type === 'DreamLoomLoadCheckpoint').map((n) => n.widgets[0].value)"
     )
-    assert loader == [TINY_FABRIC], loader
+    assert loader == [TINY_SDXL if name.startswith("sdxl_") else TINY_FABRIC], loader
     changed = page.evaluate(SHRINK_JS, SMALL)
     print(f"\n{name}: set in the loaded graph: {changed}")
 
