@@ -470,3 +470,30 @@ def test_cli_trains_tiny_sdxl_then_generates_and_refuses_its_lora_on_sd15(fabric
     )
     assert r.returncode == 2 and "was trained on SDXL" in r.stderr and "is SD1.5" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_sdxl_lora_loss_falls_on_a_fixed_batch_and_the_settings_say_where_the_vae_runs(fabric_dir, tmp_path):
+    from trainer.training.methods.lora import LoRAMethod
+
+    comps = build_tiny_sdxl()
+    method = LoRAMethod(sdxl_config(fabric_dir, train_text_encoder=True))
+    torch.manual_seed(0)
+    method.setup(comps)
+    params = [p for group in method.param_groups(comps) for p in group["params"]]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    lat, noise, t, _, size_ids = _batch(comps, 2, seed=7)
+    sched, losses = comps.noise_scheduler(), []
+    for _ in range(12):
+        emb = SDXL.encode_prompts(comps, ["a sks fabric pattern"] * 2, "cpu")
+        hidden, kwargs = SDXL.unet_conditioning(emb, size_ids, torch.float32)
+        loss = diffusion_loss(comps.unet, sched, lat, noise, t, hidden, 2, unet_kwargs=kwargs)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
+
+    cfg = sdxl_config(fabric_dir, max_train_steps=1, mixed_precision="bf16")
+    trainer = Trainer(cfg, tmp_path / "r", comps=build_tiny_sdxl())
+    trainer.set_up()
+    assert trainer.settings["vae"] == "bfloat16"  # fp16 would say fp32: the VAE overflows in fp16

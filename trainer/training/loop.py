@@ -142,6 +142,8 @@ class Trainer:
             "mixed_precision": f"{precision} ({precision_why})",
             "gradient_checkpointing": f"{'on' if checkpointing else 'off'} ({checkpointing_why})",
             "tf32": "on" if enable_tf32(self.acc.device) else "off",
+            # place_modules: SD1.5's and SDXL's VAEs overflow in fp16, so under fp16 it encodes and decodes in fp32
+            "vae": "fp32 (the VAE overflows in fp16)" if precision == "fp16" else str(self.weight_dtype).split(".")[-1],
         }
         if self.acc.device.type == "cpu":
             self.settings["malloc"] = cpu_malloc.describe()
