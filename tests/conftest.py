@@ -91,6 +91,21 @@ def load_pack():
     return module
 
 
+def pack_node(name):
+    """A node class of the pack loaded as ComfyUI loads it."""
+    return load_pack().NODE_CLASS_MAPPINGS[name]
+
+
+def pack_module(name):
+    """A module of the pack loaded as ComfyUI loads it, e.g. "nodes.runner"."""
+    return sys.modules[f"dreamloom_pack.{name}"]
+
+
+def pack_error():
+    """The pack's own DreamLoomError class (not trainer.errors', which the tests import separately)."""
+    return pack_module("trainer.errors").DreamLoomError
+
+
 class FakeInterrupt(Exception):
     """Stands in for comfy.model_management.InterruptProcessingException."""
 

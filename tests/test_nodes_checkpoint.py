@@ -2,24 +2,12 @@
 not fit the model it is applied to (stand-in for nodes/comfy.py; the real ComfyUI classes are tested in
 tests/integration/test_builtin_in_comfyui.py)."""
 
-import sys
-
 import pytest
 import torch
-from conftest import FakeClip, FakeModel, FakeVAE, load_pack
+from conftest import FakeClip, FakeModel, FakeVAE, pack_error, pack_module, pack_node
 from safetensors.torch import save_file
 
-
-def _node(name):
-    return load_pack().NODE_CLASS_MAPPINGS[name]
-
-
-def _mod(name):
-    return sys.modules[f"dreamloom_pack.{name}"]
-
-
-def _error():
-    return _mod("trainer.errors").DreamLoomError
+_node, _mod, _error = pack_node, pack_module, pack_error
 
 
 def test_loader_offers_tiny_fabric_first_and_tags_what_it_loads(fake_comfy):

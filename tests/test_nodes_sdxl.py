@@ -4,27 +4,17 @@ everywhere a size of 0 means "native", and a LoRA or embedding of the other fami
 
 import json
 import struct
-import sys
 
 import pytest
 import torch
-from conftest import FakeClip, FakeModel, FakeVAE, load_pack
+from conftest import FakeClip, FakeModel, FakeVAE, pack_error, pack_module, pack_node
 from safetensors.torch import save_file
 
 TINY_FABRIC = "tiny-fabric (built-in 128 px fabric model)"
 TINY_SDXL = "tiny-sdxl (built-in 64 px SDXL test model)"
 
 
-def _node(name):
-    return load_pack().NODE_CLASS_MAPPINGS[name]
-
-
-def _mod(name):
-    return sys.modules[f"dreamloom_pack.{name}"]
-
-
-def _error():
-    return _mod("trainer.errors").DreamLoomError
+_node, _mod, _error = pack_node, pack_module, pack_error
 
 
 class FakeSDXLClip(FakeClip):

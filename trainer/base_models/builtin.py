@@ -97,18 +97,20 @@ def _modules_from_configs(vae_config: dict, unet_config: dict, text_config: dict
     return vae, unet, CLIPTextModel(CLIPTextConfig(**text_config))
 
 
-def _builtin(name: str, vae, unet, text_encoder, fingerprint: str, resolution: int) -> Components:
+def _builtin(name: str, vae, unet, text_encoder, fingerprint: str, resolution: int, family=SD15, **extra) -> Components:
+    """Components of a built-in model; `extra`: SDXL's tokenizer_2 and text_encoder_2."""
     return Components(
         tokenizer=load_tokenizer(),
         text_encoder=text_encoder,
         vae=vae,
         unet=unet,
-        scheduler_config=sd15_scheduler_config(),
+        scheduler_config=sd15_scheduler_config() if family is SD15 else sdxl_scheduler_config(),
         fingerprint=fingerprint,
         source=name,
         kind="tiny",
-        family=SD15,
+        family=family,
         native_resolution=resolution,
+        **extra,
     ).freeze()
 
 
@@ -137,20 +139,9 @@ def build_tiny_sdxl() -> Components:
         [TINY_SDXL_VERSION, TINY_SDXL_UNET, TINY_SDXL_VAE, TINY_SDXL_TEXT, TINY_SDXL_TEXT_2], sort_keys=True
     ).encode()
     fingerprint = "tiny-sdxl-" + state_fingerprint([unet, vae, text_encoder, text_encoder_2], seed=payload)
-    return Components(
-        tokenizer=load_tokenizer(),
-        text_encoder=text_encoder,
-        vae=vae,
-        unet=unet,
-        scheduler_config=sdxl_scheduler_config(),
-        fingerprint=fingerprint,
-        source="tiny-sdxl",
-        kind="tiny",
-        family=SDXL,
-        native_resolution=BUILTIN_RESOLUTION["tiny-sdxl"],
-        tokenizer_2=load_tokenizer_2(),
-        text_encoder_2=text_encoder_2,
-    ).freeze()
+    resolution = BUILTIN_RESOLUTION["tiny-sdxl"]
+    extra = dict(tokenizer_2=load_tokenizer_2(), text_encoder_2=text_encoder_2)
+    return _builtin("tiny-sdxl", vae, unet, text_encoder, fingerprint, resolution, family=SDXL, **extra)
 
 
 def build_tiny_fabric(path: Path | None = None) -> Components:
