@@ -35,6 +35,21 @@ def _batch(comps, n, seed=0):
     return latents, noise, t, embeddings, size_ids
 
 
+def _fixed_batch_losses(comps, optimizer, prompt: str, steps: int, seed: int) -> list[float]:
+    """The loss of `steps` optimizer steps on one fixed 2-row batch, `prompt` encoded each step (it may train)."""
+    lat, noise, t, _, size_ids = _batch(comps, 2, seed=seed)
+    sched, losses = comps.noise_scheduler(), []
+    for _ in range(steps):
+        emb = SDXL.encode_prompts(comps, [prompt] * 2, "cpu")
+        hidden, kwargs = SDXL.unet_conditioning(emb, size_ids, torch.float32)
+        loss = diffusion_loss(comps.unet, sched, lat, noise, t, hidden, 2, unet_kwargs=kwargs)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    return losses
+
+
 def test_prompt_conditioning_matches_diffusers_sdxl_pipeline():
     comps = build_tiny_sdxl()
     pipe = SDXL.pipeline(comps, comps.noise_scheduler())
@@ -273,17 +288,7 @@ def test_sdxl_ti_loss_falls_on_a_fixed_batch(fabric_dir):
     method = TextualInversionMethod(sdxl_config(fabric_dir, method="ti", placeholder_token="<sks>", num_vectors=2))
     method.setup(comps)
     optimizer = torch.optim.Adam(method.param_groups(comps)[0]["params"], lr=0.05)
-    lat, noise, t, _, size_ids = _batch(comps, 2, seed=5)
-    sched = comps.noise_scheduler()
-    losses = []
-    for _ in range(15):
-        emb = SDXL.encode_prompts(comps, [f"a pattern in the style of {method.phrase}"] * 2, "cpu")
-        hidden, kwargs = SDXL.unet_conditioning(emb, size_ids, torch.float32)
-        loss = diffusion_loss(comps.unet, sched, lat, noise, t, hidden, 2, unet_kwargs=kwargs)[0]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
+    losses = _fixed_batch_losses(comps, optimizer, f"a pattern in the style of {method.phrase}", 15, seed=5)
     # A random-weight UNet listens to its text conditioning only a little, so the fall is small but steady.
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 5e-3, losses
 
@@ -480,17 +485,7 @@ def test_sdxl_lora_loss_falls_on_a_fixed_batch_and_the_settings_say_where_the_va
     torch.manual_seed(0)
     method.setup(comps)
     params = [p for group in method.param_groups(comps) for p in group["params"]]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    lat, noise, t, _, size_ids = _batch(comps, 2, seed=7)
-    sched, losses = comps.noise_scheduler(), []
-    for _ in range(12):
-        emb = SDXL.encode_prompts(comps, ["a sks fabric pattern"] * 2, "cpu")
-        hidden, kwargs = SDXL.unet_conditioning(emb, size_ids, torch.float32)
-        loss = diffusion_loss(comps.unet, sched, lat, noise, t, hidden, 2, unet_kwargs=kwargs)[0]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
+    losses = _fixed_batch_losses(comps, torch.optim.AdamW(params, lr=1e-2), "a sks fabric pattern", 12, seed=7)
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
 
     cfg = sdxl_config(fabric_dir, max_train_steps=1, mixed_precision="bf16")
