@@ -83,6 +83,14 @@ class TrainingSettings:
             "caption_dropout": float_widget(
                 d.caption_dropout, 0.0, 0.99, 0.01, "Probability of an empty prompt for a step (0.05-0.1 is typical)."
             ),
+            "validation_images": int_widget(
+                d.validation_images,
+                0,
+                1000,
+                "Instance images held out of training; their loss at fixed noise is plotted every validation_every "
+                "steps (green in the loss plot). A curve that rises again means overfitting: stop earlier.",
+            ),
+            "validation_every": int_widget(d.validation_every, 1, 100000, "Steps between validation measurements."),
         }
         return {"required": required}
 

@@ -103,6 +103,11 @@ class TrainConfig:
     checkpoints_keep: int = 2
     output_name: str = "sks_fabric"
 
+    # Validation: held-out images measured at fixed noise and timesteps (training/validation.py)
+    validation_images: int = 0  # instance images held out of training (a seeded pick; 1 or 2 is typical)
+    validation_dir: str = ""  # or/and a folder of held-out images of the subject
+    validation_every: int = 50
+
     @property
     def lora_scale(self) -> float:
         return self.alpha / self.rank
@@ -169,6 +174,8 @@ class TrainConfig:
             ("checkpoints_keep", 1, 1000),
             ("num_vectors", 1, 16),
             ("caption_keep_tokens", 0, 1000),
+            ("validation_images", 0, 1000),
+            ("validation_every", 1, 1_000_000),
         ):
             self._whole(name, low, high)
         for name in ("alpha", "learning_rate", "text_encoder_lr", "adam_epsilon"):

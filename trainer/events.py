@@ -72,8 +72,9 @@ class TqdmListener:
                 self.bar.write(msg, file=self.file)
             else:
                 print(msg, file=self.file)
-        elif kind in ("sample", "checkpoint"):
-            line = f"{kind} at step {record.get('step')}: {record.get('path')}"
+        elif kind in ("sample", "checkpoint", "validation"):
+            what = f"loss {record.get('loss')}" if kind == "validation" else record.get("path")
+            line = f"{kind} at step {record.get('step')}: {what}"
             if self.bar is not None:
                 self.bar.write(line, file=self.file)
             else:

@@ -58,6 +58,8 @@ def settings(**overrides):
         "caption_shuffle": False,
         "caption_keep_tokens": 0,
         "caption_dropout": 0.0,
+        "validation_images": 0,
+        "validation_every": 50,
     }
     s.update(overrides)
     return {"class_type": "DreamLoomTrainingSettings", "inputs": s}

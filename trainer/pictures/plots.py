@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..files.atomic import atomic_save, atomic_write_text
 
-COLUMNS = ("step", "loss", "instance_loss", "prior_loss", "lr")
+COLUMNS = ("step", "loss", "instance_loss", "prior_loss", "lr", "validation_loss")
 
 
 def write_loss_csv(path: str | Path, rows: list[dict]) -> None:
@@ -41,7 +41,8 @@ def ema(values: list[float], beta: float = 0.9) -> list[float]:
 
 
 def plot_loss(path: str | Path, rows: list[dict], title: str = "training loss") -> None:
-    """Raw (faint) and EMA-smoothed instance and prior losses against optimizer steps."""
+    """Raw (faint) and EMA-smoothed instance and prior losses against optimizer steps, and the held-out images'
+    validation loss (measured every N steps at fixed noise, so it needs no smoothing)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -60,6 +61,10 @@ def plot_loss(path: str | Path, rows: list[dict], title: str = "training loss") 
         ax.plot(
             xs, ema(list(ys), 0.95 if len(ys) > 100 else 0.8), color=color, linewidth=2, label=f"{label} (smoothed)"
         )
+    validation = [(r["step"], r["validation_loss"]) for r in rows if isinstance(r.get("validation_loss"), float)]
+    if validation:
+        xs, ys = zip(*validation)
+        ax.plot(xs, ys, color="tab:green", marker="o", markersize=3, linewidth=1.5, label="validation (held out)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("MSE")
     ax.set_title(title)

@@ -47,6 +47,7 @@ from .precision import (
     weight_dtype,
 )
 from .timing import PhaseTimer, untimed
+from .validation import ValidationLoss, ValidationSample, hold_out
 
 SAMPLE_SAMPLER = "dpmpp_2m"
 
@@ -88,6 +89,7 @@ class Trainer:
         self.loss_log = LossLog()
         self.offloaded: list[str] = []
         self.parked: ParkedModules | None = None  # a CPU run's VAE and text encoder, while on disk
+        self.validation: ValidationLoss | None = None  # held-out images' loss (training/validation.py)
 
     # -- the run, step by step ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -157,7 +159,9 @@ class Trainer:
         self.settings["prediction_type"] = f"{prediction} ({'set' if cfg.prediction_type != 'auto' else 'auto'})"
         events.log("settings: " + "; ".join(f"{k} {v}" for k, v in self.settings.items()))
         self.instance = self.instance or load_image_folder(cfg.instance_dir, cfg.resolution, cfg.use_captions)
-        for note in self.instance.warnings:
+        self.dataset_fingerprint = self.instance.fingerprint()  # of every image given, held-out ones included
+        self.instance, self.validation_set = self._validation_images()
+        for note in self.instance.warnings + self.validation_set.warnings:
             events.log(note, level="warning")
 
         self.method = make_method(cfg)
@@ -187,6 +191,19 @@ class Trainer:
         # UNet and CLIP have no dropout, so the numbers are the same as in eval mode.
         for module in self.method.trainable_modules(self.comps).values():
             module.train()
+
+    def _validation_images(self) -> tuple[ImageSet, ImageSet]:
+        """(training images, held-out images): validation_images of the instance set, plus validation_dir's."""
+        cfg = self.cfg
+        training, held = hold_out(self.instance, cfg.validation_images, cfg.seed)
+        if cfg.validation_dir:
+            extra = load_image_folder(cfg.validation_dir, cfg.resolution, cfg.use_captions)
+            notes = [n for n in extra.warnings if "DreamBooth needs at least" not in n]  # one image is fine here
+            held = ImageSet(held.images + extra.images, held.captions + extra.captions, held.paths + extra.paths, notes)
+        if held.paths:
+            names = ", ".join(Path(p).name for p in held.paths)
+            self.events.log(f"validation: {len(held)} held-out image(s) ({names}), every {cfg.validation_every} steps")
+        return training, held
 
     def place_on_device(self) -> None:
         """The VAE and text encoders now; the UNet once the caches are built (build_caches)."""
@@ -223,9 +240,12 @@ class Trainer:
                 device=device,
                 seed=cfg.seed + 1,
             )
+        self.validation = self._validation_loss()
         cached = self.method.prompts_to_cache(self.instance.captions)
         if cached is not None and self.use_prior:
             cached = cached + [cfg.class_prompt]
+        if cached is not None and self.validation is not None:
+            cached = sorted(set(cached) | set(self.validation.prompts))
         self.prompt_embeddings = PromptEmbeddings(comps, device, self.weight_dtype, cached)
         self._offload_cached_modules()
         place_trainable_module(comps.unet, device, self.weight_dtype)
@@ -233,6 +253,53 @@ class Trainer:
         side = cfg.resolution // (2 ** (len(vae_cfg.block_out_channels) - 1))
         self.latent_shape = (vae_cfg.latent_channels, side, side)
         self.layout = BatchLayout(cfg.train_batch_size, self.acc.num_processes, self.acc.process_index, self.use_prior)
+
+    def _validation_loss(self) -> ValidationLoss | None:
+        """The held-out images' clean latents (posterior means, unflipped, centred) and prompts, encoded now while
+        the VAE is on the device."""
+        cfg = self.cfg
+        if not self.validation_set.images or self.bench:
+            return None
+        source = LatentSource(
+            self.comps.vae,
+            self.validation_set.images,
+            cfg.resolution,
+            center_crop=True,
+            use_flip=False,
+            cache=True,
+            device=self.acc.device,
+            seed=cfg.seed,
+        )
+        samples = []
+        for i, caption in enumerate(self.validation_set.captions):
+            pick = [(i, False)]
+            latent = source.latents(pick, torch.zeros(()), [0])[0]  # eps 0: the posterior mean, scaled
+            samples.append(
+                ValidationSample(latent.cpu(), self.method.validation_prompt(caption), source.size_ids(pick, [0])[0])
+            )
+        return ValidationLoss(samples, self.noise_scheduler.config.num_train_timesteps, cfg.seed)
+
+    def _validate(self, step: int) -> None:
+        """Measure the validation loss after `step` (main process only: every rank holds the same weights)."""
+        if not self.acc.is_main_process:
+            return
+        modules = [self.comps.unet, *self.comps.text_encoders().values()]
+        training = [m for m in modules if m.training]
+        for module in training:
+            module.eval()
+        with self.acc.autocast():
+            value = self.validation.measure(
+                self.comps.unet,
+                self.noise_scheduler,
+                self.prompt_embeddings,
+                self.comps.family,
+                self.acc.device,
+                self.weight_dtype,
+            )
+        for module in training:
+            module.train()
+        self.loss_log.add_validation(step, value)
+        self.events.emit("validation", step=step, loss=round(value, 6))
 
     def _offload_cached_modules(self) -> None:
         """Put away the VAE (all latents cached) and a frozen text encoder (all prompts cached), which the steps
@@ -291,7 +358,6 @@ class Trainer:
     def resume(self) -> int:
         """Restore the newest checkpoint of this run, if any; return the step it was taken at (0 if none)."""
         cfg, comps = self.cfg, self.comps
-        self.dataset_fingerprint = self.instance.fingerprint()
         self.train_id = train_id_for(cfg, self.dataset_fingerprint, comps.fingerprint)
         self.noise_gen = torch.Generator().manual_seed(cfg.seed)
         self.resumed_from = None
@@ -413,6 +479,8 @@ class Trainer:
         self.loss_log.end_step(step, self.lr_scheduler.get_last_lr()[0])
         self.lr_scheduler.step()
         self.method.after_optimizer_step(self.comps)
+        if self.validation is not None and (step % cfg.validation_every == 0 or step == cfg.max_train_steps):
+            self._validate(step)
         if self.timer is not None:
             self.timer.step_times.append(seconds)
         if self.acc.device.type != "cuda" or step % 10 == 0 or step == cfg.max_train_steps:

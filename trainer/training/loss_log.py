@@ -18,6 +18,7 @@ class LossLog:
         self.rows: list[dict] = rows or []
         self._pending: list[tuple] = []  # (step, loss, instance loss, prior loss or None), device tensors
         self._lr: dict[int, float] = {}
+        self._validation: dict[int, float] = {}  # step -> validation loss, until that step's row is recorded
 
     @classmethod
     def resumed(cls, run_dir: Path, step: int) -> LossLog:
@@ -29,6 +30,14 @@ class LossLog:
 
     def end_step(self, step: int, lr: float) -> None:
         self._lr[step] = float(lr)
+
+    def add_validation(self, step: int, value: float) -> None:
+        """The held-out images' loss measured after `step` (training/validation.py), kept in that step's row."""
+        row = next((r for r in reversed(self.rows) if r["step"] == step), None)
+        if row is not None:
+            row["validation_loss"] = value
+        else:
+            self._validation[step] = value
 
     def flush(self) -> dict | None:
         """Record the pending micro-batch losses as one row per step (their mean); the newest row, or None.
@@ -57,6 +66,8 @@ class LossLog:
             row["lr"] = self._lr.pop(step, float("nan"))
             if items[0][1]:
                 row["prior_loss"] = sum(r[2] for r, _ in items) / len(items)
+            if step in self._validation:
+                row["validation_loss"] = self._validation.pop(step)
             self.rows.append(row)
         return self.rows[-1]
 

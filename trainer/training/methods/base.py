@@ -65,6 +65,11 @@ class Method:
         text = with_token(caption, self.cfg.token) if (self.cfg.use_captions and caption) else self.cfg.instance_prompt
         return self.captions.vary(text, index, position)
 
+    def validation_prompt(self, caption: str | None) -> str:
+        """The prompt a held-out image is measured with: as in training, but never shuffled or dropped, so every
+        measurement sees the same conditioning."""
+        return with_token(caption, self.cfg.token) if (self.cfg.use_captions and caption) else self.cfg.instance_prompt
+
     def prompts_to_cache(self, captions: list[str | None]) -> list[str] | None:
         """Every instance prompt the run can show, when they can be encoded once; None when they cannot."""
         if self.trains_text_encoder or self.captions.varies:

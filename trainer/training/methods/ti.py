@@ -186,6 +186,11 @@ class TextualInversionMethod(Method):
         epoch = position // max(self.n_images, 1)
         return self.templates[(epoch + index) % len(self.templates)].format(self.phrase)
 
+    def validation_prompt(self, caption: str | None) -> str:
+        if self.cfg.ti_templates == "captions" and caption:
+            return with_token(caption.replace(self.cfg.placeholder_token, self.phrase), self.phrase)
+        return self.templates[0].format(self.phrase)
+
     def after_optimizer_step(self, comps) -> None:
         if not self.cfg.clamp_norm:
             return
