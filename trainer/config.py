@@ -22,9 +22,30 @@ TI_TEMPLATES = ("style", "object", "captions")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_LR = {"lora": 1e-4, "ti": 5e-4}
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "dreamloom"  # class images, when no folder is given
+# What one concept of a multi-concept run may set (a TOML [[concepts]] table, or the Concept node); unset keys take
+# the run's value of the same name, repeats defaults to 1.
+CONCEPT_KEYS = (
+    "name", "instance_dir", "instance_prompt", "token", "class_prompt", "class_dir", "num_class_images", "repeats",
+    "prior_loss_weight",
+)  # fmt: skip
 # Built-in model -> native size in pixels. The same table as base_models/builtin.py:BUILTIN_RESOLUTION, kept here
 # so the CLI can pick the size without importing torch; tests/test_config.py checks that the two agree.
 BUILTIN_RESOLUTION = {"tiny": 64, "tiny-fabric": 128, "tiny-sdxl": 64}
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One subject of a run: its images, prompts, class images, repeats and prior weight (all resolved)."""
+
+    name: str
+    instance_dir: str
+    instance_prompt: str
+    token: str
+    class_prompt: str
+    class_dir: str
+    num_class_images: int
+    repeats: int
+    prior_loss_weight: float
 
 
 @dataclass
@@ -44,6 +65,9 @@ class TrainConfig:
     resolution: int = 512
     center_crop: bool = True
     random_flip: bool = False
+    # Several subjects in one run (the seed Colab's concepts_list): each a dict of CONCEPT_KEYS; empty: the one
+    # concept the fields above describe.
+    concepts: list[dict] = field(default_factory=list)
 
     # Prior preservation
     with_prior_preservation: bool = True
@@ -112,6 +136,18 @@ class TrainConfig:
     def lora_scale(self) -> float:
         return self.alpha / self.rank
 
+    def concept_list(self) -> list[Concept]:
+        """The run's concepts, every value resolved: `concepts`, or the one the top-level fields describe."""
+        top = {k: getattr(self, k) for k in CONCEPT_KEYS if k not in ("name", "repeats")}
+        if not self.concepts:
+            return [Concept(name=Path(self.instance_dir).name or "images", repeats=1, **top)]
+        out = []
+        for i, raw in enumerate(self.concepts):
+            values = {**top, "repeats": 1, "class_dir": "", **raw}
+            values.setdefault("name", Path(values["instance_dir"]).name or f"concept {i + 1}")
+            out.append(Concept(**values))
+        return out
+
     # ---------------------------------------------------------------- validation
     def validate(self) -> TrainConfig:
         """Check every field; raise DreamLoomError naming the field, the value and the fix."""
@@ -130,6 +166,7 @@ class TrainConfig:
             )
         self._check_numbers()
         self._check_lists_and_names()
+        self._check_concepts()
         self._check_method_settings()
         return self
 
@@ -215,52 +252,112 @@ class TrainConfig:
                 f"Invalid setting output_name = {self.output_name!r}: {err.message}", err.hint
             ) from None
 
-    def _check_method_settings(self) -> None:
-        if self.method == "lora":
-            if not self.token.strip():
-                raise self._bad("token", "Give the rare word that stands for your subject, for example 'sks'.")
-            if not self.use_captions and not _has_word(self.instance_prompt, self.token):
-                raise self._bad(
-                    "instance_prompt",
-                    f"The instance prompt must contain the token {self.token!r}, for example "
-                    f"'a {self.token} {self.class_prompt.removeprefix('a ').strip() or 'fabric pattern'}'.",
+    def _check_concepts(self) -> None:
+        """Each [[concepts]] table: known keys of the right types and ranges; the subject checks run per concept."""
+        if not isinstance(self.concepts, list) or not all(isinstance(c, dict) for c in self.concepts):
+            raise self._bad("concepts", "Give a list of tables: [[concepts]] in the TOML file, one per subject.")
+        if not self.concepts:
+            return
+        if self.instance_dir:
+            raise DreamLoomError(
+                f"Both instance_dir = {self.instance_dir!r} and {len(self.concepts)} concept(s) are set.",
+                "Give the images either as instance_dir (one subject) or in [[concepts]] tables (each with its own "
+                "instance_dir), not both.",
+            )
+        if self.method == "ti" and len(self.concepts) > 1:
+            raise DreamLoomError(
+                f"Textual inversion learns one token, and {len(self.concepts)} concepts are set.",
+                "Train one embedding per concept (one run each), or use method lora for several subjects.",
+            )
+        kinds = {"num_class_images": int, "repeats": int, "prior_loss_weight": (int, float)}
+        for i, concept in enumerate(self.concepts):
+            where = f"concepts[{i}]"
+            unknown = sorted(set(concept) - set(CONCEPT_KEYS))
+            if unknown:
+                close = {u: _closest(u, dict.fromkeys(CONCEPT_KEYS)) for u in unknown}
+                names = ", ".join(f"{u!r} (did you mean {c!r}?)" if c else repr(u) for u, c in close.items())
+                raise DreamLoomError(
+                    f"Unknown key(s) in {where}: {names}.", f"A concept may set: {', '.join(CONCEPT_KEYS)}."
                 )
-        else:
+            if not isinstance(concept.get("instance_dir"), str) or not concept["instance_dir"].strip():
+                raise DreamLoomError(
+                    f"{where} has no instance_dir.", "Give each concept the folder of its images: instance_dir = '...'."
+                )
+            for key, value in concept.items():
+                kind = kinds.get(key, str)
+                if isinstance(value, bool) or not isinstance(value, kind):
+                    raise DreamLoomError(
+                        f"Invalid setting {where}.{key} = {value!r}.",
+                        f"Give {key} as a {'number' if key == 'prior_loss_weight' else kind.__name__}.",
+                    )
+            limits = {"repeats": (1, 1000), "num_class_images": (0, 100_000), "prior_loss_weight": (0.0, 100.0)}
+            for key, (low, high) in limits.items():
+                if key in concept and not low <= concept[key] <= high:
+                    raise DreamLoomError(
+                        f"Invalid setting {where}.{key} = {concept[key]!r}.", f"Use a value from {low} to {high}."
+                    )
+        names = [c.name for c in self.concept_list()]
+        if len(set(names)) < len(names):
+            raise DreamLoomError(
+                f"Two concepts have the same name ({', '.join(sorted(n for n in set(names) if names.count(n) > 1))}).",
+                "Give each concept its own name = '...' (it labels the log and the samples).",
+            )
+
+    def _check_method_settings(self) -> None:
+        for i, concept in enumerate(self.concept_list()):
+            self._check_concept(concept, f"concepts[{i}]" if self.concepts else "")
+        if self.method == "ti":
             tok = self.placeholder_token
             if not tok or any(c.isspace() for c in tok):
                 raise self._bad("placeholder_token", "Use one word with no spaces, for example '<sks-fabric>'.")
             if not self.initializer_token.strip() or any(c.isspace() for c in self.initializer_token.strip()):
                 raise self._bad("initializer_token", "Use one existing word, for example 'pattern'.")
-        if self.with_prior_preservation and self.method == "lora":
-            if self.prior_loss_weight > 0 and self.num_class_images == 0 and not self.class_dir:
-                raise self._bad(
+
+    def _check_concept(self, concept: Concept, where: str) -> None:
+        """A subject's token, instance prompt and class settings (`where`: '' for the top-level fields, else
+        'concepts[i]', which prefixes the setting names in messages)."""
+
+        def bad(name: str, fix: str) -> DreamLoomError:
+            label = f"{where}.{name}" if where else name
+            return DreamLoomError(f"Invalid setting {label} = {getattr(concept, name)!r}.", fix)
+
+        if self.method != "ti":
+            if not concept.token.strip():
+                raise bad("token", "Give the rare word that stands for your subject, for example 'sks'.")
+            if not self.use_captions and not _has_word(concept.instance_prompt, concept.token):
+                raise bad(
+                    "instance_prompt",
+                    f"The instance prompt must contain the token {concept.token!r}, for example "
+                    f"'a {concept.token} {concept.class_prompt.removeprefix('a ').strip() or 'fabric pattern'}'.",
+                )
+        if self.with_prior_preservation and self.method == "lora" and concept.prior_loss_weight > 0:
+            if concept.num_class_images == 0 and not concept.class_dir:
+                raise bad(
                     "num_class_images",
                     "Prior preservation needs class images: set num_class_images above 0 (100 is typical), "
                     "give class_dir, or turn off with_prior_preservation.",
                 )
-            if not self.class_prompt.strip():
-                raise self._bad(
-                    "class_prompt", "Give the class your subject belongs to, for example 'a fabric pattern'."
-                )
-            if self.prior_loss_weight > 0:
-                self._check_class_prompt_differs()
+            if not concept.class_prompt.strip():
+                raise bad("class_prompt", "Give the class your subject belongs to, for example 'a fabric pattern'.")
+            self._check_class_prompt_differs(concept, where)
 
-    def _check_class_prompt_differs(self) -> None:
+    def _check_class_prompt_differs(self, concept: Concept, where: str) -> None:
         """Prior preservation teaches the model that the class prompt still means the plain class. The same
         prompt as the instance prompt, or one containing the token, teaches the opposite of what is trained."""
-        instance, klass, token = self.instance_prompt, self.class_prompt, self.token
+        instance, klass, token = concept.instance_prompt, concept.class_prompt, concept.token
         example = _without_word(instance, token) or "a fabric pattern"
+        prefix = f"{where}." if where else ""
         if " ".join(klass.lower().split()) == " ".join(instance.lower().split()):
             raise DreamLoomError(
-                f"Invalid setting class_prompt = {klass!r}: it is the same as instance_prompt = {instance!r}, so "
-                "prior preservation would train the subject and undo it on the same prompt.",
+                f"Invalid setting {prefix}class_prompt = {klass!r}: it is the same as {prefix}instance_prompt = "
+                f"{instance!r}, so prior preservation would train the subject and undo it on the same prompt.",
                 f"Make class_prompt the plain class without the token {token!r}, for example {example!r}; "
                 "or turn off with_prior_preservation.",
             )
         if _has_word(klass, token, ignore_case=True):
             raise DreamLoomError(
-                f"Invalid setting class_prompt = {klass!r}: it contains the token {token!r} of instance_prompt = "
-                f"{instance!r}, so the class images would be trained as the subject.",
+                f"Invalid setting {prefix}class_prompt = {klass!r}: it contains the token {token!r} of "
+                f"{prefix}instance_prompt = {instance!r}, so the class images would be trained as the subject.",
                 f"Remove the token from class_prompt, for example {example!r}; or turn off with_prior_preservation.",
             )
 
@@ -380,6 +477,12 @@ def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
             if not isinstance(value, str):
                 raise ValueError
             return value
+        if type_name == "list[dict]":
+            if isinstance(value, str):  # the CLI flag: JSON; a TOML file's [[concepts]] tables arrive as dicts
+                value = json.loads(value)
+            if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+                return list(value)
+            raise ValueError
         if type_name == "list[str]":
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()] if name != "sample_prompts" else [value]
@@ -390,4 +493,10 @@ def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
         pass
     else:
         return value
+    if name == "concepts":
+        raise DreamLoomError(
+            f"Invalid setting concepts = {value!r}.",
+            "Give the concepts as [[concepts]] tables in a TOML file (--config), or --concepts as a JSON list of "
+            'objects, e.g. \'[{"instance_dir": "dog", "instance_prompt": "a sks dog"}]\'.',
+        )
     raise DreamLoomError(f"Invalid setting {name} = {value!r}: expected {type_name}.", f"Give {name} as a {type_name}.")

@@ -21,6 +21,9 @@ HELP = {
     "caption_shuffle": "shuffle a caption's comma-separated tags at every showing, after the first caption_keep_tokens",
     "caption_dropout": "probability (0-0.99) that a step's prompt is empty, which trains the unconditional case",
     "class_dir": "folder for class images (default: a cache folder keyed by the settings)",
+    "concepts": "several subjects in one run: best as [[concepts]] tables in a --config TOML file (keys: name, "
+    "instance_dir, instance_prompt, token, class_prompt, class_dir, num_class_images, repeats, prior_loss_weight), or "
+    "a JSON list of objects",
     "alpha": "LoRA alpha; the LoRA scale is alpha/rank and is stored in the file",
     "max_train_steps": "number of optimizer updates",
     "sample_every": "make a sample grid every N steps, and at the start and the end (0: no samples at all)",

@@ -168,17 +168,20 @@ def uses_prior(cfg: TrainConfig) -> bool:
 
 def check_train_paths(cfg: TrainConfig, args) -> Path:
     """The run folder, base model and class-image folder of a training run; returns the run folder."""
-    if not cfg.instance_dir:
+    if not cfg.instance_dir and not cfg.concepts:
         raise DreamLoomError(
-            "No instance images given.", "Pass --instance-dir FOLDER with 5-20 images of your subject."
+            "No instance images given.",
+            "Pass --instance-dir FOLDER with 5-20 images of your subject, or [[concepts]] tables in a --config file.",
         )
     run_dir = check_output_folder(args.output_dir, "--output-dir")
     check_base_model(cfg.base_model)
     if uses_prior(cfg):
-        if not cfg.class_dir:
-            check_output_folder(args.cache_dir or DEFAULT_CACHE_DIR, "--cache-dir")
-        elif not Path(cfg.class_dir).expanduser().is_dir():  # a folder of existing images may be read-only
-            check_output_folder(cfg.class_dir, "--class-dir")
+        for concept in cfg.concept_list():
+            flag = "--class-dir" if not cfg.concepts else f"class_dir of concept {concept.name!r}"
+            if not concept.class_dir:
+                check_output_folder(args.cache_dir or DEFAULT_CACHE_DIR, "--cache-dir")
+            elif not Path(concept.class_dir).expanduser().is_dir():  # a folder of existing images may be read-only
+                check_output_folder(concept.class_dir, flag)
     return run_dir
 
 

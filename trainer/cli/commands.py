@@ -27,9 +27,9 @@ from .checks import (
 def cmd_train(args) -> int:
     cfg = _config_from_args(args).validate()
     run_dir = check_train_paths(cfg, args)
-    from ..data.images import load_image_folder  # PIL only: bad images are reported before torch is imported
+    from ..data.concepts import load_concept_images  # PIL only: bad images are reported before torch is imported
 
-    instance = load_image_folder(cfg.instance_dir, cfg.resolution, cfg.use_captions)
+    instance = load_concept_images(cfg)
     done = finished_outputs(run_dir, cfg, instance.fingerprint())
     if done is not None:
         print(

@@ -33,17 +33,33 @@ class ImageSet:
     captions: list[str | None]
     paths: list[str]
     warnings: list[str] = field(default_factory=list)
+    concept_of: list[int] = field(default_factory=list)  # each image's concept (data/concepts.py); empty: all 0
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def concept(self, index: int) -> int:
+        return self.concept_of[index] if self.concept_of else 0
+
+    def subset(self, indices: list[int], warnings: list[str] | None = None) -> ImageSet:
+        """The images at `indices`, in that order, with their captions, paths and concepts."""
+        return ImageSet(
+            [self.images[i] for i in indices],
+            [self.captions[i] for i in indices],
+            [self.paths[i] for i in indices],
+            list(warnings or []),
+            [self.concept(i) for i in indices] if self.concept_of else [],
+        )
+
     def fingerprint(self) -> str:
-        """A hash of the pixels and captions (not the paths: a moved folder is the same data)."""
+        """A hash of the pixels, captions and concepts (not the paths: a moved folder is the same data)."""
         h = hashlib.sha256()
-        for im, cap in zip(self.images, self.captions):
+        for i, (im, cap) in enumerate(zip(self.images, self.captions)):
             h.update(str(im.size).encode())
             h.update(im.tobytes())
             h.update((cap or "").encode())
+            if self.concept(i):
+                h.update(f"concept {self.concept(i)}".encode())
         return h.hexdigest()[:16]
 
 

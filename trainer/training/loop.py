@@ -8,6 +8,7 @@ and finish. The method object (training/methods) decides what is trained and exp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -20,9 +21,10 @@ from diffusers.optimization import get_scheduler
 from .. import cpu_malloc
 from ..base_models.load import load_base_model
 from ..config import DEFAULT_CACHE_DIR, TrainConfig
-from ..data.batches import CLASS_STREAM_SEED_OFFSET, BatchLayout
+from ..data.batches import BatchLayout
 from ..data.caches import LatentSource, PromptEmbeddings
 from ..data.class_images import prepare_class_images
+from ..data.concepts import ClassSets, describe_concepts, epoch_entries, load_concept_images
 from ..data.images import ImageSet, load_image_folder
 from ..errors import DreamLoomError, StopRequested
 from ..events import Events
@@ -47,7 +49,7 @@ from .precision import (
     weight_dtype,
 )
 from .timing import PhaseTimer, untimed
-from .validation import ValidationLoss, ValidationSample, hold_out
+from .validation import ValidationLoss, hold_out, samples_from
 
 SAMPLE_SAMPLER = "dpmpp_2m"
 
@@ -158,7 +160,8 @@ class Trainer:
         prediction = self.comps.scheduler_config.get("prediction_type", "epsilon")
         self.settings["prediction_type"] = f"{prediction} ({'set' if cfg.prediction_type != 'auto' else 'auto'})"
         events.log("settings: " + "; ".join(f"{k} {v}" for k, v in self.settings.items()))
-        self.instance = self.instance or load_image_folder(cfg.instance_dir, cfg.resolution, cfg.use_captions)
+        self.concepts = cfg.concept_list()
+        self.instance = self.instance or load_concept_images(cfg)
         self.dataset_fingerprint = self.instance.fingerprint()  # of every image given, held-out ones included
         self.instance, self.validation_set = self._validation_images()
         for note in self.instance.warnings + self.validation_set.warnings:
@@ -166,23 +169,19 @@ class Trainer:
 
         self.method = make_method(cfg)
         self.method.n_images = len(self.instance)
+        self.method.concept_of = list(self.instance.concept_of)
+        self.entries = epoch_entries(self.instance, self.concepts)  # one epoch: each concept's images x repeats
+        if cfg.concepts:
+            events.log(describe_concepts(self.instance, self.concepts, self.entries))
         shown = [self.method.instance_prompt(i, c, i) for i, c in enumerate(self.instance.captions[:3])]
         events.log("instance prompts (first images, first epoch): " + " | ".join(repr(p) for p in shown))
         self.use_prior = (
-            cfg.with_prior_preservation and cfg.prior_loss_weight > 0 and self.method.uses_prior_preservation
+            cfg.with_prior_preservation
+            and any(c.prior_loss_weight > 0 for c in self.concepts)
+            and self.method.uses_prior_preservation
         )
-        self.class_images, self.class_folder = [], None
-        if self.use_prior:
-            self.class_images, self.class_folder = prepare_class_images(
-                cfg,
-                self.comps,
-                self.class_dir,
-                self.cache_root,
-                self.acc,
-                self.weight_dtype,
-                self.events,
-                self.should_stop,
-            )
+        self.class_sets = self._class_sets() if self.use_prior else None
+        self.class_images = self.class_sets.images if self.use_prior else []
         torch.manual_seed(cfg.seed)  # LoRA init is seeded
         self.method.setup(self.comps)
         if self.gradient_checkpointing:
@@ -192,10 +191,46 @@ class Trainer:
         for module in self.method.trainable_modules(self.comps).values():
             module.train()
 
+    def _class_sets(self) -> ClassSets:
+        """Each concept's class images: its class_dir as given, or generated and cached for its class prompt. The
+        folder a node or the CLI passes (class_dir) is the single concept's."""
+        cfg, sets = self.cfg, ClassSets([], [], [], [], [], [])
+        for concept in self.concepts:
+            settings = dataclasses.replace(
+                cfg,
+                class_prompt=concept.class_prompt,
+                num_class_images=concept.num_class_images,
+                class_dir=concept.class_dir,
+            )
+            given = self.class_dir if not cfg.concepts else (Path(concept.class_dir) if concept.class_dir else None)
+            images, folder = prepare_class_images(
+                settings,
+                self.comps,
+                given,
+                self.cache_root,
+                self.acc,
+                self.weight_dtype,
+                self.events,
+                self.should_stop,
+            )
+            if not images:
+                raise DreamLoomError(
+                    f"No class images for {concept.name!r} in {folder}.",
+                    "Put class images in that folder, set num_class_images above 0, or turn off prior preservation.",
+                )
+            sets.offsets.append(len(sets.images))
+            sets.counts.append(len(images))
+            sets.images += images
+            sets.folders.append(folder)
+            sets.prompts.append(concept.class_prompt)
+            sets.weights.append(concept.prior_loss_weight)
+        return sets
+
     def _validation_images(self) -> tuple[ImageSet, ImageSet]:
-        """(training images, held-out images): validation_images of the instance set, plus validation_dir's."""
+        """(training images, held-out images): validation_images of each concept, plus validation_dir's."""
         cfg = self.cfg
-        training, held = hold_out(self.instance, cfg.validation_images, cfg.seed)
+        names = [c.name for c in self.concepts]
+        training, held = hold_out(self.instance, cfg.validation_images, cfg.seed, names)
         if cfg.validation_dir:
             extra = load_image_folder(cfg.validation_dir, cfg.resolution, cfg.use_captions)
             notes = [n for n in extra.warnings if "DreamBooth needs at least" not in n]  # one image is fine here
@@ -243,7 +278,7 @@ class Trainer:
         self.validation = self._validation_loss()
         cached = self.method.prompts_to_cache(self.instance.captions)
         if cached is not None and self.use_prior:
-            cached = cached + [cfg.class_prompt]
+            cached = cached + sorted(set(self.class_sets.prompts))
         if cached is not None and self.validation is not None:
             cached = sorted(set(cached) | set(self.validation.prompts))
         self.prompt_embeddings = PromptEmbeddings(comps, device, self.weight_dtype, cached)
@@ -270,14 +305,9 @@ class Trainer:
             device=self.acc.device,
             seed=cfg.seed,
         )
-        samples = []
-        for i, caption in enumerate(self.validation_set.captions):
-            pick = [(i, False)]
-            latent = source.latents(pick, torch.zeros(()), [0])[0]  # eps 0: the posterior mean, scaled
-            samples.append(
-                ValidationSample(latent.cpu(), self.method.validation_prompt(caption), source.size_ids(pick, [0])[0])
-            )
-        return ValidationLoss(samples, self.noise_scheduler.config.num_train_timesteps, cfg.seed)
+        held = self.validation_set
+        prompts = [self.method.validation_prompt(c, held.concept(i)) for i, c in enumerate(held.captions)]
+        return ValidationLoss(samples_from(source, prompts), self.noise_scheduler.config.num_train_timesteps, cfg.seed)
 
     def _validate(self, step: int) -> None:
         """Measure the validation loss after `step` (main process only: every rank holds the same weights)."""
@@ -391,7 +421,8 @@ class Trainer:
             "base_fingerprint": comps.fingerprint,
             "base_source": comps.source,
             "instance_images": self.instance.paths,
-            "class_dir": str(self.class_folder) if self.class_folder else None,
+            "class_dir": str(self.class_sets.folders[0]) if self.use_prior else None,
+            "class_dirs": [str(f) for f in self.class_sets.folders] if self.use_prior else [],
             "trainable_parameters": self.n_trainable,
             "settings": self.settings,
             "versions": versions(),
@@ -425,7 +456,7 @@ class Trainer:
                 0, self.noise_scheduler.config.num_train_timesteps, (n_rows,), generator=self.noise_gen
             )
             positions = layout.positions(k)
-            picks = layout.picks(cfg.seed, len(self.instance), k)
+            picks = [(self.entries[i], flip) for i, flip in layout.picks(cfg.seed, len(self.entries), k)]
             latents = self.instance_latents.latents(
                 picks, to_device(eps[layout.own_instance_rows()], device), positions
             )
@@ -434,13 +465,14 @@ class Trainer:
                 self.method.instance_prompt(i, self.instance.captions[i], pos) for (i, _), pos in zip(picks, positions)
             ]
             if self.use_prior:
-                class_picks = layout.picks(cfg.seed + CLASS_STREAM_SEED_OFFSET, len(self.class_images), k)
+                concepts = [self.instance.concept(i) for i, _ in picks]
+                class_picks = self.class_sets.picks(cfg.seed, concepts, positions)
                 class_latents = self.class_latents.latents(
                     class_picks, to_device(eps[layout.own_class_rows()], device), positions
                 )
                 latents = torch.cat([latents, class_latents])
                 size_ids = torch.cat([size_ids, self.class_latents.size_ids(class_picks, positions)])
-                prompts += [cfg.class_prompt] * len(class_picks)
+                prompts += [self.class_sets.prompts[c] for c in concepts]
         own = layout.own_rows()
         text_encoders = {name: self.wrapped[name] for name in self.comps.text_encoders() if name in self.wrapped}
         with self.acc.accumulate(*self.wrapped.values()):
@@ -460,7 +492,7 @@ class Trainer:
                         to_device(timesteps[own], device),
                         hidden,
                         n_instance=len(picks),
-                        prior_weight=cfg.prior_loss_weight,
+                        prior_weight=self._prior_weight(picks),
                         snr_gamma=cfg.snr_gamma,
                         unet_kwargs=unet_kwargs,
                     )
@@ -472,6 +504,14 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.loss_log.add(step, *losses)
+
+    def _prior_weight(self, picks: list[tuple[int, bool]]):
+        """The prior loss weight: one number when every concept has the same, else one per class row (its
+        instance row's concept's)."""
+        if not self.use_prior or self.class_sets.same_weight():
+            return self.class_sets.weights[0] if self.use_prior else self.cfg.prior_loss_weight
+        weights = [self.class_sets.weights[self.instance.concept(i)] for i, _ in picks]
+        return torch.tensor(weights, device=self.acc.device)
 
     def _end_of_step(self, step: int, seconds: float) -> None:
         """After an optimizer step: LR schedule, the method's hook, loss read-back, stop, samples, checkpoints."""

@@ -28,11 +28,12 @@ def diffusion_loss(
     timesteps,
     encoder_hidden_states,
     n_instance: int,
-    prior_weight: float = 1.0,
+    prior_weight: float | torch.Tensor = 1.0,
     snr_gamma: float = 0.0,
     unet_kwargs: dict | None = None,
 ):
-    """One UNet pass over [instance; class] rows, split after: loss = mse(instance) + w * mse(class).
+    """One UNet pass over [instance; class] rows, split after: loss = mse(instance) + w * mse(class), `w` a number
+    or one weight per class row.
 
     Returns (loss, instance_loss, prior_loss or None), all 0-dim tensors.
     """
@@ -48,5 +49,7 @@ def diffusion_loss(
     instance_loss = per_sample[:n_instance].mean()
     if per_sample.shape[0] > n_instance:
         prior_loss = per_sample[n_instance:].mean()
+        if isinstance(prior_weight, torch.Tensor):  # one weight per class row (concepts with their own weights)
+            return instance_loss + (prior_weight * per_sample[n_instance:]).mean(), instance_loss, prior_loss
         return instance_loss + prior_weight * prior_loss, instance_loss, prior_loss
     return instance_loss, instance_loss, None

@@ -22,28 +22,24 @@ TIMESTEPS_PER_IMAGE = 4  # the quantile midpoints of the schedule: 125, 375, 625
 NOISE_SEED_OFFSET = 104729  # the validation noise is independent of the training noise
 
 
-def hold_out(images: ImageSet, count: int, seed: int) -> tuple[ImageSet, ImageSet]:
-    """(training images, `count` held-out images), the held-out ones a seeded pick so every run agrees."""
+def hold_out(images: ImageSet, count: int, seed: int, names: list[str] | None = None) -> tuple[ImageSet, ImageSet]:
+    """(training images, held-out images): `count` of each concept's images, a seeded pick so every run agrees.
+    `names` label the concepts in messages."""
     if count <= 0:
         return images, ImageSet([], [], [])
-    if count >= len(images):
-        raise DreamLoomError(
-            f"validation_images = {count} would hold out every one of the {len(images)} instance images, leaving "
-            "none to train on.",
-            f"Hold out at most {max(len(images) - 1, 0)} (1 or 2 is typical), or give validation_dir instead.",
-        )
-    held = set(random.Random(f"validation:{seed}").sample(range(len(images)), count))
+    held: set[int] = set()
+    for concept in sorted({images.concept(i) for i in range(len(images))}):
+        members = [i for i in range(len(images)) if images.concept(i) == concept]
+        if count >= len(members):
+            whose = f" of concept {names[concept]!r}" if names and len(names) > 1 else ""
+            raise DreamLoomError(
+                f"validation_images = {count} would hold out every one of the {len(members)} instance images{whose}, "
+                "leaving none to train on.",
+                f"Hold out at most {max(len(members) - 1, 0)} (1 or 2 is typical), or give validation_dir instead.",
+            )
+        held |= set(random.Random(f"validation:{seed}:{concept}").sample(members, count))
     keep = [i for i in range(len(images)) if i not in held]
-
-    def subset(indices, notes):
-        return ImageSet(
-            [images.images[i] for i in indices],
-            [images.captions[i] for i in indices],
-            [images.paths[i] for i in indices],
-            notes,
-        )
-
-    return subset(keep, images.warnings), subset(sorted(held), [])
+    return images.subset(keep, images.warnings), images.subset(sorted(held))
 
 
 @dataclass
@@ -53,6 +49,16 @@ class ValidationSample:
     latent: torch.Tensor  # [C, h, w], scaled
     prompt: str
     size_ids: torch.Tensor  # [6]
+
+
+def samples_from(source, prompts: list[str]) -> list[ValidationSample]:
+    """A held-out sample per image of a cached LatentSource (data/caches.py): its clean latent, unflipped."""
+    samples = []
+    for index, prompt in enumerate(prompts):
+        pick = [(index, False)]
+        latent = source.latents(pick, torch.zeros(()), [0])[0]  # eps 0: the posterior mean, scaled
+        samples.append(ValidationSample(latent.cpu(), prompt, source.size_ids(pick, [0])[0]))
+    return samples
 
 
 class ValidationLoss:

@@ -34,6 +34,8 @@ class Method:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.n_images = 1
+        self.concepts = cfg.concept_list()
+        self.concept_of: list[int] = []  # each training image's concept (set by the loop); empty: all the first
         # built once: instance_prompt runs for every row of every step
         self.captions = CaptionPolicy(cfg.caption_shuffle, cfg.caption_keep_tokens, cfg.caption_dropout, cfg.seed)
 
@@ -59,16 +61,21 @@ class Method:
         pass
 
     # -- prompts ---------------------------------------------------------------------------------------
-    def instance_prompt(self, index: int, caption: str | None, position: int) -> str:
-        """The prompt of image `index` shown at stream position `position`: its caption with the token put in
-        (data/captions.py), or the instance prompt; then the caption options (shuffle, dropout)."""
-        text = with_token(caption, self.cfg.token) if (self.cfg.use_captions and caption) else self.cfg.instance_prompt
-        return self.captions.vary(text, index, position)
+    def subject_prompt(self, caption: str | None, concept: int) -> str:
+        """A picture's caption with its concept's token put in (data/captions.py), or the concept's instance prompt."""
+        subject = self.concepts[concept]
+        return with_token(caption, subject.token) if (self.cfg.use_captions and caption) else subject.instance_prompt
 
-    def validation_prompt(self, caption: str | None) -> str:
+    def instance_prompt(self, index: int, caption: str | None, position: int) -> str:
+        """The prompt of training image `index` shown at stream position `position`: its subject prompt, then the
+        caption options (shuffle, dropout)."""
+        concept = self.concept_of[index] if self.concept_of else 0
+        return self.captions.vary(self.subject_prompt(caption, concept), index, position)
+
+    def validation_prompt(self, caption: str | None, concept: int = 0) -> str:
         """The prompt a held-out image is measured with: as in training, but never shuffled or dropped, so every
         measurement sees the same conditioning."""
-        return with_token(caption, self.cfg.token) if (self.cfg.use_captions and caption) else self.cfg.instance_prompt
+        return self.subject_prompt(caption, concept)
 
     def prompts_to_cache(self, captions: list[str | None]) -> list[str] | None:
         """Every instance prompt the run can show, when they can be encoded once; None when they cannot."""
@@ -89,8 +96,9 @@ class Method:
         prompts = (
             [self.with_token(p) for p in cfg.sample_prompts] if cfg.sample_prompts else self.default_sample_prompts()
         )
-        if cfg.class_prompt not in prompts:
-            prompts.append(cfg.class_prompt)
+        for concept in self.concepts:
+            if concept.class_prompt and concept.class_prompt not in prompts:
+                prompts.append(concept.class_prompt)
         return prompts
 
     # -- result ----------------------------------------------------------------------------------------

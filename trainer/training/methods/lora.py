@@ -79,6 +79,10 @@ class LoRAMethod(Method):
                 )
 
     def default_sample_prompts(self) -> list[str]:
+        if len(self.concepts) > 1:  # each subject as trained, and the two side by side
+            subjects = [c.instance_prompt for c in self.concepts]
+            both = " and ".join(subject_phrase(p) for p in subjects[:2])
+            return [*subjects, f"a picture of {both}"]
         subject = subject_phrase(self.cfg.instance_prompt)
         return [self.cfg.instance_prompt, f"a dress made of {subject}", f"a watercolor painting of {subject}"]
 

@@ -186,7 +186,7 @@ class TextualInversionMethod(Method):
         epoch = position // max(self.n_images, 1)
         return self.templates[(epoch + index) % len(self.templates)].format(self.phrase)
 
-    def validation_prompt(self, caption: str | None) -> str:
+    def validation_prompt(self, caption: str | None, concept: int = 0) -> str:
         if self.cfg.ti_templates == "captions" and caption:
             return with_token(caption.replace(self.cfg.placeholder_token, self.phrase), self.phrase)
         return self.templates[0].format(self.phrase)
