@@ -1,6 +1,7 @@
 """ComfyUI node classes (V1 API). Only nodes/comfy.py touches ComfyUI, and only inside functions."""
 
 from .checkpoint import EmptyLatent, LoadCheckpoint
+from .concepts import AddConcept
 from .datasets import GenerateClassImages, LoadTrainingImages
 from .grid import ImageGrid, PromptBatch
 from .loader import LoadDreamLoomLoRA
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     "DreamLoomEmptyLatent": EmptyLatent,
     "DreamLoomLoadTrainingImages": LoadTrainingImages,
     "DreamLoomGenerateClassImages": GenerateClassImages,
+    "DreamLoomAddConcept": AddConcept,
     "DreamLoomTrainingSettings": TrainingSettings,
     "DreamLoomTrainLoRA": TrainDreamBoothLoRA,
     "DreamLoomTrainTextualInversion": TrainTextualInversion,
@@ -30,6 +32,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamLoomEmptyLatent": "Empty Latent (DreamLoom)",
     "DreamLoomLoadTrainingImages": "Load Training Images (DreamLoom)",
     "DreamLoomGenerateClassImages": "Generate Class Images (DreamLoom)",
+    "DreamLoomAddConcept": "Add Concept (DreamLoom)",
     "DreamLoomTrainingSettings": "Training Settings (DreamLoom)",
     "DreamLoomTrainLoRA": "Train DreamBooth LoRA (DreamLoom)",
     "DreamLoomTrainTextualInversion": "Train Textual Inversion (DreamLoom)",

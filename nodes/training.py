@@ -51,15 +51,23 @@ def _common_inputs(method: str) -> dict:
     }
 
 
-def _config(method: str, ckpt_name, dataset, settings, base_model=None, **fields) -> TrainConfig:
+def _config(method: str, ckpt_name, dataset, settings, base_model=None, concepts=None, **fields) -> TrainConfig:
+    """The run's TrainConfig. With a concept list (Add Concept), the first concept's images set the size, crop,
+    flip and captions of all, and each concept brings its own folders and prompts."""
     base = runner.resolve_checkpoint(base_model or ckpt_name)
+    if concepts:
+        dataset = concepts[0].images
+        fields["concepts"] = [entry.as_config() for entry in concepts]
     if dataset is None:
-        raise DreamLoomError("No training images connected.", "Connect Load Training Images to instance_images.")
+        raise DreamLoomError(
+            "No training images connected.",
+            "Connect Load Training Images to instance_images (or a list of Add Concept nodes to concepts).",
+        )
     extra = dict(settings or {})
     data = dict(
         method=method,
         base_model=base,
-        instance_dir=dataset.folder,
+        instance_dir="" if concepts else dataset.folder,
         resolution=dataset.resolution or runner.native_resolution(base),
         center_crop=dataset.center_crop,
         random_flip=dataset.random_flip,
@@ -79,7 +87,15 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _run(cfg: TrainConfig, dataset, class_dataset, unique_id):
+def _data_fingerprint(dataset, concepts) -> str:
+    """What identifies the run's images: the dataset's, or every concept's images and class images."""
+    if not concepts:
+        return dataset.fingerprint
+    parts = [(e.images.fingerprint, e.class_images.fingerprint if e.class_images else "") for e in concepts]
+    return "+".join(f"{a}/{b}" for a, b in parts)
+
+
+def _run(cfg: TrainConfig, dataset, class_dataset, unique_id, concepts=None):
     from ..trainer.jobs.parent import prepare_run_dir
 
     request = {
@@ -90,7 +106,7 @@ def _run(cfg: TrainConfig, dataset, class_dataset, unique_id):
     }
     fingerprints = {
         "model": runner.model_fingerprint(cfg.base_model),
-        "data": dataset.fingerprint,
+        "data": _data_fingerprint(dataset, concepts),
         "class": class_dataset.fingerprint if class_dataset is not None else None,
     }
     run_dir = prepare_run_dir(
@@ -147,7 +163,7 @@ class TrainDreamBoothLoRA:
         common = _common_inputs("lora")
         return {
             "required": {
-                **{k: common[k] for k in ("ckpt_name", "instance_images")},
+                "ckpt_name": common["ckpt_name"],
                 "instance_prompt": string_widget(d.instance_prompt, "Prompt for your images; must contain the token."),
                 "token": string_widget(d.token, "The rare word that will mean your subject (e.g. sks)."),
                 "class_prompt": string_widget(
@@ -170,12 +186,20 @@ class TrainDreamBoothLoRA:
                 **{k: common[k] for k in ("learning_rate", "max_train_steps", "seed", "sample_every", "output_name")},
             },
             "optional": {
+                "instance_images": common["instance_images"],
                 "base_model": runner.BASE_MODEL_INPUT,
                 "class_images": (
                     "DL_DATASET",
                     {"tooltip": "Class images from Generate Class Images (otherwise they are generated here)."},
                 ),
                 "settings": ("DL_TRAIN_SETTINGS", {"tooltip": "Advanced options from DreamLoom Training Settings."}),
+                "concepts": (
+                    "DL_CONCEPTS",
+                    {
+                        "tooltip": "Several subjects from Add Concept nodes, in place of instance_images: each brings "
+                        "its images, prompts, token, class images, repeats and prior weight."
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -183,7 +207,6 @@ class TrainDreamBoothLoRA:
     def train(
         self,
         ckpt_name,
-        instance_images,
         instance_prompt,
         token,
         class_prompt,
@@ -197,19 +220,24 @@ class TrainDreamBoothLoRA:
         seed,
         sample_every,
         output_name,
+        instance_images=None,
         class_images=None,
         settings=None,
         base_model=None,
+        concepts=None,
         unique_id=None,
     ):
         from ..trainer.files.atomic import publish
 
+        if concepts:
+            class_images = None  # each concept brings its own
         cfg = _config(
             "lora",
             ckpt_name,
             instance_images,
             settings,
             base_model,
+            concepts,
             instance_prompt=instance_prompt,
             token=token,
             class_prompt=class_prompt,
@@ -224,7 +252,8 @@ class TrainDreamBoothLoRA:
             sample_every=int(sample_every),
             output_name=output_name.strip(),
         )
-        run_dir, outputs = _run(cfg, instance_images, class_images if prior_preservation else None, unique_id)
+        class_dataset = class_images if prior_preservation else None
+        run_dir, outputs = _run(cfg, instance_images, class_dataset, unique_id, concepts)
         _read_back(outputs["lora"])
         loras = comfy.folder_paths_for("loras")
         if not loras:

@@ -247,3 +247,62 @@ def test_cli_trains_two_concepts_from_a_toml_file(two_subjects, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert again.returncode == 0 and "already holds the finished result" in again.stderr
+
+
+def _add_concept(dataset, name, prompt, token, class_prompt, previous=None, **extra):
+    from conftest import pack_node
+
+    args = {**dict(num_class_images=2, repeats=1, prior_loss_weight=1.0), **extra}
+    (concepts,) = pack_node("DreamLoomAddConcept")().add(
+        dataset, name, prompt, token, class_prompt, concepts=previous, **args
+    )
+    return concepts
+
+
+def _node_datasets(subjects):
+    from conftest import pack_node
+
+    load = pack_node("DreamLoomLoadTrainingImages")().load
+    return [load(str(subjects[key]), 64, "center", False, False)[0] for key in ("fabric", "stripes")]
+
+
+def test_add_concept_nodes_give_the_training_node_a_concept_list(fake_comfy, two_subjects):
+    from conftest import pack_error, pack_module, pack_node
+
+    fabric, stripes = _node_datasets(two_subjects)
+    concepts = _add_concept(fabric, "", "a sks fabric pattern", "sks", "a fabric pattern")
+    concepts = _add_concept(stripes, "stripes", "a zwx striped cloth", "zwx", "a striped cloth", concepts, repeats=3)
+    assert len(concepts) == 2
+    runner, training = pack_module("nodes.runner"), pack_module("nodes.training")
+    cfg = training._config("lora", runner.BUILTIN_TINY, None, None, None, concepts, max_train_steps=2)
+    first, second = cfg.concept_list()
+    assert cfg.instance_dir == "" and first.instance_dir == fabric.folder and first.name == "fabric"
+    assert (second.name, second.token, second.repeats, second.num_class_images) == ("stripes", "zwx", 3, 2)
+    assert training._data_fingerprint(None, concepts) != training._data_fingerprint(None, concepts[:1])
+    clash = _add_concept(stripes, "stripes", "a dog", "zwx", "a dog photo", concepts[:1])
+    with pytest.raises(pack_error(), match="concepts\\[1\\].instance_prompt = 'a dog'"):
+        training._config("lora", runner.BUILTIN_TINY, None, None, None, clash)
+    with pytest.raises(pack_error(), match="No training images connected"):
+        training._config("lora", runner.BUILTIN_TINY, None, None, None, None)
+    inputs = pack_node("DreamLoomTrainLoRA").INPUT_TYPES()
+    assert inputs["optional"]["concepts"][0] == "DL_CONCEPTS" and "instance_images" in inputs["optional"]
+
+
+@pytest.mark.slow
+def test_lora_node_trains_two_concepts_end_to_end(fake_comfy, two_subjects):
+    from conftest import pack_module, pack_node
+    from safetensors.torch import load_file
+
+    fabric, stripes = _node_datasets(two_subjects)
+    concepts = _add_concept(fabric, "", "a sks fabric pattern", "sks", "a fabric pattern")
+    concepts = _add_concept(stripes, "", "a zwx striped cloth", "zwx", "a striped cloth", concepts)
+    out = pack_node("DreamLoomTrainLoRA")().train(
+        ckpt_name=pack_module("nodes.runner").BUILTIN_TINY, instance_prompt="ignored", token="sks", class_prompt="a",
+        prior_preservation=True, prior_loss_weight=1.0, num_class_images=2, rank=2, alpha=2.0, learning_rate=1e-3,
+        max_train_steps=2, seed=1, sample_every=0, output_name="two_concepts", concepts=concepts, unique_id="3",
+    )  # fmt: skip
+    name = out["result"][0]
+    assert load_file(str(fake_comfy.models / "loras" / name))
+    run = next((fake_comfy.root / "output" / "dreamloom" / "runs").glob("two_concepts-*"))
+    job = json.loads((run / "job.json").read_text())
+    assert [c["token"] for c in job["config"]["concepts"]] == ["sks", "zwx"] and len(job["class_dirs"]) == 2
