@@ -397,3 +397,42 @@ def test_lora_strength_parsing(lora_spec):
 
     path, strength = parse_lora_strength(lora_spec)
     assert path.endswith("a.safetensors") and strength == (0.5 if lora_spec.endswith("0.5") else 1.0)
+
+
+def test_nodes_extract_merge_resize_publish_and_refuse(tiny_files, fake_comfy):
+    import shutil
+
+    from conftest import FakeInterrupt, pack_error, pack_node
+
+    checkpoints, loras = fake_comfy.models / "checkpoints", fake_comfy.models / "loras"
+    shutil.copy(tiny_files["sd15"], checkpoints / "base.safetensors")
+    shutil.copy(tiny_files["sdxl"], checkpoints / "xl.safetensors")
+    layout = checkpoint_layout(tiny_files["sd15"])
+    names = [n for n, t in layout.targets.items() if t.attention]
+    save_file(_random_lora(layout, names, 4, 4.0, seed=9), str(loras / "style.safetensors"), SD15_META)
+    assert "style.safetensors" in pack_node("DreamLoomMergeLoRA").INPUT_TYPES()["required"]["lora_name"][0]
+
+    name, report = pack_node("DreamLoomMergeLoRA")().merge("base.safetensors", "style.safetensors", 0.5, "tuned")
+    assert name == "tuned.safetensors" and (checkpoints / name).exists() and "at strength 0.5" in report
+    name, report = pack_node("DreamLoomExtractLoRA")().extract(
+        "base.safetensors", "tuned.safetensors", 4, "attention", True, "back"
+    )
+    assert name == "back.safetensors" and f"{len(names)} modules at rank 4" in report and "back.safetensors" in report
+    for module, delta in _lora_deltas(loras / name).items():  # stored in fp16
+        torch.testing.assert_close(delta, 0.5 * _lora_deltas(loras / "style.safetensors")[module], atol=1e-3, rtol=0)
+    assert fake_comfy.progress and fake_comfy.progress[-1][0] == fake_comfy.progress[-1][1]
+
+    name, report = pack_node("DreamLoomResizeLoRA")().resize("back.safetensors", 2, 0.0, "back")
+    assert name == "back_v2.safetensors" and "at rank 2; kept" in report  # never over the existing back
+    assert load_file(str(loras / name))[f"{names[0]}.lora_down.weight"].shape[0] == 2
+
+    error = pack_error()
+    with pytest.raises(error, match=r"made for SD1\.5; the checkpoint xl\.safetensors"):
+        pack_node("DreamLoomMergeLoRA")().merge("xl.safetensors", "style.safetensors", 1.0, "bad")
+    with pytest.raises(error, match="not in the loras folder"):
+        pack_node("DreamLoomResizeLoRA")().resize("gone.safetensors", 2, 0.0, "x")
+    fake_comfy.interrupt_flag = True
+    with pytest.raises(FakeInterrupt):  # Cancel: nothing published, the scratch file removed
+        pack_node("DreamLoomResizeLoRA")().resize("style.safetensors", 2, 0.0, "stopped")
+    assert sorted(p.name for p in loras.iterdir()) == ["back.safetensors", "back_v2.safetensors", "style.safetensors"]
+    assert not any(checkpoints.glob("bad*")) and not list((fake_comfy.root / "output" / "dreamloom").iterdir())
