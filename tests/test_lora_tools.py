@@ -436,3 +436,33 @@ def test_nodes_extract_merge_resize_publish_and_refuse(tiny_files, fake_comfy):
         pack_node("DreamLoomResizeLoRA")().resize("style.safetensors", 2, 0.0, "stopped")
     assert sorted(p.name for p in loras.iterdir()) == ["back.safetensors", "back_v2.safetensors", "style.safetensors"]
     assert not any(checkpoints.glob("bad*")) and not list((fake_comfy.root / "output" / "dreamloom").iterdir())
+
+
+@pytest.mark.slow
+def test_full_size_sd15_merge_and_extract_load_offline(sd15_checkpoint, tmp_path):
+    """On a random full-size SD1.5 file: a LoRA on every attention layer (UNet and text encoder) and on a 3x3 and a
+    1x1 conv merges into real keys, extracts back at its rank, and the merged file loads through our offline
+    loader with the change in its UNet."""
+    from trainer.base_models.load import load_base_model
+
+    layout = checkpoint_layout(sd15_checkpoint)
+    names = [n for n, t in layout.targets.items() if t.attention]
+    names += ["lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_down_blocks_0_attentions_0_proj_in"]
+    lora = tmp_path / "lora.safetensors"
+    save_file(_random_lora(layout, names, 2, 2.0, seed=11), str(lora), SD15_META)
+    merged = tmp_path / "merged.safetensors"
+    merge_loras(sd15_checkpoint, [(lora, 1.0)], merged)
+    report = extract_lora(sd15_checkpoint, merged, tmp_path / "back.safetensors", 2, modules="all", precision="fp32")
+    assert {m.name for m in report.modules} == set(names) and len(names) == 128 + 48 + 2
+    assert all(m.kept > 0.999 for m in report.modules)  # fp16 rounding of the merged weights is the only loss
+    want, got = _lora_deltas(lora), _lora_deltas(tmp_path / "back.safetensors")
+    for name in names:
+        torch.testing.assert_close(got[name], want[name], atol=2e-3, rtol=0)
+
+    comps = load_base_model(str(merged))
+    weight = comps.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.float()
+    to_q = layout.targets["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
+    with safe_open(str(sd15_checkpoint), "pt") as f:
+        base = f.get_tensor(to_q.key).float()
+    delta = want["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
+    torch.testing.assert_close(weight - base, delta, atol=2e-3, rtol=0)
