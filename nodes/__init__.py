@@ -5,6 +5,7 @@ from .concepts import AddConcept
 from .datasets import GenerateClassImages, LoadTrainingImages
 from .grid import ImageGrid, PromptBatch
 from .loader import LoadDreamLoomLoRA
+from .lora_tools import ExtractLoRA, MergeLoRA, ResizeLoRA
 from .morph import RenderMorph, SaveAnimation, SlerpConditioning, SlerpNoise
 from .settings import TrainingSettings
 from .training import TrainDreamBoothLoRA, TrainTextualInversion
@@ -19,6 +20,9 @@ NODE_CLASS_MAPPINGS = {
     "DreamLoomTrainLoRA": TrainDreamBoothLoRA,
     "DreamLoomTrainTextualInversion": TrainTextualInversion,
     "DreamLoomLoadLoRA": LoadDreamLoomLoRA,
+    "DreamLoomExtractLoRA": ExtractLoRA,
+    "DreamLoomMergeLoRA": MergeLoRA,
+    "DreamLoomResizeLoRA": ResizeLoRA,
     "DreamLoomSlerpNoise": SlerpNoise,
     "DreamLoomSlerpConditioning": SlerpConditioning,
     "DreamLoomRenderMorph": RenderMorph,
@@ -37,6 +41,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamLoomTrainLoRA": "Train DreamBooth LoRA (DreamLoom)",
     "DreamLoomTrainTextualInversion": "Train Textual Inversion (DreamLoom)",
     "DreamLoomLoadLoRA": "Load DreamLoom LoRA",
+    "DreamLoomExtractLoRA": "Extract LoRA (DreamLoom)",
+    "DreamLoomMergeLoRA": "Merge LoRA into Checkpoint (DreamLoom)",
+    "DreamLoomResizeLoRA": "Resize LoRA (DreamLoom)",
     "DreamLoomSlerpNoise": "SLERP Noise (DreamLoom)",
     "DreamLoomSlerpConditioning": "SLERP Conditioning (DreamLoom)",
     "DreamLoomRenderMorph": "Render Morph (DreamLoom)",

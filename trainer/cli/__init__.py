@@ -1,4 +1,5 @@
-"""`python -m trainer <command>`: train, class-images, generate, morph, doctor, demo, bench, quality, worker."""
+"""`python -m trainer <command>`: train, class-images, generate, morph, extract-lora, merge-lora, resize-lora, doctor,
+demo, bench, quality, worker."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from .commands import (
     cmd_class_images,
     cmd_demo,
     cmd_doctor,
+    cmd_extract_lora,
     cmd_generate,
+    cmd_merge_lora,
     cmd_morph,
     cmd_pretrain_tiny,
     cmd_quality,
+    cmd_resize_lora,
     cmd_train,
     cmd_worker,
 )
@@ -95,6 +99,62 @@ def _add_morph(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="frames per pipeline call")
     p.add_argument("--out", default="morph.gif", help=".gif, .webp or .mp4")
     p.set_defaults(func=cmd_morph)
+
+
+def _add_lora_tools(sub) -> None:
+    """extract-lora, merge-lora and resize-lora: trainer/formats/lora_tools.py."""
+    share_help = (
+        "a dynamic rank: per module, the lowest rank (at most --rank) that keeps this share of its difference's "
+        "energy, e.g. 0.9"
+    )
+    precision_help = "dtype of the LoRA's weights"
+    p = sub.add_parser(
+        "extract-lora",
+        help="a LoRA holding a fine-tuned checkpoint's difference to its base (truncated SVD), with the share kept",
+    )
+    p.add_argument("--base", required=True, help="the base checkpoint (.safetensors, SD1.5 or SDXL single file)")
+    p.add_argument("--tuned", required=True, help="the fine-tuned checkpoint made from it")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (clamped to what each layer allows)")
+    p.add_argument(
+        "--modules",
+        choices=["attention", "all"],
+        default="attention",
+        help="attention: the attention projections (the trainer's LoRA targets); all: every Linear and Conv layer "
+        "(3x3 convs as LoCon)",
+    )
+    p.add_argument("--no-text-encoder", action="store_true", help="leave the text encoders out")
+    p.add_argument("--keep-share", type=float, default=None, help=share_help)
+    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16", help=precision_help)
+    p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors, kohya format)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_extract_lora)
+
+    p = sub.add_parser("merge-lora", help="a new checkpoint with LoRAs merged into its weights")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint (.safetensors, SD1.5 or SDXL single file)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        required=True,
+        metavar="FILE[:STRENGTH]",
+        help="a LoRA (kohya, diffusers or PEFT) and its strength (default 1); repeat for several",
+    )
+    p.add_argument("--out", required=True, help="the checkpoint file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser("resize-lora", help="a LoRA at a lower rank (SVD of each module), with the share kept")
+    p.add_argument("--lora", required=True, help="the LoRA (.safetensors: kohya, diffusers or PEFT)")
+    p.add_argument("--rank", type=int, required=True, help="the new rank")
+    p.add_argument("--keep-share", type=float, default=None, help=share_help)
+    p.add_argument(
+        "--precision",
+        choices=["fp16", "bf16", "fp32"],
+        default=None,
+        help=precision_help + " (default: as the input's)",
+    )
+    p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors, kohya format)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_resize_lora)
 
 
 def _add_lab_commands(sub) -> None:
@@ -212,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_class_images(sub)
     _add_generate(sub)
     _add_morph(sub)
+    _add_lora_tools(sub)
     _add_lab_commands(sub)
     p = sub.add_parser("worker", help=argparse.SUPPRESS)
     p.add_argument("job")

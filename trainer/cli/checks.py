@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import MISSING
 from pathlib import Path
@@ -288,3 +289,26 @@ def _free_sibling(run_dir: Path) -> Path:
         if not os.path.lexists(candidate):
             return candidate
     return run_dir.with_name(f"{run_dir.name}-new")
+
+
+def parse_lora_strength(spec: str) -> tuple[str, float]:
+    """'style.safetensors:0.7' -> ('style.safetensors', 0.7); without a number after the last colon (a Windows
+    drive, a plain name) the strength is 1."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and path and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?\s*", tail, re.IGNORECASE):
+        return path, float(tail)
+    return spec, 1.0
+
+
+def check_lora_tool_output(args, inputs) -> Path:
+    """--out of extract-lora, merge-lora and resize-lora: a new .safetensors file (or --overwrite), not an input."""
+    from ..files.atomic import check_new_file
+
+    out = check_output_file(args.out, "--out", SAFETENSORS_SUFFIXES)
+    return check_new_file(out, args.overwrite, "--out", inputs)
+
+
+def check_rank_args(args) -> None:
+    check_whole(args.rank, "--rank", 1, 65536)
+    if args.keep_share is not None:
+        check_number(args.keep_share, "--keep-share", 0.0, 1.0, low_open=True)

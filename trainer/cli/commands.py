@@ -13,14 +13,18 @@ from .args import _config_from_args
 from .checks import (
     check_adapter_args,
     check_base_model,
+    check_lora_tool_output,
     check_number,
     check_output_file,
     check_output_folder,
+    check_rank_args,
     check_resolution,
+    check_safetensors_file,
     check_sampling_args,
     check_train_paths,
     check_whole,
     finished_outputs,
+    parse_lora_strength,
 )
 
 
@@ -301,6 +305,92 @@ def cmd_morph(args) -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {args.out}: {len(frames)} frames, {len(frames) / args.fps:.2f} s at {args.fps:g} fps")
+    return 0
+
+
+CHECKPOINT_HINT = "Give an SD1.5 or SDXL single-file .safetensors checkpoint."
+LORA_HINT = "Give a LoRA .safetensors file (kohya, diffusers or PEFT)."
+
+
+def _tool_progress(phase: str):
+    from ..events import TqdmListener
+
+    bar = TqdmListener(phase)
+    return bar, lambda done, total: bar({"event": "progress", "phase": phase, "step": done, "total": total})
+
+
+def cmd_extract_lora(args) -> int:
+    base = check_safetensors_file(args.base, "Base checkpoint", CHECKPOINT_HINT)
+    tuned = check_safetensors_file(args.tuned, "Fine-tuned checkpoint", CHECKPOINT_HINT)
+    check_rank_args(args)
+    out = check_lora_tool_output(args, [base, tuned])
+
+    from ..formats.lora_tools import extract_lora
+
+    bar, progress = _tool_progress("extract")
+    try:
+        report = extract_lora(
+            base,
+            tuned,
+            out,
+            args.rank,
+            modules=args.modules,
+            text_encoders=not args.no_text_encoder,
+            keep_share=args.keep_share,
+            precision=args.precision,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    finally:
+        bar.close()
+    print(report.text())
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_merge_lora(args) -> int:
+    checkpoint = check_safetensors_file(args.checkpoint, "Checkpoint", CHECKPOINT_HINT)
+    loras = []
+    for spec in args.lora:
+        path, strength = parse_lora_strength(spec)
+        check_number(strength, f"--lora {spec} strength", -16.0, 16.0)
+        loras.append((check_safetensors_file(path, "LoRA file", LORA_HINT), strength))
+    out = check_lora_tool_output(args, [checkpoint, *(p for p, _ in loras)])
+
+    from ..formats.lora_tools import merge_loras
+
+    bar, progress = _tool_progress("merge")
+    try:
+        report = merge_loras(checkpoint, loras, out, overwrite=args.overwrite, progress=progress)
+    finally:
+        bar.close()
+    print(report.summary())
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_resize_lora(args) -> int:
+    lora = check_safetensors_file(args.lora, "LoRA file", LORA_HINT)
+    check_rank_args(args)
+    out = check_lora_tool_output(args, [lora])
+
+    from ..formats.lora_tools import resize_lora
+
+    bar, progress = _tool_progress("resize")
+    try:
+        report = resize_lora(
+            lora,
+            out,
+            args.rank,
+            keep_share=args.keep_share,
+            precision=args.precision,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    finally:
+        bar.close()
+    print(report.text())
+    print(f"wrote {out}")
     return 0
 
 

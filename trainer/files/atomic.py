@@ -161,3 +161,20 @@ def publish(src: str | os.PathLike, folder: str | os.PathLike, name: str, suffix
     finally:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+
+
+def check_new_file(dest: str | os.PathLike, overwrite: bool, flag: str, inputs=()) -> Path:
+    """Refuse to write `dest` where a file of that name exists (unless `overwrite`) or where it is one of the
+    `inputs` it is made from (a tool reads them while it writes)."""
+    dest = Path(dest).expanduser()
+    for source in inputs:
+        if os.path.lexists(dest) and os.path.lexists(source) and os.path.samefile(dest, source):
+            raise DreamLoomError(
+                f"{flag} {dest} is also an input of this command.", f"Give {flag} a new file name for the result."
+            )
+    if os.path.lexists(dest) and not overwrite:
+        raise DreamLoomError(
+            f"{flag} {dest} already exists; DreamLoom never overwrites a file unasked.",
+            f"Give {flag} another name, or pass --overwrite to replace it.",
+        )
+    return dest

@@ -219,6 +219,40 @@ def unet_module_to_ldm(module: str, unet_config: dict) -> str:
     return unet_key_to_ldm(module + ".weight", layers, attn_up).removesuffix(".weight")
 
 
+def ldm_unet_layout(keys) -> dict:
+    """The part of a diffusers UNet config that the LDM numbering depends on (`layers_per_block`, `up_block_types`
+    and SDXL's `addition_embed_type`), read from an LDM UNet's key names (without `model.diffusion_model.`): enough
+    for `ldm_key_to_unet` when a single file comes without its config (a fine-tune of unknown size)."""
+    inputs, downsamplers, outputs, attention_out = set(), set(), set(), set()
+    label = False
+    for key in keys:
+        label = label or key.startswith("label_emb.")
+        m = re.match(r"(input|output)_blocks\.(\d+)\.(\d+)\.(.*)", key)
+        if not m:
+            continue
+        idx, slot, tail = int(m[2]), int(m[3]), m[4]
+        if m[1] == "input":
+            inputs.add(idx)
+            if slot == 0 and tail.startswith("op."):
+                downsamplers.add(idx)
+        else:
+            outputs.add(idx)
+            if slot == 1 and not tail.startswith("conv."):  # slot 1 holds attention, or the upsampler's conv
+                attention_out.add(idx)
+    if not outputs:
+        raise ValueError("no LDM UNet keys (input_blocks / output_blocks) found")
+    layers = min(downsamplers) - 1 if downsamplers else max(inputs)
+    levels = (max(outputs) + 1) // (layers + 1)
+    attn_levels = {idx // (layers + 1) for idx in attention_out}
+    config = {
+        "layers_per_block": layers,
+        "up_block_types": ["CrossAttnUpBlock2D" if i in attn_levels else "UpBlock2D" for i in range(levels)],
+    }
+    if label:
+        config["addition_embed_type"] = "text_time"
+    return config
+
+
 def ldm_module_to_unet(path: str, unet_config: dict) -> str:
     """The inverse of `unet_module_to_ldm`: an LDM UNet module path -> the diffusers module path."""
     return ldm_key_to_unet(path + ".weight", unet_config).removesuffix(".weight")

@@ -62,15 +62,26 @@ def kohya_state_dict(unet_lora: dict, text_loras: dict | None, alpha: float, dty
     return out
 
 
+def kohya_network_metadata(family, rank, alpha, output_name: str) -> dict[str, str]:
+    """The fields every kohya LoRA file of ours has: network type, rank and alpha (kohya writes "Dynamic" where
+    modules differ), the family's kohya and modelspec names (what loaders and the family checks read), the title."""
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(alpha)) if isinstance(alpha, (int, float)) else str(alpha),
+        "ss_base_model_version": family.kohya_base_version,
+        "ss_output_name": output_name,
+        "modelspec.architecture": f"{family.modelspec_architecture}/lora",
+        "modelspec.title": output_name,
+        "dreamloom.format": "kohya",
+    }
+
+
 def kohya_metadata(cfg, step: int, comps) -> dict[str, str]:
     """kohya's ss_* fields (what A1111 and LoRA browsers show), modelspec, and ours: base model, token, config."""
     token = cfg.token
     return {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(cfg.rank),
-        "ss_network_alpha": str(float(cfg.alpha)),
-        "ss_base_model_version": comps.family.kohya_base_version,
-        "ss_output_name": cfg.output_name,
+        **kohya_network_metadata(comps.family, cfg.rank, float(cfg.alpha), cfg.output_name),
         "ss_steps": str(step),
         "ss_max_train_steps": str(cfg.max_train_steps),
         "ss_learning_rate": str(cfg.learning_rate),
@@ -79,9 +90,6 @@ def kohya_metadata(cfg, step: int, comps) -> dict[str, str]:
         "ss_seed": str(cfg.seed),
         "ss_training_comment": f"DreamLoom DreamBooth LoRA, token {token!r}",
         "ss_network_args": json.dumps({"target_modules": cfg.lora_targets}),
-        "modelspec.architecture": f"{comps.family.modelspec_architecture}/lora",
-        "modelspec.title": cfg.output_name,
-        "dreamloom.format": "kohya",
         "dreamloom.token": token,
         "dreamloom.base_model": comps.source,
         "dreamloom.base_fingerprint": comps.fingerprint,
