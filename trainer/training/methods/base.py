@@ -58,6 +58,11 @@ class Method:
     def after_optimizer_step(self, comps) -> None:
         pass
 
+    def disk_estimate(self, comps) -> dict[str, int] | None:
+        """Bytes a run writes, when they matter ({"checkpoint", "checkpoints", "result"}); None: too small to check
+        (a LoRA's or an embedding's checkpoints are megabytes)."""
+        return None
+
     # -- prompts ---------------------------------------------------------------------------------------
     def instance_prompt(self, index: int, caption: str | None, position: int) -> str:
         """The prompt of image `index` shown at stream position `position`: its caption with the token put in
