@@ -251,8 +251,10 @@ def load_builtin_finetune(path: Path, header: dict, fingerprint: str) -> Compone
     tensors = load_file(str(path))
     for part, module in {"unet": comps.unet, "vae": comps.vae, **comps.text_encoders()}.items():
         state = {k[len(part) + 1 :]: v.float() for k, v in tensors.items() if k.startswith(part + ".")}
-        if part.startswith("text_encoder"):
-            state = match_text_model_level(state, module)
+        if part.startswith("text_encoder"):  # the text model's level follows transformers; the projection has none
+            projection = {k: v for k, v in state.items() if k.startswith("text_projection.")}
+            rest = {k: v for k, v in state.items() if k not in projection}
+            state = {**match_text_model_level(rest, module), **projection}
         missing, unexpected = module.load_state_dict(state, strict=False)
         missing = [m for m in missing if not m.endswith("position_ids")]
         if missing or unexpected:
