@@ -6,7 +6,7 @@ from .grid import ImageGrid, PromptBatch
 from .loader import LoadDreamLoomLoRA
 from .morph import RenderMorph, SaveAnimation, SlerpConditioning, SlerpNoise
 from .settings import TrainingSettings
-from .training import TrainDreamBoothLoRA, TrainTextualInversion
+from .training import TrainDreamBoothFull, TrainDreamBoothLoRA, TrainTextualInversion
 
 NODE_CLASS_MAPPINGS = {
     "DreamLoomLoadCheckpoint": LoadCheckpoint,
@@ -16,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "DreamLoomTrainingSettings": TrainingSettings,
     "DreamLoomTrainLoRA": TrainDreamBoothLoRA,
     "DreamLoomTrainTextualInversion": TrainTextualInversion,
+    "DreamLoomTrainFull": TrainDreamBoothFull,
     "DreamLoomLoadLoRA": LoadDreamLoomLoRA,
     "DreamLoomSlerpNoise": SlerpNoise,
     "DreamLoomSlerpConditioning": SlerpConditioning,
@@ -33,6 +34,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamLoomTrainingSettings": "Training Settings (DreamLoom)",
     "DreamLoomTrainLoRA": "Train DreamBooth LoRA (DreamLoom)",
     "DreamLoomTrainTextualInversion": "Train Textual Inversion (DreamLoom)",
+    "DreamLoomTrainFull": "Train DreamBooth (full fine-tune) (DreamLoom)",
     "DreamLoomLoadLoRA": "Load DreamLoom LoRA",
     "DreamLoomSlerpNoise": "SLERP Noise (DreamLoom)",
     "DreamLoomSlerpConditioning": "SLERP Conditioning (DreamLoom)",

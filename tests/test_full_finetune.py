@@ -266,3 +266,45 @@ def test_a_checkpoint_that_does_not_fit_is_refused(fabric_dir):
     with_text, other = method_on_tiny(train_text_encoder=True)
     with pytest.raises(DreamLoomError, match="does not fit this full fine-tune"):
         with_text.load_trainable_state(other, state)
+
+
+def test_node_publishes_into_checkpoints_without_overwriting(fake_comfy, fabric_dir):
+    from conftest import pack_module, pack_node
+
+    (dataset, _) = pack_node("DreamLoomLoadTrainingImages")().load(str(fabric_dir), 64, "center", False, False)
+    node = pack_node("DreamLoomTrainFull")
+    spec = node.INPUT_TYPES()["required"]
+    assert spec["learning_rate"][1]["default"] == 5e-6 and spec["text_encoder_lr"][1]["default"] == 1e-6
+
+    def train(seed):  # positional, in INPUT_TYPES' order: a renamed or moved widget fails here
+        return node().train(
+            "tiny (built-in test model)",
+            dataset,
+            "a sks african fabric pattern",
+            "sks",
+            "a fabric pattern",
+            False,  # prior preservation off: the node test is about publishing
+            1.0,
+            2,
+            False,
+            1e-6,
+            False,
+            1e-4,
+            2,
+            seed,
+            0,
+            "node_full",
+            unique_id="5",
+        )["result"]
+
+    folder = fake_comfy.models / "checkpoints"
+    (folder / "node_full.safetensors").write_bytes(b"someone else's checkpoint")
+    name, loss_plot, _ = train(1)
+    assert name == "node_full_v2.safetensors" and loss_plot.ndim == 4  # a new name beside the file that was there
+    assert (folder / "node_full.safetensors").read_bytes() == b"someone else's checkpoint"
+    assert name in fake_comfy.filename_list("checkpoints")
+    # Load Checkpoint (DreamLoom) builds it as the built-in model it was trained from, tagged with its family and size
+    runner, checkpoint = pack_module("nodes.runner"), pack_module("nodes.checkpoint")
+    model, clip, vae, label = pack_node("DreamLoomLoadCheckpoint")().load(runner.BUILTIN_TINY_FABRIC, ckpt_path=name)
+    assert fake_comfy.loaded == ("builtin", str(folder / name)) and label == name
+    assert checkpoint.base_of(vae)["family"] == "SD1.5" and checkpoint.base_of(vae)["native_resolution"] == 64
