@@ -163,7 +163,7 @@ def check_adapter_args(args) -> None:
 
 
 def uses_prior(cfg: TrainConfig) -> bool:
-    return cfg.method == "lora" and cfg.with_prior_preservation and cfg.prior_loss_weight > 0
+    return cfg.method in ("lora", "full") and cfg.with_prior_preservation and cfg.prior_loss_weight > 0
 
 
 def check_train_paths(cfg: TrainConfig, args) -> Path:
