@@ -308,3 +308,72 @@ def test_node_publishes_into_checkpoints_without_overwriting(fake_comfy, fabric_
     model, clip, vae, label = pack_node("DreamLoomLoadCheckpoint")().load(runner.BUILTIN_TINY_FABRIC, ckpt_path=name)
     assert fake_comfy.loaded == ("builtin", str(folder / name)) and label == name
     assert checkpoint.base_of(vae)["family"] == "SD1.5" and checkpoint.base_of(vae)["native_resolution"] == 64
+
+
+def test_doctor_predicts_the_full_fine_tune_per_option():
+    from trainer.lab.doctor import FAMILY_SIZES, GIB, predict_memory
+
+    def peak(**kw):
+        settings = dict(method="full", resolution=512, precision="fp16", checkpointing=True)
+        settings.update(kw)
+        return predict_memory(**settings).peak
+
+    # SD1.5, fp16, gradient checkpointing, 8-bit AdamW, batch 1 + 1 prior: the Colab's ~10 GB on a T4
+    assert 9.5 < peak(use_8bit_adam=True) < 11.0
+    unet = FAMILY_SIZES["SD1.5"].unet
+    assert peak() - peak(use_8bit_adam=True) == pytest.approx(unet * 6 / GIB)  # 8 -> 2 bytes of moments
+    assert peak(use_ema=True) - peak() == pytest.approx(unet * 4 / GIB)
+    assert peak(checkpointing=False) > peak() and peak(train_text_encoder=True) > peak()
+    assert peak(resolution=768) > peak() > peak(resolution=384)
+    # a full fine-tune needs several times a LoRA's memory, and SDXL several times SD1.5's
+    assert peak() > 3 * predict_memory("lora", 512, precision="fp16", checkpointing=True).peak
+    assert peak(family="SDXL", resolution=1024) > 2.5 * peak()
+    assert predict_memory("full", 512, precision="fp16").class_images is not None  # prior preservation by default
+
+
+def test_doctor_report_recommends_8bit_adam_for_a_full_fine_tune(monkeypatch):
+    from test_doctor import fake_gpu
+
+    from trainer.lab.doctor import doctor
+
+    fake_gpu(monkeypatch, free_gib=14.0)
+    report = " ".join(doctor(method="full", mixed_precision="fp16", gradient_checkpointing="true").split())
+    assert "full fine-tune of the UNet, AdamW" in report and "predicted" in report
+    assert "does not fit: try use_8bit_adam true (predicted 10.19 GiB)" in report
+    fits = " ".join(
+        doctor(method="full", mixed_precision="fp16", gradient_checkpointing="true", use_8bit_adam=True).split()
+    )
+    assert "8-bit AdamW" in fits and "fits with" in fits
+
+
+@pytest.mark.slow
+def test_full_size_sd15_fine_tune_is_one_file_that_loads_back_tensor_by_tensor(sd15_checkpoint, tmp_path):
+    """A fine-tuned full-size SD1.5 (random weights) written in the original layout, fp16: our loader (diffusers'
+    single-file path, as for any user's checkpoint) gives back the trained UNet rounded to fp16 and the base
+    model's VAE and text encoder. About 9 GB of memory."""
+    from helpers.full_finetune import finetune_sd15
+    from trainer.files.safetensors_header import read_safetensors_header
+
+    path, tuned = finetune_sd15(sd15_checkpoint, tmp_path)
+    header = read_safetensors_header(path)
+    meta = header.pop("__metadata__")
+    base_header = read_safetensors_header(sd15_checkpoint)
+    base_header.pop("__metadata__", None)
+    assert set(header) == set(base_header)  # the original layout's keys, none missing and none extra
+    assert {v["dtype"] for v in header.values()} == {"F16"} and meta["modelspec.architecture"] == "stable-diffusion-v1"
+    expected = {k: v.half().float() for k, v in tuned.unet.state_dict().items()}
+    del tuned
+    base = load_base_model(str(sd15_checkpoint))
+    loaded = load_base_model(str(path))
+    assert loaded.family.name == "SD1.5" and meta["dreamloom.base_fingerprint"] == base.fingerprint
+    got, before = loaded.unet.state_dict(), base.unet.state_dict()
+    assert got.keys() == expected.keys()
+    moved = 0
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+        moved += not torch.equal(value, before[key])
+    assert moved == len(expected)  # every UNet tensor was trained and written
+    for name in ("vae", "text_encoder"):
+        ours, theirs = getattr(loaded, name).state_dict(), getattr(base, name).state_dict()
+        for key in theirs:
+            assert torch.equal(ours[key], theirs[key]), (name, key)
