@@ -1,7 +1,7 @@
 """A full DreamBooth fine-tune of a full-size SD1.5 (random weights), exported as one file, loads through ComfyUI's
 core checkpoint loader (comfy.sd.load_checkpoint_guess_config, what Load Checkpoint runs) as SD1.5 with no missing or
 unexpected keys, and its UNet computes what our loader's diffusers UNet computes. Runs ComfyUI's code in its own
-interpreter (COMFYUI_PATH, optional COMFYUI_PYTHON); needs about 9 GB of memory."""
+interpreter (COMFYUI_PATH, optional COMFYUI_PYTHON); needs about 11 GB of memory."""
 
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ SCRIPT = textwrap.dedent(
     args.cpu = True
     messages = []
 
-    class Keep(logging.Handler):
+    class Keep(logging.Handler):  # ComfyUI warns about missing or unexpected keys; what it expects is debug
         def emit(self, record):
-            messages.append(record.getMessage())
+            if record.levelno >= logging.WARNING:
+                messages.append(record.getMessage())
 
     logging.getLogger().addHandler(Keep())
     logging.getLogger().setLevel(logging.DEBUG)
