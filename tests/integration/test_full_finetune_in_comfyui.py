@@ -1,7 +1,8 @@
 """A full DreamBooth fine-tune of a full-size SD1.5 (random weights), exported as one file, loads through ComfyUI's
 core checkpoint loader (comfy.sd.load_checkpoint_guess_config, what Load Checkpoint runs) as SD1.5 with no missing or
-unexpected keys, and its UNet computes what our loader's diffusers UNet computes. Runs ComfyUI's code in its own
-interpreter (COMFYUI_PATH, optional COMFYUI_PYTHON); needs about 11 GB of memory."""
+unexpected keys, and its UNet computes what our loader's diffusers UNet computes (about 11 GB of memory). And the
+shipped dreambooth_full_finetune workflow, made short, runs in a real ComfyUI: the checkpoint appears in the
+checkpoints folder and samples. Runs ComfyUI's code in its own interpreter (COMFYUI_PATH, optional COMFYUI_PYTHON)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import gc
 import json
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from .comfy_server import comfyui_path, comfyui_python
+from .comfy_server import ComfyServer, comfyui_path, comfyui_python
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -83,3 +85,39 @@ def test_core_checkpoint_loader_loads_the_full_fine_tune_with_every_key(sd15_che
     assert out["model_config"] == "SD15" and out["clip"] and out["vae"], out
     assert out["problems"] == [], out["problems"]
     assert out["unet"] < 1e-4 * max(out["scale"], 1.0), out
+
+
+def test_workflow_trains_publishes_and_samples_the_checkpoint(tmp_path):
+    if comfyui_path() is None:
+        pytest.skip("COMFYUI_PATH is not set to a ComfyUI checkout")
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[2]
+    api = json.loads((root / "tests" / "workflows" / "dreambooth_full_finetune.api.json").read_text())
+    for node in api.values():  # short: 2 class images, 2 steps, 2 sampling steps
+        ct, i = node["class_type"], node["inputs"]
+        if ct == "DreamLoomGenerateClassImages":
+            i.update(count=2, steps=2)
+        elif ct == "DreamLoomTrainFull":
+            i.update(max_train_steps=2, num_class_images=2, sample_every=0, learning_rate=1e-4)
+        elif ct == "KSampler":
+            i["steps"] = 2
+    server = ComfyServer(tmp_path / "comfy").start()
+    try:
+        checkpoints = server.base / "models" / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / "sks_fabric_full.safetensors").write_bytes(b"not ours")  # never overwritten
+        entry = server.wait(server.queue_prompt(api), timeout=1800)
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+        (train_id,) = [k for k, n in api.items() if n["class_type"] == "DreamLoomTrainFull"]
+        assert (checkpoints / "sks_fabric_full.safetensors").read_bytes() == b"not ours"
+        assert (checkpoints / "sks_fabric_full_v2.safetensors").stat().st_size > 1_000_000
+        listed = server.get("/object_info/CheckpointLoaderSimple")["CheckpointLoaderSimple"]["input"]["required"]
+        assert "sks_fabric_full_v2.safetensors" in listed["ckpt_name"][0]  # in core Load Checkpoint's list
+        (save_id,) = [k for k, n in api.items() if n["class_type"] == "SaveImage"]
+        (image,) = entry["outputs"][save_id]["images"]
+        with Image.open(server.base / "output" / image["subfolder"] / image["filename"]) as picture:
+            assert picture.size == (128, 128)  # tiny-fabric's native size, sampled from the fine-tuned checkpoint
+        assert train_id in entry["outputs"]  # the training node's previews reached the editor
+    finally:
+        server.stop()
