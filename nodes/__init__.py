@@ -8,7 +8,7 @@ from .loader import LoadDreamLoomLoRA
 from .lora_tools import ExtractLoRA, MergeLoRA, ResizeLoRA
 from .morph import RenderMorph, SaveAnimation, SlerpConditioning, SlerpNoise
 from .settings import TrainingSettings
-from .training import TrainDreamBoothLoRA, TrainTextualInversion
+from .training import TrainDreamBoothFull, TrainDreamBoothLoRA, TrainTextualInversion
 
 NODE_CLASS_MAPPINGS = {
     "DreamLoomLoadCheckpoint": LoadCheckpoint,
@@ -19,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "DreamLoomTrainingSettings": TrainingSettings,
     "DreamLoomTrainLoRA": TrainDreamBoothLoRA,
     "DreamLoomTrainTextualInversion": TrainTextualInversion,
+    "DreamLoomTrainFull": TrainDreamBoothFull,
     "DreamLoomLoadLoRA": LoadDreamLoomLoRA,
     "DreamLoomExtractLoRA": ExtractLoRA,
     "DreamLoomMergeLoRA": MergeLoRA,
@@ -40,6 +41,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamLoomTrainingSettings": "Training Settings (DreamLoom)",
     "DreamLoomTrainLoRA": "Train DreamBooth LoRA (DreamLoom)",
     "DreamLoomTrainTextualInversion": "Train Textual Inversion (DreamLoom)",
+    "DreamLoomTrainFull": "Train DreamBooth (full fine-tune) (DreamLoom)",
     "DreamLoomLoadLoRA": "Load DreamLoom LoRA",
     "DreamLoomExtractLoRA": "Extract LoRA (DreamLoom)",
     "DreamLoomMergeLoRA": "Merge LoRA into Checkpoint (DreamLoom)",

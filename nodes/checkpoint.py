@@ -75,12 +75,24 @@ class LoadCheckpoint:
                     "random weights, to try SDXL workflows); pick an SD1.5 or SDXL checkpoint from "
                     "models/checkpoints for real work.",
                 ),
-            }
+            },
+            "optional": {
+                "ckpt_path": (
+                    "STRING",
+                    {
+                        "forceInput": True,
+                        "tooltip": "A checkpoint name from Train DreamBooth (full fine-tune); overrides ckpt_name.",
+                    },
+                ),
+            },
         }
 
-    def load(self, ckpt_name):
+    def load(self, ckpt_name, ckpt_path=None):
+        if ckpt_path and ckpt_path.strip():
+            ckpt_name = ckpt_path.strip()
         base_model = runner.resolve_checkpoint(ckpt_name)
-        if base_model in runner.BUILTIN_MODELS:
+        if base_model in runner.BUILTIN_MODELS or runner.builtin_finetune_base(base_model):
+            # the built-in models and their full fine-tunes: toy widths core cannot build, built from our modules
             from ..trainer.base_models.load import load_base_model
 
             model, clip, vae = comfy.load_builtin(load_base_model(base_model))

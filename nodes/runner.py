@@ -64,6 +64,19 @@ def model_family(base_model: str) -> str | None:
         return None
 
 
+def builtin_finetune_base(base_model: str) -> str | None:
+    """The built-in model a checkpoint file is a DreamLoom full fine-tune of ("tiny", ...), else None."""
+    from ..trainer.base_models.detect import builtin_base_of
+    from ..trainer.files.safetensors_header import read_safetensors_header
+
+    if base_model in BUILTIN_MODELS or not str(base_model).endswith((".safetensors", ".sft")):
+        return None
+    try:
+        return builtin_base_of(read_safetensors_header(Path(base_model)))
+    except DreamLoomError:
+        return None
+
+
 def model_fingerprint(base_model: str) -> str:
     """The base model's fingerprint as the worker will compute it (cheap: header and samples)."""
     from ..trainer.base_models.load import model_fingerprint as fingerprint

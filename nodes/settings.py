@@ -20,7 +20,7 @@ class TrainingSettings:
 
     @classmethod
     def INPUT_TYPES(cls):
-        d = TrainConfig()
+        d = TrainConfig().validate()  # the defaults resolved (text_encoder_lr: LoRA 5e-5)
         required = {
             "lr_scheduler": choice_widget(LR_SCHEDULERS, d.lr_scheduler, "Learning-rate schedule."),
             "lr_warmup_steps": int_widget(d.lr_warmup_steps, 0, 100000, "Steps of linear warm-up."),

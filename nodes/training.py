@@ -1,4 +1,5 @@
-"""Train DreamBooth LoRA and Train Textual Inversion (their advanced options: nodes/settings.py)."""
+"""Train DreamBooth LoRA, Train Textual Inversion and Train DreamBooth (full fine-tune) (their advanced options:
+nodes/settings.py)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,15 @@ def _common_inputs(method: str) -> dict:
             "minutes for SD1.5 on a CPU, more for SDXL; the run's log says how long).",
         ),
     }
+
+
+CONCEPTS_INPUT = (
+    "DL_CONCEPTS",
+    {
+        "tooltip": "Several subjects from Add Concept nodes, in place of instance_images: each brings its images, "
+        "prompt and token, class images, repeats and prior weight (the node's own prompt widgets are then unused)."
+    },
+)
 
 
 def _config(method: str, ckpt_name, dataset, settings, base_model=None, concepts=None, **fields) -> TrainConfig:
@@ -193,13 +203,7 @@ class TrainDreamBoothLoRA:
                     {"tooltip": "Class images from Generate Class Images (otherwise they are generated here)."},
                 ),
                 "settings": ("DL_TRAIN_SETTINGS", {"tooltip": "Advanced options from DreamLoom Training Settings."}),
-                "concepts": (
-                    "DL_CONCEPTS",
-                    {
-                        "tooltip": "Several subjects from Add Concept nodes, in place of instance_images: each brings "
-                        "its images, prompts, token, class images, repeats and prior weight."
-                    },
-                ),
+                "concepts": CONCEPTS_INPUT,
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -353,4 +357,148 @@ class TrainTextualInversion:
                 files_to_batch([outputs["loss_plot"]]),
                 files_to_batch(outputs.get("samples", [])),
             ),
+        )
+
+
+class TrainDreamBoothFull:
+    DESCRIPTION = (
+        "DreamBooth as the paper does it: the whole UNet (and optionally the text encoder) fine-tuned with prior "
+        "preservation, in a worker process with progress, sample previews, cancel and resume. Publishes one "
+        "checkpoint file (SD1.5/SDXL original layout, fp16 by default) into ComfyUI's checkpoints folder, where Load "
+        "Checkpoint lists it. Needs a GPU with about 10 GB for SD1.5 (fp16, gradient checkpointing, 8-bit AdamW) "
+        "and disk room for one checkpoint of about 10 GB; the run says what it needs before it starts."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING", "IMAGE", "IMAGE")
+    RETURN_NAMES = ("ckpt_name", "loss_plot", "samples")
+    OUTPUT_TOOLTIPS = (
+        "The checkpoint's file name in the checkpoints folder; connect it to ckpt_path of Load Checkpoint "
+        "(DreamLoom), or pick it in core Load Checkpoint.",
+        "Instance and prior loss per step.",
+        "The sample grids made during training, oldest first.",
+    )
+    # these widgets of the node win over the same options of a connected Training Settings (a LoRA's defaults)
+    OWN_SETTINGS = ("train_text_encoder", "text_encoder_lr")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = TrainConfig(method="full").validate()
+        common = _common_inputs("full")
+        return {
+            "required": {
+                "ckpt_name": common["ckpt_name"],
+                "instance_prompt": string_widget(d.instance_prompt, "Prompt for your images; must contain the token."),
+                "token": string_widget(d.token, "The rare word that will mean your subject (e.g. sks)."),
+                "class_prompt": string_widget(
+                    d.class_prompt,
+                    "The same description without the token; used for prior preservation and drift samples.",
+                ),
+                "prior_preservation": bool_widget(
+                    True, "Train on class images too, so the class keeps its meaning (the paper's prior loss)."
+                ),
+                "prior_loss_weight": float_widget(1.0, 0.0, 10.0, 0.05, "Weight of the class-image loss (paper: 1)."),
+                "num_class_images": int_widget(
+                    100, 1, 10000, "Class images to generate when class_images is not connected."
+                ),
+                "train_text_encoder": bool_widget(
+                    False, "Also fine-tune the text encoder(s): better likeness, more memory (about +2 GB for SD1.5)."
+                ),
+                "text_encoder_lr": float_widget(
+                    d.text_encoder_lr, 1e-8, 1.0, 1e-7, "Learning rate of the text encoder (Colab: 1e-6).", round=False
+                ),
+                "use_ema": bool_widget(
+                    False, "Keep a moving average of the weights and export it (smoother; +4 bytes per weight)."
+                ),
+                "learning_rate": float_widget(
+                    d.learning_rate,
+                    1e-8,
+                    1.0,
+                    1e-7,
+                    "UNet learning rate (paper: 5e-6; the Colab: 2e-6, or 1e-6 with the text encoder).",
+                    round=False,
+                ),
+                "max_train_steps": int_widget(800, 1, 100000, "Optimizer steps (about 100-200 per instance image)."),
+                **{k: common[k] for k in ("seed", "sample_every")},
+                "output_name": string_widget(
+                    "sks_fabric_full",
+                    "File name for the checkpoint (no folders). An existing different file is never overwritten: a "
+                    "_v2 suffix is added.",
+                ),
+            },
+            "optional": {
+                "instance_images": common["instance_images"],
+                "base_model": runner.BASE_MODEL_INPUT,
+                "class_images": (
+                    "DL_DATASET",
+                    {"tooltip": "Class images from Generate Class Images (otherwise they are generated here)."},
+                ),
+                "settings": ("DL_TRAIN_SETTINGS", {"tooltip": "Advanced options from DreamLoom Training Settings."}),
+                "concepts": CONCEPTS_INPUT,
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def train(
+        self,
+        ckpt_name,
+        instance_prompt,
+        token,
+        class_prompt,
+        prior_preservation,
+        prior_loss_weight,
+        num_class_images,
+        train_text_encoder,
+        text_encoder_lr,
+        use_ema,
+        learning_rate,
+        max_train_steps,
+        seed,
+        sample_every,
+        output_name,
+        instance_images=None,
+        class_images=None,
+        settings=None,
+        base_model=None,
+        concepts=None,
+        unique_id=None,
+    ):
+        from ..trainer.files.atomic import publish
+
+        settings = {k: v for k, v in (settings or {}).items() if k not in self.OWN_SETTINGS}
+        if concepts:
+            class_images = None  # each concept brings its own
+        cfg = _config(
+            "full",
+            ckpt_name,
+            instance_images,
+            settings,
+            base_model,
+            concepts,
+            instance_prompt=instance_prompt,
+            token=token,
+            class_prompt=class_prompt,
+            with_prior_preservation=bool(prior_preservation),
+            prior_loss_weight=float(prior_loss_weight),
+            num_class_images=int(class_images.count if class_images is not None else num_class_images),
+            train_text_encoder=bool(train_text_encoder),
+            text_encoder_lr=float(text_encoder_lr),
+            use_ema=bool(use_ema),
+            learning_rate=float(learning_rate),
+            max_train_steps=int(max_train_steps),
+            seed=int(seed),
+            sample_every=int(sample_every),
+            output_name=output_name.strip(),
+        )
+        class_dataset = class_images if prior_preservation else None
+        run_dir, outputs = _run(cfg, instance_images, class_dataset, unique_id, concepts)
+        _read_back(outputs["checkpoint"])
+        folders = comfy.folder_paths_for("checkpoints")
+        if not folders:
+            raise DreamLoomError("ComfyUI has no checkpoints folder configured.", "Check extra_model_paths.yaml.")
+        published = publish(outputs["checkpoint"], folders[0], cfg.output_name, ".safetensors")
+        return _ui_result(
+            outputs,
+            (published.name, files_to_batch([outputs["loss_plot"]]), files_to_batch(outputs.get("samples", []))),
         )

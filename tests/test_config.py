@@ -136,3 +136,20 @@ def test_builtin_resolution_table_matches_the_models():
     from trainer.config import BUILTIN_RESOLUTION
 
     assert BUILTIN_RESOLUTION == of_the_models
+
+
+def test_identity_ignores_settings_at_their_defaults():
+    """A run's identity (run folder, checkpoints, the CLI's finished-run check) is the settings not at their
+    defaults, so an option a newer version adds leaves earlier runs resumable."""
+    from trainer.config import config_identity
+    from trainer.jobs.parent import job_id
+    from trainer.training.checkpoint import train_id_for
+
+    cfg = TrainConfig(instance_dir="imgs", rank=8)
+    assert cfg.identity() == {"instance_dir": "imgs", "rank": 8}
+    older = {k: v for k, v in cfg.to_dict().items() if k not in ("validation_every", "concepts")}  # before those
+    assert config_identity(older) == cfg.identity()
+    request = {"kind": "train", "config": cfg.to_dict()}
+    assert job_id(request, {}) == job_id({"kind": "train", "config": older}, {})
+    assert job_id(request, {}) != job_id({"kind": "train", "config": {**older, "rank": 4}}, {})
+    assert train_id_for(cfg, "d", "m") != train_id_for(TrainConfig(instance_dir="imgs", rank=4), "d", "m")

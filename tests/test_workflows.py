@@ -12,12 +12,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from workflow_format import input_specs, is_widget, object_info, ui_to_api, validate_ui  # noqa: E402
 
-SD15_NAMES = ["fabric_dreambooth_lora", "fabric_textual_inversion", "fabric_explore", "fabric_morph"]
+SD15_NAMES = [
+    "fabric_dreambooth_lora",
+    "fabric_textual_inversion",
+    "fabric_explore",
+    "fabric_morph",
+    "dreambooth_full_finetune",
+]
 SDXL_NAMES = ["sdxl_dreambooth_lora", "sdxl_textual_inversion"]
 NAMES = SD15_NAMES + SDXL_NAMES
 TINY_FABRIC = "tiny-fabric (built-in 128 px fabric model)"
 TINY_SDXL = "tiny-sdxl (built-in 64 px SDXL test model)"
-BASE_MODEL_USERS = ("DreamLoomGenerateClassImages", "DreamLoomTrainLoRA", "DreamLoomTrainTextualInversion")
+BASE_MODEL_USERS = (
+    "DreamLoomGenerateClassImages",
+    "DreamLoomTrainLoRA",
+    "DreamLoomTrainTextualInversion",
+    "DreamLoomTrainFull",
+)
 # Training and class-image nodes draw their sample previews inside themselves (up to ~512 px tall) and grow.
 GROWING = BASE_MODEL_USERS
 GROWS_BELOW = 700
@@ -83,8 +94,13 @@ def test_one_loader_chooses_the_model_of_the_whole_workflow(name, info):
     ui = _ui(name)
     builtin = TINY_SDXL if name in SDXL_NAMES else TINY_FABRIC
     loaders = [n for n in ui["nodes"] if n["type"] == "DreamLoomLoadCheckpoint"]
-    assert len(loaders) == 1
-    (loader,) = loaders
+    # a second loader only loads what the workflow trained: the full fine-tune's checkpoint, by the node's output
+    trained = [n for n in loaders if _sources(ui, n, "ckpt_path") is not None]
+    for node in trained:
+        assert _sources(ui, node, "ckpt_path")[0]["type"] == "DreamLoomTrainFull"
+        assert node["widgets_values"] == [builtin]
+    (loader,) = [n for n in loaders if n not in trained]
+    renderers = [loader] + trained  # a latent and a decode use the VAE of the model that renders
     assert loader["widgets_values"] == [builtin]
     assert builtin in info["DreamLoomLoadCheckpoint"]["input"]["required"]["ckpt_name"][0]
     assert not {"CheckpointLoaderSimple", "EmptyLatentImage"} & {n["type"] for n in ui["nodes"]}
@@ -98,11 +114,11 @@ def test_one_loader_chooses_the_model_of_the_whole_workflow(name, info):
     for node in ui["nodes"]:
         if node["type"] in ("DreamLoomEmptyLatent", "DreamLoomSlerpNoise"):
             assert (_widget(node, info, "width"), _widget(node, info, "height")) == (0, 0)
-            assert _sources(ui, node, "vae") == (loader, "vae")
+            assert _sources(ui, node, "vae") in [(r, "vae") for r in renderers]
         if node["type"] in ("DreamLoomLoadTrainingImages", "DreamLoomGenerateClassImages"):
             assert _widget(node, info, "resolution") == 0
         if node["type"] in ("VAEDecode", "DreamLoomRenderMorph"):
-            assert _sources(ui, node, "vae") == (loader, "vae")
+            assert _sources(ui, node, "vae") in [(r, "vae") for r in renderers]
         if node["type"] in ("DreamLoomLoadLoRA",):
             assert _sources(ui, node, "model") == (loader, "model") and _sources(ui, node, "clip") == (loader, "clip")
     # Prompt Batch's count still sets the batch of the latent its sampler renders
@@ -118,6 +134,7 @@ def test_one_loader_chooses_the_model_of_the_whole_workflow(name, info):
             "fabric_morph": 0,
             "sdxl_dreambooth_lora": 1,
             "sdxl_textual_inversion": 1,
+            "dreambooth_full_finetune": 1,
         }[name]
     )
     # the first note says so
@@ -279,3 +296,22 @@ def test_sdxl_workflows_train_for_sdxl_and_publish_their_own_names():
         for node in api.values():
             if node["class_type"] == "KSampler":
                 assert (node["inputs"]["steps"], node["inputs"]["cfg"]) == (30, 7.0)
+
+
+def test_full_fine_tune_workflow_trains_as_the_paper_and_samples_the_result_with_core_nodes(info):
+    api = json.loads((ROOT / "tests" / "workflows" / "dreambooth_full_finetune.api.json").read_text())
+    (train_id,) = [k for k, n in api.items() if n["class_type"] == "DreamLoomTrainFull"]
+    train = api[train_id]["inputs"]
+    assert (train["learning_rate"], train["prior_loss_weight"], train["prior_preservation"]) == (5e-6, 1.0, True)
+    assert train["output_name"] == "sks_fabric_full" and train["num_class_images"] == 100
+    loaders = {k: n for k, n in api.items() if n["class_type"] == "DreamLoomLoadCheckpoint"}
+    (tuned,) = [k for k, n in loaders.items() if "ckpt_path" in n["inputs"]]
+    assert loaders[tuned]["inputs"]["ckpt_path"] == [train_id, 0]  # the published checkpoint's name
+    sampler = next(n["inputs"] for n in api.values() if n["class_type"] == "KSampler")
+    assert sampler["model"] == [tuned, 0]
+    decode = next(n["inputs"] for n in api.values() if n["class_type"] == "VAEDecode")
+    assert decode["vae"] == [tuned, 2]
+    for node in api.values():
+        if node["class_type"] == "CLIPTextEncode":
+            assert node["inputs"]["clip"] == [tuned, 1]
+    assert {"KSampler", "VAEDecode", "SaveImage", "CLIPTextEncode"} <= {n["class_type"] for n in api.values()}

@@ -27,6 +27,7 @@ SOURCES = {
     "fabric_morph": ("fabric_morph_", "demo_morph"),
     "sdxl_dreambooth_lora": ("sdxl_contexts_", None),
     "sdxl_textual_inversion": ("sdxl_ti_contexts_", None),
+    "dreambooth_full_finetune": ("full_finetune_", None),
 }
 SIZE = 512
 

@@ -65,6 +65,9 @@ SDXL_ONE_WIDGET = (
 SDXL_LORA = dict(class_images=50, steps=500, sample_every=250, output_name="sks_fabric_sdxl", cfg=7.0)
 SDXL_TI = dict(learning_rate=1e-3, steps=500, sample_every=250, output_name="sks_fabric_sdxl_ti")
 FABRIC_LORA = dict(class_images=100, steps=800, sample_every=200, output_name="sks_fabric", cfg=7.5)
+# The full fine-tune: the DreamBooth paper's learning rate and prior weight; the same class images as the LoRA
+# workflow (same prompt, count and settings: one cache serves both)
+FULL = dict(class_images=100, steps=800, sample_every=200, output_name="sks_fabric_full", learning_rate=5e-6)
 
 
 def builtin_model(info) -> str:
@@ -542,6 +545,96 @@ def sdxl_textual_inversion(info) -> dict:
     return wf.to_ui()
 
 
+def dreambooth_full_finetune(info) -> dict:
+    wf = Workflow(info)
+    run, tiny = FULL, builtin_model(info)
+    first_note(
+        wf,
+        "DreamLoom - DreamBooth full fine-tune on the fabric sample set",
+        "1. Load Training Images: 'dreamloom_fabric' is the bundled sample set (10 woven-strip fabrics).\n"
+        f"2. Generate Class Images: {run['class_images']} images of 'a fabric pattern' for prior preservation (the "
+        "same cached set the LoRA workflow uses).\n"
+        f"3. Train DreamBooth (full fine-tune): the whole UNet, as the DreamBooth paper does - learning rate "
+        f"{run['learning_rate']:g}, prior weight 1.0, {run['steps']} steps. The result is one checkpoint file "
+        "published into ComfyUI's checkpoints folder (fp16, never over another file), so core Load Checkpoint lists "
+        "it too. SD1.5 wants a GPU with about 10 GB (Training Settings: mixed precision fp16, gradient "
+        "checkpointing, 8-bit Adam) and about 10 GB of disk for the run's checkpoint; the run says what it needs.",
+        height=400,
+    )
+    base = load_checkpoint(wf, 0, CHAIN_Y, tiny)
+    images = training_images(wf, 0, CHAIN_Y + 220)
+    classes = wf.add(
+        "DreamLoomGenerateClassImages",
+        (COLUMN, CHAIN_Y),
+        {
+            "ckpt_name": tiny,
+            "class_prompt": "a fabric pattern",
+            "negative_prompt": "",
+            "count": run["class_images"],
+            "resolution": 0,
+            "steps": 25,
+            "cfg": 7.5,
+            "sampler": "dpmpp_2m",
+            "seed": 42,
+            "batch_size": 4,
+        },
+    )
+    wf.link(base, "base_model", classes, "base_model")
+    train = wf.add(
+        "DreamLoomTrainFull",
+        (2 * COLUMN, CHAIN_Y),
+        {
+            "ckpt_name": tiny,
+            "instance_prompt": "a sks african fabric pattern",
+            "token": "sks",
+            "class_prompt": "a fabric pattern",
+            "prior_preservation": True,
+            "prior_loss_weight": 1.0,
+            "num_class_images": run["class_images"],
+            "train_text_encoder": False,
+            "text_encoder_lr": 1e-6,
+            "use_ema": False,
+            "learning_rate": run["learning_rate"],
+            "max_train_steps": run["steps"],
+            "seed": 42,
+            "sample_every": run["sample_every"],
+            "output_name": run["output_name"],
+        },
+    )
+    wf.link(base, "base_model", train, "base_model")
+    wf.link(images, "dataset", train, "instance_images")
+    wf.link(classes, "class_images", train, "class_images")
+    loss = wf.add("PreviewImage", (3 * COLUMN, CHAIN_Y), title="Loss", size=PREVIEW)
+    wf.link(train, "loss_plot", loss, "images")
+    x = 4 * COLUMN + 40
+    wf.note(
+        "4. The fine-tuned checkpoint, sampled with core nodes: Load Checkpoint (DreamLoom) takes its name from the "
+        "training node (ckpt_path), so one queue trains and then renders. For an SD1.5 or SDXL base, core Load "
+        "Checkpoint loads the same file; a fine-tune of a built-in model needs DreamLoom's loader.",
+        (x, CHAIN_Y - 240),
+        (700, 180),
+    )
+    tuned = wf.add("DreamLoomLoadCheckpoint", (x, CHAIN_Y), {"ckpt_name": tiny}, title="Load the fine-tuned checkpoint")
+    wf.link(train, "ckpt_name", tuned, "ckpt_path")
+    pos, neg = encode_pair(wf, (tuned, "clip"), x, CHAIN_Y + 200, "a dress made of sks african fabric pattern")
+    latent = empty_latent(wf, (tuned, "vae"), x, CHAIN_Y + 660)
+    sampler = wf.add(
+        "KSampler",
+        (x + 360, CHAIN_Y),
+        {"seed": 42, "steps": 30, "cfg": 7.5, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0},
+    )
+    wf.link(tuned, "model", sampler, "model")
+    wf.link(pos, "CONDITIONING", sampler, "positive")
+    wf.link(neg, "CONDITIONING", sampler, "negative")
+    wf.link(latent, "latent", sampler, "latent_image")
+    decode = wf.add("VAEDecode", (x + 720, CHAIN_Y))
+    wf.link(sampler, "LATENT", decode, "samples")
+    wf.link(tuned, "vae", decode, "vae")
+    save = wf.add("SaveImage", (x + 720, CHAIN_Y + 120), {"filename_prefix": "dreamloom/full_finetune"}, size=PREVIEW)
+    wf.link(decode, "IMAGE", save, "images")
+    return wf.to_ui()
+
+
 WORKFLOWS = {
     "fabric_dreambooth_lora": fabric_dreambooth_lora,
     "fabric_textual_inversion": fabric_textual_inversion,
@@ -549,6 +642,7 @@ WORKFLOWS = {
     "fabric_morph": fabric_morph,
     "sdxl_dreambooth_lora": sdxl_dreambooth_lora,
     "sdxl_textual_inversion": sdxl_textual_inversion,
+    "dreambooth_full_finetune": dreambooth_full_finetune,
 }
 
 

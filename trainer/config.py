@@ -13,14 +13,22 @@ from typing import Any
 from .errors import DreamLoomError
 from .files.names import safe_name
 
-METHODS = ("lora", "ti")
+METHODS = ("lora", "ti", "full")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # auto: bf16 where the GPU has it, else fp16; no on a CPU
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 SAMPLERS = ("dpmpp_2m", "euler", "euler_a", "ddim", "pndm")
 TI_TEMPLATES = ("style", "object", "captions")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-DEFAULT_LR = {"lora": 1e-4, "ti": 5e-4}
+# full: the DreamBooth paper's 5e-6 (ShivamShrirao's Colab uses 2e-6, and 1e-6 when the text encoder trains too)
+DEFAULT_LR = {"lora": 1e-4, "ti": 5e-4, "full": 5e-6}
+# The text encoder's rate when it trains: a LoRA's 5e-5; the full method's whole encoder the Colab's 1e-6 (a fully
+# trained CLIP forgets words fast)
+DEFAULT_TEXT_ENCODER_LR = {"lora": 5e-5, "ti": 5e-5, "full": 1e-6}
+# Resumable checkpoints kept per run: a full fine-tune's hold the whole UNet and its optimizer state (SD1.5 about
+# 10 GB each), so only the newest is kept
+DEFAULT_CHECKPOINTS_KEEP = {"lora": 2, "ti": 2, "full": 1}
+EXPORT_PRECISIONS = ("fp16", "bf16", "fp32")
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "dreamloom"  # class images, when no folder is given
 # What one concept of a multi-concept run may set (a TOML [[concepts]] table, or the Concept node); unset keys take
 # the run's value of the same name, repeats defaults to 1.
@@ -50,7 +58,7 @@ class Concept:
 
 @dataclass
 class TrainConfig:
-    """A DreamBooth-LoRA or Textual-Inversion run. Defaults follow the fabric tutorial."""
+    """A DreamBooth-LoRA, Textual-Inversion or full DreamBooth fine-tune run. Defaults follow the fabric tutorial."""
 
     # What to train on
     method: str = "lora"
@@ -86,7 +94,7 @@ class TrainConfig:
     alpha: float = 4.0
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     train_text_encoder: bool = False
-    text_encoder_lr: float = 5e-5
+    text_encoder_lr: float | None = None  # None: the method's default (LoRA 5e-5, full 1e-6)
 
     # Textual inversion
     placeholder_token: str = "<sks-fabric>"
@@ -95,8 +103,14 @@ class TrainConfig:
     ti_templates: str = "style"
     clamp_norm: bool = False
 
+    # Full fine-tune (method "full": the whole UNet, and the text encoders with train_text_encoder)
+    use_ema: bool = False  # an exponential moving average of the trained weights, exported instead of them
+    ema_decay: float = 0.9999
+    export_precision: str = "fp16"  # the single-file checkpoint's dtype: fp16, bf16 or fp32
+    export_diffusers: bool = False  # also write the fine-tuned model as a diffusers folder
+
     # Optimisation
-    learning_rate: float | None = None  # None: the method's default (LoRA 1e-4, TI 5e-4)
+    learning_rate: float | None = None  # None: the method's default (LoRA 1e-4, TI 5e-4, full 5e-6)
     max_train_steps: int = 800
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -124,7 +138,7 @@ class TrainConfig:
     sample_seed: int = 1234
     sample_prompts: list[str] = field(default_factory=list)
     checkpoint_every: int = 100
-    checkpoints_keep: int = 2
+    checkpoints_keep: int | None = None  # None: the method's default (2; a full fine-tune's are large: 1)
     output_name: str = "sks_fabric"
 
     # Validation: held-out images measured at fixed noise and timesteps (training/validation.py)
@@ -154,6 +168,11 @@ class TrainConfig:
         self._choice("method", METHODS)
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LR[self.method]
+        if self.text_encoder_lr is None:
+            self.text_encoder_lr = DEFAULT_TEXT_ENCODER_LR[self.method]
+        if self.checkpoints_keep is None:
+            self.checkpoints_keep = DEFAULT_CHECKPOINTS_KEEP[self.method]
+        self._choice("export_precision", EXPORT_PRECISIONS)
         self._choice("mixed_precision", MIXED_PRECISION)
         self._choice("prediction_type", PREDICTION_TYPES)
         self._choice("lr_scheduler", LR_SCHEDULERS)
@@ -228,6 +247,7 @@ class TrainConfig:
             ("class_guidance", 0.0, 50.0),
             ("sample_guidance", 0.0, 50.0),
             ("caption_dropout", 0.0, 0.99),
+            ("ema_decay", 0.0, 0.999999),
         ):
             self._number(name, low, high)
         for name in ("seed", "sample_seed"):
@@ -304,6 +324,10 @@ class TrainConfig:
             )
 
     def _check_method_settings(self) -> None:
+        if self.method != "full":
+            for name in ("use_ema", "export_diffusers"):
+                if getattr(self, name):
+                    raise self._bad(name, "It applies to the full fine-tune only: use method 'full', or turn it off.")
         for i, concept in enumerate(self.concept_list()):
             self._check_concept(concept, f"concepts[{i}]" if self.concepts else "")
         if self.method == "ti":
@@ -330,7 +354,7 @@ class TrainConfig:
                     f"The instance prompt must contain the token {concept.token!r}, for example "
                     f"'a {concept.token} {concept.class_prompt.removeprefix('a ').strip() or 'fabric pattern'}'.",
                 )
-        if self.with_prior_preservation and self.method == "lora" and concept.prior_loss_weight > 0:
+        if self.with_prior_preservation and self.method in ("lora", "full") and concept.prior_loss_weight > 0:
             if concept.num_class_images == 0 and not concept.class_dir:
                 raise bad(
                     "num_class_images",
@@ -379,6 +403,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict[str, Any]:
+        """What makes this run differ from another: the settings not at their defaults (config_identity)."""
+        return config_identity(self.to_dict())
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
@@ -418,6 +446,14 @@ class TrainConfig:
         if set(data) == {"train"} and isinstance(data["train"], dict):
             data = data["train"]
         return cls.from_dict(data)
+
+
+def config_identity(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a config dict that differ from their field's default. Run folders and checkpoints are keyed by
+    this, so an option a newer DreamLoom adds, left at its default, keeps the identity of every earlier run: an
+    interrupted run still resumes and a finished one is still found after an update."""
+    defaults = TrainConfig().to_dict()
+    return {k: v for k, v in settings.items() if k not in defaults or defaults[k] != v}
 
 
 def _word_pattern(word: str) -> str:
@@ -461,7 +497,9 @@ def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
             if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                 return value.lower() in ("1", "true", "yes", "on")
             raise ValueError
-        if type_name == "int":
+        if type_name == "int | None" and value is None:
+            return None
+        if type_name in ("int", "int | None"):
             if isinstance(value, bool):
                 raise ValueError
             if isinstance(value, float) and not value.is_integer():

@@ -17,6 +17,7 @@ from ..errors import DreamLoomError
 from ..files.atomic import atomic_path
 from ..files.safetensors_header import fingerprint_file
 from .components import ASSETS, Components, load_tokenizer, match_text_model_level, state_fingerprint
+from .detect import BUILTIN_BASE_KEY, BUILTIN_FINETUNE_FORMAT, builtin_base_of
 from .sd15 import SD15, sd15_scheduler_config
 from .sdxl import SDXL, load_tokenizer_2, sdxl_scheduler_config
 
@@ -110,6 +111,7 @@ def _builtin(name: str, vae, unet, text_encoder, fingerprint: str, resolution: i
         kind="tiny",
         family=family,
         native_resolution=resolution,
+        builtin=name,
         **extra,
     ).freeze()
 
@@ -216,3 +218,50 @@ def load_tiny_fabric(path: Path):
                 "Rebuild it with `python -m trainer pretrain-tiny`.",
             )
     return vae, unet, text_encoder, meta
+
+
+BUILTIN_BUILDERS = {"tiny": build_tiny, "tiny-fabric": build_tiny_fabric, "tiny-sdxl": build_tiny_sdxl}
+
+
+def save_builtin_finetune(path: Path, base: str, state_dicts: dict, metadata: dict[str, str]) -> Path:
+    """A fine-tuned built-in model as one safetensors file (detect.py: BUILTIN_FINETUNE_FORMAT), written atomically;
+    `state_dicts` maps a Components attribute (unet, vae, text_encoder, text_encoder_2) to its state dict."""
+    from safetensors.torch import save_file
+
+    if base not in BUILTIN_BUILDERS:
+        raise ValueError(f"{base!r} is not a built-in model")
+    tensors = {
+        f"{part}.{name}": t.detach().cpu().contiguous()
+        for part, sd in state_dicts.items()
+        for name, t in sd.items()
+        if not name.endswith("position_ids")
+    }
+    meta = {**metadata, "format": BUILTIN_FINETUNE_FORMAT, BUILTIN_BASE_KEY: base}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def load_builtin_finetune(path: Path, header: dict, fingerprint: str) -> Components:
+    """A file written by save_builtin_finetune as Components: the built-in's modules with the file's weights (fp32)."""
+    from safetensors.torch import load_file
+
+    base = builtin_base_of(header)
+    comps = BUILTIN_BUILDERS[base]()
+    tensors = load_file(str(path))
+    for part, module in {"unet": comps.unet, "vae": comps.vae, **comps.text_encoders()}.items():
+        state = {k[len(part) + 1 :]: v.float() for k, v in tensors.items() if k.startswith(part + ".")}
+        if part.startswith("text_encoder"):  # the text model's level follows transformers; the projection has none
+            projection = {k: v for k, v in state.items() if k.startswith("text_projection.")}
+            rest = {k: v for k, v in state.items() if k not in projection}
+            state = {**match_text_model_level(rest, module), **projection}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not m.endswith("position_ids")]
+        if missing or unexpected:
+            raise DreamLoomError(
+                f"{Path(path).name} does not match the built-in {base} model's {part} "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}).",
+                "The file is damaged or was not written by DreamLoom's full fine-tune; train it again.",
+            )
+    comps.fingerprint, comps.source, comps.kind = fingerprint, str(path), "single_file"
+    return comps.freeze()

@@ -31,6 +31,7 @@ class Components:
     native_resolution: int = 512
     tokenizer_2: Any = None  # SDXL's second text encoder (OpenCLIP ViT-bigG) and its tokenizer; None for SD1.5
     text_encoder_2: Any = None
+    builtin: str = ""  # the built-in model whose architecture this is ("tiny", ...; also for its fine-tunes), else ""
 
     def noise_scheduler(self):
         from diffusers import DDPMScheduler

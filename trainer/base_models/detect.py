@@ -98,8 +98,28 @@ def _detect_sgm(header: dict) -> str:
     return _sdxl_unet(header, "SDXL", 320, 2048, SDXL_DEPTHS)
 
 
+# A full fine-tune of a built-in model: one safetensors file, each component under its Components attribute in
+# diffusers names (unet., vae., text_encoder., text_encoder_2.), the built-in it was trained from in the metadata
+# (written by base_models/builtin.py:save_builtin_finetune). ComfyUI's core loader cannot build the toy widths (e.g.
+# 8 GroupNorm groups), so these files load through load_base_model and Load Checkpoint (DreamLoom).
+BUILTIN_FINETUNE_FORMAT = "dreamloom-builtin-finetune-v1"
+BUILTIN_BASE_KEY = "dreamloom.builtin_base"
+BUILTIN_FINETUNE_FAMILIES = {"tiny": "SD1.5", "tiny-fabric": "SD1.5", "tiny-sdxl": "SDXL"}
+
+
+def builtin_base_of(header: dict) -> str | None:
+    """The built-in model a DreamLoom fine-tune file was trained from (from its safetensors header), else None."""
+    meta = header.get("__metadata__") or {}
+    base = meta.get(BUILTIN_BASE_KEY)
+    return base if meta.get("format") == BUILTIN_FINETUNE_FORMAT and base in BUILTIN_FINETUNE_FAMILIES else None
+
+
 def detect_family(header: dict) -> str:
-    """Name the model family of an LDM-layout checkpoint from its tensor names and shapes."""
+    """Name the model family of an LDM-layout checkpoint from its tensor names and shapes (a DreamLoom fine-tune
+    of a built-in model: its base's family, from the metadata)."""
+    base = builtin_base_of(header)
+    if base:
+        return BUILTIN_FINETUNE_FAMILIES[base]
     keys = header.keys()
 
     def shape(k):

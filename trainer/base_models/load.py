@@ -7,9 +7,16 @@ from pathlib import Path
 
 from ..errors import DreamLoomError
 from ..files.safetensors_header import read_safetensors_header
-from .builtin import TINY_FABRIC_PATH, build_tiny, build_tiny_fabric, build_tiny_sdxl, tiny_fabric_fingerprint
+from .builtin import (
+    TINY_FABRIC_PATH,
+    build_tiny,
+    build_tiny_fabric,
+    build_tiny_sdxl,
+    load_builtin_finetune,
+    tiny_fabric_fingerprint,
+)
 from .components import Components
-from .detect import detect_family
+from .detect import builtin_base_of, detect_family
 from .family import ModelFamily
 from .offline import set_offline
 from .sd15 import SD15, folder_fingerprint
@@ -121,7 +128,10 @@ def load_base_model(spec: str, dtype=None, search_dirs: list[str] | None = None)
         return family_of_folder(path).load_folder(path, dtype)
     _check_model_file(path)
     header = read_safetensors_header(path)
-    return family_of_file(path, header).load_single_file(path, header, dtype)
+    family = family_of_file(path, header)
+    if builtin_base_of(header):  # a full fine-tune of a built-in model (base_models/builtin.py)
+        return load_builtin_finetune(path, header, family.file_fingerprint(path, header))
+    return family.load_single_file(path, header, dtype)
 
 
 def model_fingerprint(spec: str, search_dirs: list[str] | None = None) -> str:

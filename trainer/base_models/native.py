@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import BUILTIN_RESOLUTION
 from ..files.safetensors_header import read_safetensors_header
-from .detect import detect_family
+from .detect import builtin_base_of, detect_family
 
 FAMILY_RESOLUTION = {"SD1.5": 512, "SDXL": 1024}
 SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
@@ -24,6 +24,10 @@ def native_resolution(spec: str) -> int:
         if path.is_dir():
             index = json.loads((path / "model_index.json").read_text())
             return FAMILY_RESOLUTION["SDXL" if index.get("_class_name") in SDXL_PIPELINES else "SD1.5"]
-        return FAMILY_RESOLUTION.get(detect_family(read_safetensors_header(path)), FAMILY_RESOLUTION["SD1.5"])
+        header = read_safetensors_header(path)
+        base = builtin_base_of(header)  # a full fine-tune of a built-in model trains at the built-in's size
+        if base:
+            return BUILTIN_RESOLUTION[base]
+        return FAMILY_RESOLUTION.get(detect_family(header), FAMILY_RESOLUTION["SD1.5"])
     except Exception:  # a missing or unreadable model is reported by the check that loads it
         return FAMILY_RESOLUTION["SD1.5"]

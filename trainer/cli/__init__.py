@@ -43,7 +43,9 @@ def _add_pipeline_flags(p: argparse.ArgumentParser, sampler_help: str = "") -> N
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a DreamBooth LoRA or a textual inversion embedding")
+    p = sub.add_parser(
+        "train", help="train a DreamBooth LoRA, a textual inversion embedding or a full DreamBooth fine-tune"
+    )
     p.add_argument("--config", help="TOML file with settings (flags override it)")
     p.add_argument(
         "--output-dir",
@@ -218,9 +220,11 @@ def _add_lab_commands(sub) -> None:
         help="sd15 or sdxl (the architecture, no file), tiny-fabric, or a checkpoint or diffusers folder path",
     )
     p.add_argument("--resolution", type=int, default=0, help="default: the model's native size (SD1.5 512, SDXL 1024)")
-    p.add_argument("--method", default="lora", choices=["lora", "ti"])
+    p.add_argument("--method", default="lora", choices=["lora", "ti", "full"])
     p.add_argument("--train-batch-size", type=int, default=1)
     p.add_argument("--train-text-encoder", action="store_true")
+    p.add_argument("--use-8bit-adam", action="store_true", help="full: 8-bit AdamW (bitsandbytes, CUDA)")
+    p.add_argument("--use-ema", action="store_true", help="full: an EMA of the weights on the GPU")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
     p.add_argument(
         "--gradient-checkpointing",

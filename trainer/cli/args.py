@@ -10,7 +10,8 @@ from ..base_models.native import native_resolution
 from ..config import TrainConfig
 
 HELP = {
-    "method": "lora (DreamBooth LoRA) or ti (textual inversion)",
+    "method": "lora (DreamBooth LoRA), ti (textual inversion) or full (DreamBooth full fine-tune: the whole UNet, "
+    "one checkpoint file)",
     "base_model": "'tiny-fabric' (built-in, pretrained), 'tiny' (random weights), an SD1.5 .safetensors "
     "checkpoint, or a diffusers folder",
     "instance_dir": "folder of 5-20 instance images (.jpg/.png/.webp, optional .txt captions)",
@@ -34,6 +35,15 @@ HELP = {
     "validation_images": "instance images held out of training and measured every validation_every steps at fixed "
     "noise and timesteps (loss.csv/png column validation_loss; a rising curve means overfitting)",
     "validation_dir": "a folder of held-out images of the subject, measured like validation_images",
+    "learning_rate": "default: the method's (LoRA 1e-4, TI 5e-4, full 5e-6: the DreamBooth paper's)",
+    "train_text_encoder": "LoRA: adapters on the text encoder(s) too; full: fine-tune the text encoder(s) too",
+    "text_encoder_lr": "the text encoder's learning rate; default LoRA 5e-5, full 1e-6 (the Colab's)",
+    "checkpoints_keep": "resumable checkpoints kept; default 2, full 1 (each holds the UNet and its optimizer state)",
+    "use_8bit_adam": "8-bit AdamW (bitsandbytes, CUDA): 6 bytes less per trained weight; what fits a full SD1.5 "
+    "fine-tune in about 10 GB",
+    "use_ema": "full: export an exponential moving average of the weights (decay ema_decay)",
+    "export_precision": "full: the checkpoint file's dtype, fp16 (half the size), bf16 or fp32",
+    "export_diffusers": "full: also write the model as a diffusers folder (result/diffusers)",
 }
 
 

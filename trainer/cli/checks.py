@@ -10,7 +10,7 @@ import sys
 from dataclasses import MISSING
 from pathlib import Path
 
-from ..config import BUILTIN_RESOLUTION, DEFAULT_CACHE_DIR, SAMPLERS, TrainConfig
+from ..config import BUILTIN_RESOLUTION, DEFAULT_CACHE_DIR, SAMPLERS, TrainConfig, config_identity
 from ..errors import DreamLoomError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -164,7 +164,7 @@ def check_adapter_args(args) -> None:
 
 
 def uses_prior(cfg: TrainConfig) -> bool:
-    return cfg.method == "lora" and cfg.with_prior_preservation and cfg.prior_loss_weight > 0
+    return cfg.method in ("lora", "full") and cfg.with_prior_preservation and cfg.prior_loss_weight > 0
 
 
 def check_train_paths(cfg: TrainConfig, args) -> Path:
@@ -211,7 +211,7 @@ def finished_outputs(run_dir: Path, cfg: TrainConfig, dataset_fingerprint: str) 
             "unreadable); training here could replace it.",
             keep_both,
         )
-    new = cfg.to_dict()
+    old, new = config_identity(old), cfg.identity()  # an option added since, at its default, is no change
     changed = sorted(k for k in set(old) | set(new) if old.get(k, MISSING) != new.get(k, MISSING))
     if job.get("dataset_fingerprint") != dataset_fingerprint:
         changed.append("the instance images")

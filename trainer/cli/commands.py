@@ -406,6 +406,8 @@ def cmd_doctor(args) -> int:
             train_text_encoder=args.train_text_encoder,
             mixed_precision=args.mixed_precision,
             gradient_checkpointing=args.gradient_checkpointing,
+            use_8bit_adam=args.use_8bit_adam,
+            use_ema=args.use_ema,
         )
     )
     return 0

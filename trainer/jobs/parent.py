@@ -66,6 +66,12 @@ def folder_fingerprint(folder: str | os.PathLike, suffixes: set[str] | None = No
 
 
 def job_id(request: dict, fingerprints: dict) -> str:
+    """The run folder's key: the request (its training settings as their identity: trainer/config.py) and the
+    fingerprints of the model and images."""
+    from ..config import config_identity
+
+    if isinstance(request.get("config"), dict):
+        request = {**request, "config": config_identity(request["config"])}
     blob = json.dumps({"request": request, "fingerprints": fingerprints}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -35,6 +35,14 @@ Fitted constants (GiB at 512 px, fp16/bf16):
     C = 0.68 for class images (4 at a time with CFG, all modules in fp16): 2.67 - 1.99 weights.
 fp32 (mixed_precision no) is extrapolated, not measured: weights x2 and activations x2.
 
+The full fine-tune (method full) uses the same activations (the UNet saves the same inputs of its layers for the
+weight gradients as a LoRA's backward needs for the input gradients) and counts every trained weight as fp32 master
+weight 4 B + gradient 4 B + AdamW's moments 8 B (bitsandbytes' 8-bit AdamW: 2 B) + EMA 4 B when on + the fp16/bf16
+copy autocast keeps of each fp32 weight during a step (2 B, not under fp32); the samples phase has no gradients
+(they are freed after each step). Predicted, not measured (no GPU run yet): SD1.5, fp16, gradient checkpointing,
+8-bit AdamW, batch 1 + 1 prior comes to about 10.2 GiB, in line with the ~10 GB the DreamBooth Colab reports on a T4
+for the same settings.
+
 SDXL uses the same model with its own sizes (p = (resolution / 1024)^2; two text encoders; UNet 2.57 B parameters,
 rank-4 LoRA 5.8 M), fitted to tests/test_cuda_sdxl.py on the same H100 (1024 px, batch 1 + 1 prior, checkpointing):
 training 6.36 GiB in bf16 and in fp16, so A = (6.36 - 4.78 UNet - 0.09 LoRA state) / 2 = 0.75 per row; a whole run
@@ -100,6 +108,10 @@ SDXL_SIZE = FamilySize(
 )
 FAMILY_SIZES = {"SD1.5": SD15_SIZE, "SDXL": SDXL_SIZE}
 TRAINABLE_BYTES = 16  # fp32 weight + gradient + AdamW's two moments
+# A full fine-tune's bytes per trained weight besides weight and gradient: AdamW's moments (8-bit: 2 B), EMA
+FULL_OPTIMIZER_BYTES = {False: 8, True: 2}
+EMA_BYTES = 4
+AUTOCAST_COPY_BYTES = 2  # autocast's fp16/bf16 copy of each fp32 weight, held while a step (or a sample) runs
 FP32_ACTIVATIONS = 2.0  # extrapolated
 ERROR = 0.25  # the model's stated accuracy
 CONTEXT_GIB = 0.75  # the CUDA context and PyTorch's cache on top of the allocated peak (README: 0.5-1 GB)
@@ -135,14 +147,17 @@ def predict_memory(
     checkpointing: bool = False,
     prior: bool | None = None,
     family: str = "SD1.5",
+    use_8bit_adam: bool = False,
+    use_ema: bool = False,
 ) -> Prediction:
     """The predicted peak of a run of an SD1.5 or SDXL model on a CUDA GPU (GiB), phase by phase; see the module
     docstring. `precision` is fp16, bf16 or no (fp32); `prior` defaults to the method's default (LoRA on, TI off);
-    `resolution` to the family's native size."""
+    `resolution` to the family's native size. `use_8bit_adam` and `use_ema` change the full fine-tune only (a
+    LoRA's optimizer state is a few MB)."""
     size = FAMILY_SIZES[family]
     if prior is None:
-        prior = method == "lora"
-    prior = prior and method == "lora"
+        prior = method in ("lora", "full")
+    prior = prior and method in ("lora", "full")
     weight_bytes = 4 if precision == "no" else 2
     act = FP32_ACTIVATIONS if precision == "no" else 1.0
     p = ((resolution or size.resolution) / size.resolution) ** 2
@@ -152,6 +167,8 @@ def predict_memory(
     vae_train = size.vae * (4 if precision == "fp16" else weight_bytes) / GIB  # fp16's VAE stays fp32
     vae_class = size.vae * weight_bytes / GIB  # class images run every module in the training dtype
     text_trains = method == "ti" or train_text_encoder
+    if method == "full":
+        return _predict_full(size, precision, p, rows, checkpointing, text_trains, use_8bit_adam, use_ema, prior)
     if method == "ti":
         trainable = size.ti_row
     else:
@@ -163,6 +180,61 @@ def predict_memory(
     samples = unet + text + vae_train + state + size.samples_gib * p * act
     class_images = unet + text + vae_class + size.class_images_gib * p * act if prior else None
     return Prediction(training, samples, class_images)
+
+
+def _predict_full(size, precision, p, rows, checkpointing, text_trains, use_8bit_adam, use_ema, prior) -> Prediction:
+    """predict_memory for the full fine-tune: every trained weight in fp32 with its gradient, optimizer state,
+    EMA and autocast copy (see the module docstring)."""
+    weight_bytes = 4 if precision == "no" else 2
+    act = FP32_ACTIVATIONS if precision == "no" else 1.0
+    trained = size.unet + (size.text_encoders if text_trains else 0.0)
+    kept = 4 + FULL_OPTIMIZER_BYTES[use_8bit_adam] + (EMA_BYTES if use_ema else 0)  # between steps too
+    copy = 0 if precision == "no" else AUTOCAST_COPY_BYTES
+    frozen_text = 0.0 if text_trains else size.text_encoders * weight_bytes / GIB
+    vae = size.vae * (4 if precision == "fp16" else weight_bytes) / GIB
+    training = trained * (kept + 4 + copy) / GIB + rows * size.row_gib[checkpointing] * p * act
+    if text_trains:
+        training += rows * size.text_row_gib * act
+    samples = trained * (kept + copy) / GIB + frozen_text + vae + size.samples_gib * p * act
+    class_images = None
+    if prior:  # made before training starts, with every module in the training dtype
+        class_images = (
+            size.unet + size.text_encoders + size.vae
+        ) * weight_bytes / GIB + size.class_images_gib * p * act
+    return Prediction(training, samples, class_images)
+
+
+def full_finetune_table(family: str = "SD1.5", resolution: int | None = None) -> list[dict]:
+    """The full fine-tune's predicted peak (GiB) for every precision, checkpointing, optimizer, EMA and text-encoder
+    choice, batch 1 + 1 prior: the README's table."""
+    rows = []
+    for precision in ("fp16", "bf16", "no"):
+        for checkpointing in (True, False):
+            for adam8 in (True, False):
+                for ema in (False, True):
+                    for text in (False, True):
+                        pred = predict_memory(
+                            "full",
+                            resolution,
+                            1,
+                            text,
+                            precision,
+                            checkpointing,
+                            family=family,
+                            use_8bit_adam=adam8,
+                            use_ema=ema,
+                        )
+                        rows.append(
+                            dict(
+                                precision=precision,
+                                checkpointing=checkpointing,
+                                use_8bit_adam=adam8,
+                                use_ema=ema,
+                                train_text_encoder=text,
+                                peak=round(pred.peak, 2),
+                            )
+                        )
+    return rows
 
 
 def predict_ram(method, resolution, batch_size, train_text_encoder, precision, checkpointing, family="SD1.5") -> float:
@@ -285,8 +357,8 @@ def _parse_checkpointing(value) -> bool | None:
 
 
 def _check_arguments(method, resolution, batch_size, mixed_precision) -> None:
-    if method not in ("lora", "ti"):
-        raise DreamLoomError(f"Invalid method {method!r}.", "Use lora or ti.")
+    if method not in ("lora", "ti", "full"):
+        raise DreamLoomError(f"Invalid method {method!r}.", "Use lora, ti or full.")
     if mixed_precision not in ("auto", *PRECISIONS):
         raise DreamLoomError(f"Invalid mixed_precision {mixed_precision!r}.", "Use auto, no, fp16 or bf16.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -310,6 +382,8 @@ def _suggestion(settings: dict, free: float, bf16: bool) -> str:
     s = dict(settings)
     changes = []
     steps = []
+    if s["method"] == "full" and not s.get("use_8bit_adam"):  # 6 bytes less per trained weight
+        steps.append(("use_8bit_adam", True, "use_8bit_adam true"))
     if s["precision"] == "no":
         steps.append(("precision", "bf16" if bf16 else "fp16", f"mixed_precision {'bf16' if bf16 else 'fp16'}"))
     if not s["checkpointing"]:
@@ -339,7 +413,9 @@ def _table(args: dict, chosen: tuple[str, bool], device: _Device) -> list[str]:
             notes = []
             if (precision, ckpt) == chosen:
                 notes.append("<- chosen")
-            if precision == "no" or (args["family"] == "SDXL" and not ckpt):
+            if args["method"] == "full":
+                notes.append("predicted")
+            elif precision == "no" or (args["family"] == "SDXL" and not ckpt):
                 notes.append("extrapolated")
             if precision == "bf16" and device.kind == "cuda" and not device.bf16:
                 notes.append("no bf16 on this GPU")
@@ -357,6 +433,8 @@ def doctor(
     train_text_encoder: bool = False,
     mixed_precision: str = "auto",
     gradient_checkpointing="auto",
+    use_8bit_adam: bool = False,
+    use_ema: bool = False,
 ) -> str:
     """A plain-text report: versions, device, the settings DreamLoom would choose and the predicted peak memory.
 
@@ -373,9 +451,13 @@ def doctor(
     out += [f"  {name:<13} {value}" for name, value in _versions()]
     out += ["", "Device"] + [f"  {line}" for line in device.lines]
 
-    prior = method == "lora"
+    prior = method in ("lora", "full")
     rows = batch_size * (2 if prior else 1)
     what = f"LoRA rank 4{' + text-encoder LoRA' if train_text_encoder else ''}" if method == "lora" else "TI"
+    if method == "full":
+        optimizer = "8-bit AdamW" if use_8bit_adam else "AdamW"
+        what = f"full fine-tune of the UNet{' and text encoder(s)' if train_text_encoder else ''}, {optimizer}"
+        what += ", EMA" if use_ema else ""
     plural = "s" if batch_size > 1 else ""
     batch = f"batch {batch_size} + {batch_size} prior image{plural}" if prior else f"batch {batch_size}"
     out += ["", "Run", f"  model: {model_text}"]
@@ -409,6 +491,8 @@ def doctor(
         batch_size=batch_size,
         train_text_encoder=train_text_encoder,
         family=family,
+        use_8bit_adam=use_8bit_adam,
+        use_ema=use_ema,
     )
     where = "" if device.kind == "cuda" else ", on a GPU"
     out.append(
@@ -450,5 +534,13 @@ def doctor(
             out.append("  fp16 training is not supported on the CPU: use mixed_precision no (or bf16) here.")
         if available is not None and ram > available:
             out.append("  That is more than is available: lower the resolution or batch size, or use a GPU.")
+    if method == "full":
+        saved = FAMILY_SIZES[family].unet * (FULL_OPTIMIZER_BYTES[False] - FULL_OPTIMIZER_BYTES[True]) / GIB
+        out += _wrap(
+            f"Full fine-tune: every UNet weight trains in fp32 with its gradient and optimizer state. On CUDA turn "
+            f"use_8bit_adam on (bitsandbytes; {saved:.1f} GiB less for {family}: what fits SD1.5 in about 10 GiB with "
+            "fp16 and gradient checkpointing); use_ema adds 4 bytes per weight. No full fine-tune has been measured "
+            "on a GPU yet: these rows are predicted."
+        )
     out += _wrap(HINT)
     return "\n".join(out)

@@ -27,7 +27,7 @@ _STEP_DIR = re.compile(r"^step_(\d{5,})$")
 def train_id_for(cfg, dataset_fingerprint: str, model_fingerprint: str) -> str:
     """The identity a checkpoint must match to be resumed: settings, images and base model."""
     blob = json.dumps(
-        {"config": cfg.to_dict(), "data": dataset_fingerprint, "model": model_fingerprint}, sort_keys=True
+        {"config": cfg.identity(), "data": dataset_fingerprint, "model": model_fingerprint}, sort_keys=True
     ).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 

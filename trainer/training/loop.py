@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,14 @@ from ..events import Events
 from ..files.atomic import atomic_save, atomic_write_text
 from ..inference.pipelines import generate, make_pipeline
 from ..pictures.grid import labelled_grid
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, train_id_for, versions
+from .checkpoint import (
+    checkpoints_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    train_id_for,
+    versions,
+)
 from .loss import diffusion_loss
 from .loss_log import LossLog
 from .methods import make_method
@@ -103,6 +111,7 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         self.set_up()
+        self.check_disk_space()
         self.place_on_device()
         self.build_caches()
         self.build_optimizer()
@@ -125,7 +134,8 @@ class Trainer:
                 f"Out of GPU memory at step {step}: {err}",
                 "Use mixed_precision fp16 or bf16 (auto does), turn on gradient_checkpointing (SD1.5 512 px LoRA: "
                 "3.9 -> 3.1 GiB), lower the resolution or batch size, or close other GPU programs. 8-bit AdamW "
-                "saves almost nothing for a LoRA (its optimizer state is a few MB).",
+                "saves almost nothing for a LoRA (its optimizer state is a few MB), but 6 bytes per weight for a "
+                "full fine-tune (SD1.5: 5.2 GB): turn use_8bit_adam on there.",
             ) from None
         return self.finish()
 
@@ -239,6 +249,30 @@ class Trainer:
             names = ", ".join(Path(p).name for p in held.paths)
             self.events.log(f"validation: {len(held)} held-out image(s) ({names}), every {cfg.validation_every} steps")
         return training, held
+
+    def check_disk_space(self) -> None:
+        """A full fine-tune's checkpoints hold every trained weight and its optimizer state (SD1.5: about 10 GB
+        each): the log says what the run will write, and a disk without room refuses the run before it starts."""
+        estimate = self.method.disk_estimate(self.comps)
+        if estimate is None or not self.acc.is_main_process:
+            return
+        folder = checkpoints_dir(self.run_dir)
+        present = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+        needed = max(0, estimate["checkpoints"] + estimate["result"] - present)  # a resumed run reuses its room
+        free = shutil.disk_usage(self.run_dir).free
+        keep = self.cfg.checkpoints_keep
+        what = (
+            f"{_gb(needed)}: {keep + 1} checkpoint(s) of {_gb(estimate['checkpoint'])} at once (checkpoints_keep "
+            f"{keep}, plus the next while it is written) and a result of {_gb(estimate['result'])}"
+        )
+        self.events.log(f"disk: this run needs about {what}; {_gb(free)} free in {self.run_dir}")
+        if free < needed:
+            raise DreamLoomError(
+                f"Not enough disk space for this run in {self.run_dir}: it needs about {what}, and {_gb(free)} "
+                "is free.",
+                "Free some space, choose an output folder on a larger disk, or write fewer bytes: checkpoints_keep 1, "
+                "use_8bit_adam (CUDA), use_ema off, export_diffusers off, export_precision fp16.",
+            )
 
     def place_on_device(self) -> None:
         """The VAE and text encoders now; the UNet once the caches are built (build_caches)."""
@@ -551,7 +585,7 @@ class Trainer:
         if self.acc.is_main_process:
             result_dir = self.run_dir / "result"
             result_dir.mkdir(exist_ok=True)
-            outputs = self.method.export(self.comps, result_dir, final)
+            outputs = self._export(result_dir, final)
             self._write_loss()
             outputs["loss_plot"] = str(self.run_dir / "loss.png")
             outputs["loss_csv"] = str(self.run_dir / "loss.csv")
@@ -562,6 +596,13 @@ class Trainer:
         return TrainResult(self.run_dir, final, outputs, self.resumed_from, self.loss_log.rows)
 
     # -- helpers ------------------------------------------------------------------------------------------
+    def _export(self, result_dir: Path, step: int) -> dict:
+        """The method's files; a CPU run's parked VAE and text encoder come back first (a full fine-tune writes
+        them into its checkpoint file)."""
+        if self.parked is not None:
+            self.parked.restore()
+        return self.method.export(self.comps, result_dir, step)
+
     def _stop_requested(self) -> bool:
         """The main process decides, so every rank of a distributed run stops at the same step."""
         stop = bool(self.should_stop())
@@ -645,6 +686,10 @@ class Trainer:
             # a grid costs minutes for SD1.5 on a CPU: the log says how long, so a user can weigh sample_every
             self.events.emit("sample", step=step, path=str(path), seconds=round(time.perf_counter() - started, 1))
         acc.wait_for_everyone()
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, **kwargs) -> TrainResult:

@@ -141,11 +141,10 @@ def skip_lora_input_casts(module: torch.nn.Module) -> int:
 
 
 def enable_checkpointing(comps, text_encoder_too: bool) -> None:
-    """Gradient checkpointing on the UNet, and on the text encoder when it trains (transformers 5 renamed the
-    switch activation_checkpointing_enable; older versions only have gradient_checkpointing_enable)."""
+    """Gradient checkpointing on the UNet, and on every text encoder when they train (SDXL: both; transformers 5
+    renamed the switch activation_checkpointing_enable; older versions only have gradient_checkpointing_enable)."""
     comps.unet.enable_gradient_checkpointing()
-    if text_encoder_too:
-        te = comps.text_encoder
+    for te in comps.text_encoders().values() if text_encoder_too else ():
         enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
         enable()
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from ...config import TrainConfig
 from ...errors import DreamLoomError
 from .base import Method
+from .full import FullFineTuneMethod
 from .lora import LoRAMethod
 from .ti import TextualInversionMethod
 
-METHODS: dict[str, type[Method]] = {"lora": LoRAMethod, "ti": TextualInversionMethod}
+METHODS: dict[str, type[Method]] = {"lora": LoRAMethod, "ti": TextualInversionMethod, "full": FullFineTuneMethod}
 
 
 def make_method(cfg: TrainConfig) -> Method:

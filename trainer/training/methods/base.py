@@ -60,6 +60,11 @@ class Method:
     def after_optimizer_step(self, comps) -> None:
         pass
 
+    def disk_estimate(self, comps) -> dict[str, int] | None:
+        """Bytes a run writes, when they matter ({"checkpoint", "checkpoints", "result"}); None: too small to check
+        (a LoRA's or an embedding's checkpoints are megabytes)."""
+        return None
+
     # -- prompts ---------------------------------------------------------------------------------------
     def subject_prompt(self, caption: str | None, concept: int) -> str:
         """A picture's caption with its concept's token put in (data/captions.py), or the concept's instance prompt."""
