@@ -42,8 +42,14 @@ class TrainConfig:
     caption_keep_tokens: int = 1
     caption_dropout: float = 0.0  # probability of an empty prompt (trains the unconditional case)
     resolution: int = 512
-    center_crop: bool = True
+    center_crop: bool = True  # the fit crop (buckets) or the square crop (no buckets): centred, else random
     random_flip: bool = False
+    aspect_buckets: bool = True  # images keep their shape: buckets of about resolution² pixels
+    bucket_step: int = 64  # bucket sides are multiples of this
+    max_aspect: float = 2.0  # longest / shortest side of a bucket; wider images are cropped to it
+    masked_loss: bool = False  # weight the loss by <stem>_mask.png (white = learn, black = ignore)
+    mask_from_alpha: bool = False  # with masked_loss: an image's alpha channel where it has no mask file
+    unmasked_weight: float = 0.0  # the loss weight where a mask is black
 
     # Prior preservation
     with_prior_preservation: bool = True
@@ -154,6 +160,10 @@ class TrainConfig:
         self._whole("resolution", 64, 2048)
         if self.resolution % 8:
             raise self._bad("resolution", f"Use a multiple of 8, for example {self.resolution // 8 * 8 or 64}.")
+        self._whole("bucket_step", 8, 512)
+        if self.bucket_step % 8:
+            example = self.bucket_step // 8 * 8 or 64
+            raise self._bad("bucket_step", f"Use a multiple of 8 (a VAE latent cell), for example {example}.")
         for name, low, high in (
             ("max_train_steps", 1, 1_000_000),
             ("train_batch_size", 1, 64),
@@ -184,6 +194,8 @@ class TrainConfig:
             ("class_guidance", 0.0, 50.0),
             ("sample_guidance", 0.0, 50.0),
             ("caption_dropout", 0.0, 0.99),
+            ("max_aspect", 1.0, 8.0),
+            ("unmasked_weight", 0.0, 1.0),
         ):
             self._number(name, low, high)
         for name in ("seed", "sample_seed"):

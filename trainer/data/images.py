@@ -33,6 +33,7 @@ class ImageSet:
     captions: list[str | None]
     paths: list[str]
     warnings: list[str] = field(default_factory=list)
+    masks: list | None = None  # per image a PIL "L" mask (white = learn) or None; None: masks not read
 
     def __len__(self) -> int:
         return len(self.images)

@@ -21,6 +21,7 @@ from .. import cpu_malloc
 from ..base_models.load import load_base_model
 from ..config import DEFAULT_CACHE_DIR, TrainConfig
 from ..data.batches import CLASS_STREAM_SEED_OFFSET, BatchLayout
+from ..data.buckets import plan_buckets
 from ..data.caches import LatentSource, PromptEmbeddings
 from ..data.class_images import prepare_class_images
 from ..data.images import ImageSet, load_image_folder
@@ -201,6 +202,21 @@ class Trainer:
             self.events.log(
                 "random crop is on, so latents are encoded every step (the latent cache needs center crop)", "warning"
             )
+        self.layout = BatchLayout(cfg.train_batch_size, self.acc.num_processes, self.acc.process_index, self.use_prior)
+        self.buckets = plan_buckets(
+            [im.size for im in self.instance.images],
+            self.instance.paths,
+            cfg.resolution,
+            cfg.bucket_step,
+            cfg.max_aspect,
+            self.layout.global_instances,
+            enabled=cfg.aspect_buckets,
+        )
+        self.entries = list(range(len(self.instance)))  # image indices the stream shows (one may repeat)
+        if cfg.aspect_buckets:
+            self.events.log("aspect-ratio buckets (width x height: images): " + self.buckets.table())
+        for note in self.buckets.notes:
+            self.events.log(note, "warning")
         self.instance_latents = LatentSource(
             comps.vae,
             self.instance.images,
@@ -210,9 +226,12 @@ class Trainer:
             cache=cfg.cache_latents and cfg.center_crop,
             device=device,
             seed=cfg.seed,
+            bucket_of=self.buckets.bucket_of,
+            masks=self.instance.masks if cfg.masked_loss else None,
+            unmasked_weight=cfg.unmasked_weight,
         )
         self.class_latents = None
-        if self.use_prior:
+        if self.use_prior:  # at every bucket in use: a batch's class rows take its instance rows' shape
             self.class_latents = LatentSource(
                 comps.vae,
                 self.class_images,
@@ -222,6 +241,7 @@ class Trainer:
                 cache=cfg.cache_latents,
                 device=device,
                 seed=cfg.seed + 1,
+                buckets=self.buckets.buckets,
             )
         cached = self.method.prompts_to_cache(self.instance.captions)
         if cached is not None and self.use_prior:
@@ -229,10 +249,6 @@ class Trainer:
         self.prompt_embeddings = PromptEmbeddings(comps, device, self.weight_dtype, cached)
         self._offload_cached_modules()
         place_trainable_module(comps.unet, device, self.weight_dtype)
-        vae_cfg = comps.vae.config
-        side = cfg.resolution // (2 ** (len(vae_cfg.block_out_channels) - 1))
-        self.latent_shape = (vae_cfg.latent_channels, side, side)
-        self.layout = BatchLayout(cfg.train_batch_size, self.acc.num_processes, self.acc.process_index, self.use_prior)
 
     def _offload_cached_modules(self) -> None:
         """Put away the VAE (all latents cached) and a frozen text encoder (all prompts cached), which the steps
@@ -348,32 +364,34 @@ class Trainer:
         cfg, layout, device, dtype = self.cfg, self.layout, self.acc.device, self.weight_dtype
         k = (step - 1) * cfg.gradient_accumulation_steps + micro  # global micro-batch index
         with self.phase("data"):
+            bucket, picks = layout.instance_batch(cfg.seed, self.entries, self.buckets.bucket_of, k)
+            shape = self.instance_latents.latent_shape(bucket)  # every row of the micro-batch: one bucket
             # The randomness of every row of the global micro-batch, drawn in the same order on every process.
             n_rows = layout.rows
-            eps = torch.randn((n_rows, *self.latent_shape), generator=self.noise_gen)
-            noise = torch.randn((n_rows, *self.latent_shape), generator=self.noise_gen)
+            eps = torch.randn((n_rows, *shape), generator=self.noise_gen)
+            noise = torch.randn((n_rows, *shape), generator=self.noise_gen)
             if cfg.noise_offset:
-                offset = torch.randn((n_rows, self.latent_shape[0], 1, 1), generator=self.noise_gen)
+                offset = torch.randn((n_rows, shape[0], 1, 1), generator=self.noise_gen)
                 noise = noise + cfg.noise_offset * offset
             timesteps = torch.randint(
                 0, self.noise_scheduler.config.num_train_timesteps, (n_rows,), generator=self.noise_gen
             )
             positions = layout.positions(k)
-            picks = layout.picks(cfg.seed, len(self.instance), k)
             latents = self.instance_latents.latents(
-                picks, to_device(eps[layout.own_instance_rows()], device), positions
+                picks, to_device(eps[layout.own_instance_rows()], device), positions, bucket
             )
-            size_ids = self.instance_latents.size_ids(picks, positions)
+            size_ids = self.instance_latents.size_ids(picks, positions, bucket)
+            weights = self.instance_latents.weights(picks, positions, bucket)
             prompts = [
                 self.method.instance_prompt(i, self.instance.captions[i], pos) for (i, _), pos in zip(picks, positions)
             ]
             if self.use_prior:
                 class_picks = layout.picks(cfg.seed + CLASS_STREAM_SEED_OFFSET, len(self.class_images), k)
                 class_latents = self.class_latents.latents(
-                    class_picks, to_device(eps[layout.own_class_rows()], device), positions
+                    class_picks, to_device(eps[layout.own_class_rows()], device), positions, bucket
                 )
                 latents = torch.cat([latents, class_latents])
-                size_ids = torch.cat([size_ids, self.class_latents.size_ids(class_picks, positions)])
+                size_ids = torch.cat([size_ids, self.class_latents.size_ids(class_picks, positions, bucket)])
                 prompts += [cfg.class_prompt] * len(class_picks)
         own = layout.own_rows()
         text_encoders = {name: self.wrapped[name] for name in self.comps.text_encoders() if name in self.wrapped}
@@ -397,6 +415,7 @@ class Trainer:
                         prior_weight=cfg.prior_loss_weight,
                         snr_gamma=cfg.snr_gamma,
                         unet_kwargs=unet_kwargs,
+                        instance_weights=None if weights is None else to_device(weights, device),
                     )
             with self.phase("backward"):
                 self.acc.backward(losses[0])
