@@ -29,7 +29,9 @@ def cmd_train(args) -> int:
     run_dir = check_train_paths(cfg, args)
     from ..data.images import load_image_folder  # PIL only: bad images are reported before torch is imported
 
-    instance = load_image_folder(cfg.instance_dir, cfg.resolution, cfg.use_captions)
+    instance = load_image_folder(
+        cfg.instance_dir, cfg.resolution, cfg.use_captions, cfg.masked_loss, cfg.mask_from_alpha
+    )
     done = finished_outputs(run_dir, cfg, instance.fingerprint())
     if done is not None:
         print(

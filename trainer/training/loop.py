@@ -157,7 +157,9 @@ class Trainer:
         prediction = self.comps.scheduler_config.get("prediction_type", "epsilon")
         self.settings["prediction_type"] = f"{prediction} ({'set' if cfg.prediction_type != 'auto' else 'auto'})"
         events.log("settings: " + "; ".join(f"{k} {v}" for k, v in self.settings.items()))
-        self.instance = self.instance or load_image_folder(cfg.instance_dir, cfg.resolution, cfg.use_captions)
+        self.instance = self.instance or load_image_folder(
+            cfg.instance_dir, cfg.resolution, cfg.use_captions, cfg.masked_loss, cfg.mask_from_alpha
+        )
         for note in self.instance.warnings:
             events.log(note, level="warning")
 
