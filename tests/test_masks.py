@@ -155,3 +155,29 @@ def test_the_trainer_weights_the_loss_by_the_mask_at_latent_size(tmp_path, monke
         assert torch.all(learn == 1.0) and torch.allclose(ignore, torch.full_like(ignore, 0.1))  # the floor
         flips.append(flip)
     assert set(flips) == {False, True}  # the mask is mirrored with its image
+
+
+def test_load_training_images_takes_a_mask_input(fake_comfy):
+    from conftest import pack_error, pack_node
+
+    node = pack_node("DreamLoomLoadTrainingImages")()
+    images = torch.rand((3, 48, 64, 3))
+    mask = torch.zeros((3, 48, 64))
+    mask[:, :, :32] = 1.0  # ComfyUI's MASK: 1 = learn (the mask editor paints 1)
+    ds, _ = node.load("ignored", 64, "center", False, False, images=images, mask=mask)
+    assert ds.masked_loss and ds.aspect_buckets and not ds.mask_from_alpha
+    loaded = load_image_folder(ds.folder, 64, masks=True)
+    assert len(loaded) == 3 and all(m is not None for m in loaded.masks)
+    arr = np.asarray(loaded.masks[2])
+    assert arr[:, :32].min() == 255 and arr[:, 32:].max() == 0
+    one_for_all, _ = node.load("ignored", 64, "center", False, False, images=images, mask=mask[:1])
+    assert one_for_all.folder == ds.folder  # the same masks: the same content-addressed folder
+    plain, _ = node.load("ignored", 64, "center", False, False, False, "off", images=images)
+    assert not plain.masked_loss and not plain.aspect_buckets and plain.folder != ds.folder
+    Err = pack_error()
+    with pytest.raises(Err, match="mask is 32x24 pixels .* but the images are 64x48"):
+        node.load("ignored", 64, "center", False, False, images=images, mask=torch.ones((3, 24, 32)))
+    with pytest.raises(Err, match="2 masks for 3 images"):
+        node.load("ignored", 64, "center", False, False, images=images, mask=torch.ones((2, 48, 64)))
+    with pytest.raises(Err, match="no IMAGE batch"):
+        node.load("dreamloom_fabric", 64, "center", False, False, mask=mask)
