@@ -31,7 +31,8 @@ def test_bucket_table_has_equal_areas_and_3_2_images_get_3_2_buckets():
     assert (1024, 1024) in sizes
     for w, h in sizes:
         assert w % 64 == 0 and h % 64 == 0 and w * h <= 1024 * 1024 and max(w, h) / min(w, h) <= 2.0
-        assert w * (h + 64) > 1024 * 1024  # as close to the area as the step allows
+        assert w * (h + 64) > 1024 * 1024 or (w + 64) * h > 1024 * 1024  # as close as the step allows
+        assert (h, w) in sizes  # portrait and landscape alike
     assert nearest_bucket(3000, 2000, sizes) == (1216, 832)  # SDXL's 3:2 size
     assert nearest_bucket(2000, 3000, sizes) == (832, 1216)
     assert nearest_bucket(4000, 4000, sizes) == (1024, 1024)

@@ -15,7 +15,8 @@ NOTED_CROP = 0.15
 
 def bucket_sizes(resolution: int, step: int, max_aspect: float) -> list[Bucket]:
     """Every (width, height), multiples of `step`, of area at most resolution² and as close to it as the step
-    allows (for each width the tallest height that fits), with longest/shortest side <= max_aspect; sorted by
+    allows (for each width the tallest height that fits, and the same turned on its side), with longest/shortest
+    side <= max_aspect; sorted by
     aspect ratio (width / height). The square resolution x resolution is always one of them, so square images
     train exactly as without buckets."""
     area = resolution * resolution
@@ -25,7 +26,7 @@ def bucket_sizes(resolution: int, step: int, max_aspect: float) -> list[Bucket]:
         if height < step:
             break
         if max(width, height) / min(width, height) <= max_aspect + 1e-9:
-            sizes.add((width, height))
+            sizes.update({(width, height), (height, width)})  # a portrait twin for every landscape size
     return sorted(sizes, key=lambda b: b[0] / b[1])
 
 
