@@ -27,6 +27,12 @@ class TrainingImages:
     random_flip: bool
     count: int
     fingerprint: str
+    aspect_buckets: bool = True
+    masked_loss: bool = False
+    mask_from_alpha: bool = False
+
+
+MASK_CHOICES = ["off", "mask files", "mask files or alpha"]
 
 
 def resolve_folder(folder: str) -> Path:
@@ -45,15 +51,39 @@ def resolve_folder(folder: str) -> Path:
     return path
 
 
-def _save_batch(images, captions: str) -> Path:
-    """Save an IMAGE batch (and one caption per line) as PNGs in a content-addressed folder."""
+def _mask_arrays(mask, images):
+    """ComfyUI MASK [B, H, W] (or [H, W]) floats, 1 = learn -> uint8 [N, H, W], one per image of the batch."""
+    import numpy as np
+
+    arr = mask.detach().cpu().float().clamp(0, 1).numpy()
+    arr = arr[None] if arr.ndim == 2 else arr
+    n, height, width = images.shape[0], images.shape[1], images.shape[2]
+    if arr.ndim != 3 or arr.shape[1:] != (height, width):
+        raise DreamLoomError(
+            f"The mask is {'x'.join(map(str, arr.shape[::-1][:2]))} pixels (width x height) but the images are "
+            f"{width}x{height}.",
+            "Connect a MASK made from the same images (the same size), e.g. from Load Image or the mask editor.",
+        )
+    if arr.shape[0] not in (1, n):
+        raise DreamLoomError(
+            f"The MASK batch has {arr.shape[0]} masks for {n} images.", "Give one mask per image, or one for all."
+        )
+    arr = np.broadcast_to(arr, (n, height, width))
+    return (arr * 255.0 + 0.5).astype(np.uint8)
+
+
+def _save_batch(images, captions: str, mask=None) -> Path:
+    """Save an IMAGE batch (one caption per line, and a MASK as <name>_mask.png) as PNGs in a content-addressed
+    folder."""
     from PIL import Image
 
     from ..trainer.files.atomic import atomic_save
 
     arr = batch_to_uint8(images)
+    masks = _mask_arrays(mask, images) if mask is not None else None
     lines = [ln.strip() for ln in captions.splitlines()] if captions else []
-    digest = hashlib.sha256(arr.tobytes() + "\n".join(lines).encode()).hexdigest()[:16]
+    blob = arr.tobytes() + "\n".join(lines).encode() + (b"mask" + masks.tobytes() if masks is not None else b"")
+    digest = hashlib.sha256(blob).hexdigest()[:16]
     folder = Path(comfy.dreamloom_directory()) / "datasets" / digest
     folder.mkdir(parents=True, exist_ok=True)
     for i, a in enumerate(arr):
@@ -65,6 +95,9 @@ def _save_batch(images, captions: str) -> Path:
             )
         if i < len(lines) and lines[i]:
             (folder / f"image_{i:03d}.txt").write_text(lines[i], encoding="utf-8")
+        mask_path = folder / f"image_{i:03d}_mask.png"
+        if masks is not None and not mask_path.exists():
+            atomic_save(mask_path, lambda tmp, m=masks[i]: Image.fromarray(m, "L").save(tmp, format="PNG"))
     return folder
 
 
@@ -99,7 +132,8 @@ class LoadTrainingImages:
                 "crop": choice_widget(
                     ["center", "random"],
                     "center",
-                    "Centre crop (latents are cached, faster) or a random crop every step.",
+                    "Where the crop sits: centred (latents are cached, faster) or random every step. With buckets "
+                    "on it is only the few pixels that fit an image to its bucket; off, the square crop.",
                 ),
                 "flip": bool_widget(
                     False, "Randomly mirror images left-right (good for patterns, bad for text or logos)."
@@ -109,10 +143,30 @@ class LoadTrainingImages:
                     "Use each image's .txt caption as its prompt instead of the instance prompt. '{token}' in a "
                     "caption becomes the token; a caption without the token gets it in front.",
                 ),
+                "aspect_buckets": bool_widget(
+                    True,
+                    "Keep each image's shape: portrait and landscape photos train uncropped at sizes of about "
+                    "resolution x resolution pixels (aspect-ratio buckets, 64 px steps). Off: centre-cropped "
+                    "squares.",
+                ),
+                "masked_loss": choice_widget(
+                    MASK_CHOICES,
+                    "off",
+                    "Learn only where a mask is white: <name>_mask.png beside each image (white = learn, black = "
+                    "ignore, grey = partly), or the image's transparency for cut-outs. A MASK input turns it on.",
+                ),
             },
             "optional": {
                 "images": ("IMAGE", {"tooltip": "An IMAGE batch to train on instead of the folder."}),
                 "captions": string_widget("", "One caption per line for the IMAGE batch (optional).", multiline=True),
+                "mask": (
+                    "MASK",
+                    {
+                        "tooltip": "Masks for the IMAGE batch (1 = learn, 0 = ignore; one per image or one for "
+                        "all); turns masked loss on. Load Image's mask is 1 where a picture is transparent: for a "
+                        "cut-out, put Invert Mask in between."
+                    },
+                ),
             },
         }
 
@@ -126,15 +180,38 @@ class LoadTrainingImages:
         except Exception:  # noqa: BLE001 - let execution report the real error
             return float("nan")
 
-    def load(self, folder, resolution, crop, flip, use_captions, images=None, captions=""):
+    def load(
+        self,
+        folder,
+        resolution,
+        crop,
+        flip,
+        use_captions,
+        aspect_buckets=True,
+        masked_loss="off",
+        images=None,
+        captions="",
+        mask=None,
+    ):
         from ..trainer.data.images import list_image_files, load_image_folder
         from ..trainer.jobs.parent import folder_fingerprint
 
-        path = _save_batch(images, captions) if images is not None else resolve_folder(folder)
+        if mask is not None and images is None:
+            raise DreamLoomError(
+                "A MASK is connected but no IMAGE batch: the mask belongs to the images input.",
+                "Connect the images too; for a folder, put <name>_mask.png beside each image and pick masked_loss "
+                "'mask files'.",
+            )
+        if masked_loss not in MASK_CHOICES:
+            raise DreamLoomError(f"Unknown masked_loss {masked_loss!r}.", f"Use one of {', '.join(MASK_CHOICES)}.")
+        masked = mask is not None or masked_loss != "off"
+        from_alpha = masked_loss == "mask files or alpha"
+        path = _save_batch(images, captions, mask) if images is not None else resolve_folder(folder)
         # with 0 the native size is the training node's to know (the model is connected there, not here); this node
         # only checks the files and previews them, at most 512 px
         check_size = int(resolution) or runner.SD15_RESOLUTION
-        loaded = load_image_folder(path, check_size, use_captions)  # every bad file is reported here, early
+        # every bad file (and mask) is reported here, early
+        loaded = load_image_folder(path, check_size, use_captions, masks=masked, mask_from_alpha=from_alpha)
         dataset = TrainingImages(
             str(path),
             bool(use_captions or (images is not None and bool(captions.strip()))),
@@ -143,6 +220,9 @@ class LoadTrainingImages:
             bool(flip),
             len(loaded),
             folder_fingerprint(path),
+            bool(aspect_buckets),
+            masked,
+            from_alpha,
         )
         preview = files_to_batch(list_image_files(path), square=min(check_size, runner.PREVIEW_MAX_PX))
         return (dataset, preview)

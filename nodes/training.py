@@ -82,6 +82,9 @@ def _config(method: str, ckpt_name, dataset, settings, base_model=None, concepts
         center_crop=dataset.center_crop,
         random_flip=dataset.random_flip,
         use_captions=dataset.use_captions,
+        aspect_buckets=getattr(dataset, "aspect_buckets", True),  # a link made before buckets: their default
+        masked_loss=getattr(dataset, "masked_loss", False),
+        mask_from_alpha=getattr(dataset, "mask_from_alpha", False),
         checkpoint_every=100,
         **fields,
     )

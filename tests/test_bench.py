@@ -328,3 +328,17 @@ def test_bench_cli_passes_precision_and_checkpointing_to_every_contender(monkeyp
     assert seen["cfg_overrides"] == {"mixed_precision": "bf16", "gradient_checkpointing": True}
     assert main(["bench", "--json", str(tmp_path / "c.json")]) == 0
     assert seen["cfg_overrides"] == {"mixed_precision": "auto", "gradient_checkpointing": False}
+
+
+@pytest.mark.slow
+def test_bench_compare_buckets_runs_buckets_against_the_same_images_square(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    B.bench("tiny", steps=1, warmup=1, repeats=1, morph=False, out=str(out), malloc="tuned", compare_buckets=True)
+    saved = json.loads(out.read_text())
+    assert list(saved["contenders"]) == ["ours", "square"] and set(saved["ratios"]) == {"ours/square"}
+    assert saved["buckets"] == {
+        "ours": "48x80: 3 images, 64x64: 3 images, 80x48: 4 images",  # portrait 2:3, square, landscape 3:2
+        "square": "64x64: 10 images",
+    }
+    assert saved["ratios"]["ours/square"]["step_time"] > 0
+    assert "ours/square" in capsys.readouterr().out

@@ -147,9 +147,9 @@ class RecordingTrainer(Trainer):
         latents, embed = self.class_latents.latents, self.prompt_embeddings.__call__
         last = {}
 
-        def class_latents(picks, eps, positions):
+        def class_latents(picks, *args):
             last["class"] = list(picks)
-            return latents(picks, eps, positions)
+            return latents(picks, *args)
 
         def prompt_embeddings(prompts, text_encoders=None):
             self.seen.append((last.pop("class"), list(prompts)))

@@ -90,7 +90,7 @@ def load_checkpoint(wf: Workflow, x: int, y: int, model: str | None = None) -> i
 
 def training_images(wf: Workflow, x: int, y: int) -> int:
     images = wf.add("DreamLoomLoadTrainingImages", (x, y), {"folder": "dreamloom_fabric", "resolution": 0})
-    preview = wf.add("PreviewImage", (x, y + 340), title="Training images", size=PREVIEW)
+    preview = wf.add("PreviewImage", (x, y + 400), title="Training images", size=PREVIEW)
     wf.link(images, "preview", preview, "images")
     return images
 

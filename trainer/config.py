@@ -71,11 +71,17 @@ class TrainConfig:
     caption_keep_tokens: int = 1
     caption_dropout: float = 0.0  # probability of an empty prompt (trains the unconditional case)
     resolution: int = 512
-    center_crop: bool = True
+    center_crop: bool = True  # the fit crop (buckets) or the square crop (no buckets): centred, else random
     random_flip: bool = False
     # Several subjects in one run (the seed Colab's concepts_list): each a dict of CONCEPT_KEYS; empty: the one
     # concept the fields above describe.
     concepts: list[dict] = field(default_factory=list)
+    aspect_buckets: bool = True  # images keep their shape: buckets of about resolution² pixels
+    bucket_step: int = 0  # bucket sides are multiples of this; 0: an eighth of the resolution, at most 64
+    max_aspect: float = 2.0  # longest / shortest side of a bucket; wider images are cropped to it
+    masked_loss: bool = False  # weight the loss by <stem>_mask.png (white = learn, black = ignore)
+    mask_from_alpha: bool = False  # with masked_loss: an image's alpha channel where it has no mask file
+    unmasked_weight: float = 0.0  # the loss weight where a mask is black
 
     # Prior preservation
     with_prior_preservation: bool = True
@@ -150,6 +156,13 @@ class TrainConfig:
     def lora_scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def bucket_pixels(self) -> int:
+        """The bucket step in pixels: bucket_step, or for 0 an eighth of the resolution in multiples of 8, at most 64
+        (kohya's 64 at SD1.5 and SDXL sizes; 16 for the 128 px built-in model, whose buckets a 64 px step would
+        leave square only)."""
+        return self.bucket_step or min(64, max(8, self.resolution // 64 * 8))
+
     def concept_list(self) -> list[Concept]:
         """The run's concepts, every value resolved: `concepts`, or the one the top-level fields describe."""
         top = {k: getattr(self, k) for k in CONCEPT_KEYS if k not in ("name", "repeats")}
@@ -215,6 +228,10 @@ class TrainConfig:
         self._whole("resolution", 64, 2048)
         if self.resolution % 8:
             raise self._bad("resolution", f"Use a multiple of 8, for example {self.resolution // 8 * 8 or 64}.")
+        self._whole("bucket_step", 0, 512)
+        if self.bucket_step % 8 or 0 < self.bucket_step < 8:
+            example = self.bucket_step // 8 * 8 or 64
+            raise self._bad("bucket_step", f"Use a multiple of 8 (a VAE latent cell), for example {example}.")
         for name, low, high in (
             ("max_train_steps", 1, 1_000_000),
             ("train_batch_size", 1, 64),
@@ -248,6 +265,8 @@ class TrainConfig:
             ("sample_guidance", 0.0, 50.0),
             ("caption_dropout", 0.0, 0.99),
             ("ema_decay", 0.0, 0.999999),
+            ("max_aspect", 1.0, 8.0),
+            ("unmasked_weight", 0.0, 1.0),
         ):
             self._number(name, low, high)
         for name in ("seed", "sample_seed"):

@@ -29,6 +29,7 @@ OUR_NODES = [
     "DreamLoomTrainingSettings",
     "DreamLoomTrainLoRA",
     "DreamLoomTrainTextualInversion",
+    "DreamLoomAddConcept",
     "DreamLoomLoadLoRA",
 ]
 
@@ -65,15 +66,17 @@ def settings(**overrides):
     return {"class_type": "DreamLoomTrainingSettings", "inputs": s}
 
 
-def images_node():
+def images_node(folder="dreamloom_fabric"):
     return {
         "class_type": "DreamLoomLoadTrainingImages",
         "inputs": {
-            "folder": "dreamloom_fabric",
+            "folder": folder,
             "resolution": 64,
             "crop": "center",
             "flip": False,
             "use_captions": False,
+            "aspect_buckets": True,
+            "masked_loss": "off",
         },
     }
 
@@ -344,3 +347,52 @@ def test_slerp_noise_with_sampler_custom_advanced_writes_looping_gif(server):
         assert im.is_animated and im.n_frames >= 2
     # Frame 4 is keyframe 1 (seed 42): the same result as ComfyUI's own RandomNoise for seed 42.
     assert torch.allclose(latent(server, "morphlat")[4], latent(server, "single42")[0], atol=1e-4)
+
+
+def concept_node(images, name, prompt, token, class_prompt, previous=None):
+    inputs = {
+        "images": [images, 0],
+        "name": name,
+        "instance_prompt": prompt,
+        "token": token,
+        "class_prompt": class_prompt,
+        "num_class_images": 2,
+        "repeats": 1,
+        "prior_loss_weight": 1.0,
+    }
+    if previous:
+        inputs["concepts"] = [previous, 0]
+    return {"class_type": "DreamLoomAddConcept", "inputs": inputs}
+
+
+def test_two_concepts_train_in_one_run(server):
+    """Two Add Concept nodes (the fabric set and a landscape-shaped stripes set, each with its own token and class
+    prompt) feed Train DreamBooth LoRA on the built-in tiny model; the run trains both, with their own class images."""
+    import numpy as np
+    from PIL import Image
+
+    stripes = server.base / "input" / "itest_stripes"
+    stripes.mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        arr = np.full((64, 96, 3), 30, np.uint8)  # 3:2 landscape pictures: trained at their own bucket
+        arr[(np.arange(64) // (3 + i)) % 2 == 0] = (200, 40, 40)
+        Image.fromarray(arr).save(stripes / f"stripes_{i}.png")
+    train = lora_train_graph("itest_concepts", 2, settings())["3"]
+    inputs = {k: v for k, v in train["inputs"].items() if k != "instance_images"}
+    inputs.update(ckpt_name="tiny (built-in test model)", concepts=["6", 0])
+    graph = {
+        "1": images_node(),
+        "2": settings(),
+        "4": images_node("itest_stripes"),
+        "5": concept_node("1", "fabric", "a sks african fabric pattern", "sks", "a fabric pattern"),
+        "6": concept_node("4", "stripes", "a zwx striped cloth", "zwx", "a striped cloth", previous="5"),
+        "3": {"class_type": "DreamLoomTrainLoRA", "inputs": inputs},
+    }
+    run_ok(server, graph)
+    assert (server.base / "models" / "loras" / "itest_concepts.safetensors").exists()
+    run = next((server.base / "output" / "dreamloom" / "runs").glob("itest_concepts-*"))
+    job = json.loads((run / "job.json").read_text())
+    assert [c["token"] for c in job["config"]["concepts"]] == ["sks", "zwx"] and len(job["class_dirs"]) == 2
+    log = (run / "events.jsonl").read_text()
+    assert "concepts: 'fabric': 10 images x 1" in log and "'stripes': 3 images x 1" in log
+    assert "80x48: 3 images" in log  # the 3:2 pictures keep (nearly) their shape: the 64 px model's 5:3 bucket

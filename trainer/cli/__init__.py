@@ -207,7 +207,13 @@ def _add_lab_commands(sub) -> None:
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="every contender with gradient checkpointing")
     p.add_argument("--json", default="bench.json", help="where to write the JSON result")
-    p.add_argument("--run-one", choices=["prepare", "ours", "tutorial", "unet"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--compare-buckets",
+        action="store_true",
+        help="instead: ours on images of mixed shapes (landscape, portrait, square) at their aspect-ratio buckets "
+        "against the same images centre-cropped square, both with cached latents",
+    )
+    p.add_argument("--run-one", choices=["prepare", "ours", "tutorial", "unet", "square"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
 

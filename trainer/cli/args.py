@@ -25,6 +25,17 @@ HELP = {
     "concepts": "several subjects in one run: best as [[concepts]] tables in a --config TOML file (keys: name, "
     "instance_dir, instance_prompt, token, class_prompt, class_dir, num_class_images, repeats, prior_loss_weight), or "
     "a JSON list of objects",
+    "resolution": "training size: the square's side, and with aspect buckets the area (resolution² pixels) each keeps",
+    "center_crop": "centred crop (false: random each step, latents encoded every step); with buckets only the few "
+    "pixels that fit an image to its bucket, without them the square crop",
+    "aspect_buckets": "images keep their shape, each at the bucket (width x height, about resolution² pixels) "
+    "nearest its aspect ratio; false: centre-cropped squares",
+    "bucket_step": "bucket sides are multiples of this (a multiple of 8); 0: an eighth of the resolution, at most 64 "
+    "(64 for SD1.5 and SDXL, 16 for tiny-fabric)",
+    "max_aspect": "longest / shortest side of a bucket; wider images are cropped to it",
+    "masked_loss": "weight the loss by <name>_mask.png beside each image (white = learn, black = ignore)",
+    "mask_from_alpha": "with masked_loss: an image without a mask file uses its alpha channel",
+    "unmasked_weight": "the loss weight where a mask is black (0-1)",
     "alpha": "LoRA alpha; the LoRA scale is alpha/rank and is stored in the file",
     "max_train_steps": "number of optimizer updates",
     "sample_every": "make a sample grid every N steps, and at the start and the end (0: no samples at all)",

@@ -445,6 +445,7 @@ def cmd_bench(args) -> int:
         compile_unet=args.compile,
         malloc=args.malloc,
         compare_diffusers=args.compare_diffusers,
+        compare_buckets=args.compare_buckets,
         cfg_overrides={
             "mixed_precision": args.mixed_precision,
             "gradient_checkpointing": args.gradient_checkpointing,

@@ -17,12 +17,16 @@ from .images import ImageSet, load_image_folder
 
 def load_concept_images(cfg: TrainConfig) -> ImageSet:
     """Every concept's images, concept by concept, each image tagged with its concept's index."""
+
+    def load(folder):
+        return load_image_folder(folder, cfg.resolution, cfg.use_captions, cfg.masked_loss, cfg.mask_from_alpha)
+
     if not cfg.concepts:
-        return load_image_folder(cfg.instance_dir, cfg.resolution, cfg.use_captions)
-    images, captions, paths, notes, concept_of = [], [], [], [], []
+        return load(cfg.instance_dir)
+    images, captions, paths, notes, concept_of, masks = [], [], [], [], [], []
     for index, concept in enumerate(cfg.concept_list()):
         try:
-            part = load_image_folder(concept.instance_dir, cfg.resolution, cfg.use_captions)
+            part = load(concept.instance_dir)
         except DreamLoomError as err:
             raise DreamLoomError(f"Concept {concept.name!r}: {err.message}", err.hint) from None
         images += part.images
@@ -30,7 +34,8 @@ def load_concept_images(cfg: TrainConfig) -> ImageSet:
         paths += part.paths
         notes += [f"concept {concept.name!r}: {note}" for note in part.warnings]
         concept_of += [index] * len(part)
-    return ImageSet(images, captions, paths, notes, concept_of)
+        masks += part.masks if part.masks is not None else [None] * len(part)
+    return ImageSet(images, captions, paths, notes, concept_of, masks if cfg.masked_loss else None)
 
 
 def epoch_entries(images: ImageSet, concepts: list[Concept]) -> list[int]:

@@ -34,6 +34,7 @@ class ImageSet:
     paths: list[str]
     warnings: list[str] = field(default_factory=list)
     concept_of: list[int] = field(default_factory=list)  # each image's concept (data/concepts.py); empty: all 0
+    masks: list | None = None  # per image a PIL "L" mask (white = learn) or None; None: masks not read
 
     def __len__(self) -> int:
         return len(self.images)
@@ -42,13 +43,14 @@ class ImageSet:
         return self.concept_of[index] if self.concept_of else 0
 
     def subset(self, indices: list[int], warnings: list[str] | None = None) -> ImageSet:
-        """The images at `indices`, in that order, with their captions, paths and concepts."""
+        """The images at `indices`, in that order, with their captions, paths, concepts and masks."""
         return ImageSet(
             [self.images[i] for i in indices],
             [self.captions[i] for i in indices],
             [self.paths[i] for i in indices],
             list(warnings or []),
             [self.concept(i) for i in indices] if self.concept_of else [],
+            [self.masks[i] for i in indices] if self.masks is not None else None,
         )
 
     def fingerprint(self) -> str:
@@ -60,6 +62,9 @@ class ImageSet:
             h.update((cap or "").encode())
             if self.concept(i):
                 h.update(f"concept {self.concept(i)}".encode())
+            mask = self.masks[i] if self.masks else None
+            if mask is not None:  # a set without masks keeps the fingerprint it had before masks existed
+                h.update(b"mask" + mask.tobytes())
         return h.hexdigest()[:16]
 
 
@@ -80,7 +85,24 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
             "Check that the folder exists and that you may read it.",
         ) from None
     files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
-    return sorted(files, key=lambda p: p.name.lower())
+    masks = set(mask_files(files).values())
+    return sorted((p for p in files if p not in masks), key=lambda p: p.name.lower())
+
+
+MASK_SUFFIXES = ("_mask", "-masklabel")  # <stem>_mask.png, and OneTrainer's <stem>-masklabel.png
+
+
+def mask_files(files: list[Path]) -> dict[Path, Path]:
+    """Image -> its mask file among `files`: <stem>_mask.png or <stem>-masklabel.png beside an image <stem>.*"""
+    by_name = {p.name.lower(): p for p in files}
+    found = {}
+    for image in files:
+        for suffix in MASK_SUFFIXES:
+            mask = by_name.get(f"{image.stem}{suffix}.png".lower())
+            if mask is not None and mask != image:
+                found[image] = mask
+                break
+    return found
 
 
 def unsupported_image_files(folder: str | os.PathLike) -> list[Path]:
@@ -114,14 +136,42 @@ def skipped_files_warning(skipped: list[Path]) -> str:
 
 def load_rgb(path: str | os.PathLike):
     """Decode one image to 8-bit RGB: EXIF orientation, alpha over white, 16-bit/CMYK/palette/greyscale."""
+    return to_rgb(open_image(path))
+
+
+def open_image(path: str | os.PathLike):
+    """Decode one image as stored (its own mode), turned upright by its EXIF orientation."""
     from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
             im.load()
-            im = ImageOps.exif_transpose(im)
-    return to_rgb(im)
+            return ImageOps.exif_transpose(im)
+
+
+def alpha_of(im):
+    """The alpha channel of a decoded image as an "L" picture, or None where it has no transparency."""
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("RGB", "L") and "transparency" in im.info):
+        return im.convert("RGBA").getchannel("A")
+    return None
+
+
+def read_mask(path: Path, image_size: tuple[int, int], image_name: str) -> tuple:
+    """(the mask as an "L" picture, problem or None): white = learn, black = ignore, grey = a weight."""
+    mask = open_image(path)
+    if mask.mode in ("RGBA", "LA", "PA", "P"):
+        mask = to_rgb(mask)
+    mask = mask.convert("L")
+    if mask.size != image_size:
+        return None, (
+            f"{path.name} is {mask.size[0]}x{mask.size[1]} but its image {image_name} is "
+            f"{image_size[0]}x{image_size[1]}; a mask must be the same size as its image (export it from the same "
+            f"picture, or resize it to {image_size[0]}x{image_size[1]})"
+        )
+    return mask, None
 
 
 def to_rgb(im):
@@ -144,12 +194,24 @@ def to_rgb(im):
     return im
 
 
-def load_image_folder(folder: str | os.PathLike, resolution: int, use_captions: bool = True) -> ImageSet:
-    """Load every image of a folder; refuse the set if any file is bad, naming each with its reason."""
+def load_image_folder(
+    folder: str | os.PathLike,
+    resolution: int,
+    use_captions: bool = True,
+    masks: bool = False,
+    mask_from_alpha: bool = False,
+) -> ImageSet:
+    """Load every image of a folder; refuse the set if any file is bad, naming each with its reason.
+
+    masks: read each image's mask (<stem>_mask.png or <stem>-masklabel.png beside it; else, with
+    mask_from_alpha, its alpha channel, read before alpha is flattened over white). An image without one
+    trains unmasked (named in a note); a set with no mask at all, a mask of another size than its image, and
+    an all-black mask (nothing to learn) are refused."""
     from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder)
     files = list_image_files(folder)
+    mask_of = mask_files(files + [p for p in _all_entries(folder) if p.name.lower().endswith(".png")])
     skipped = unsupported_image_files(folder)
     if not files and skipped:
         raise DreamLoomError(
@@ -164,15 +226,21 @@ def load_image_folder(folder: str | os.PathLike, resolution: int, use_captions: 
             f"No images in {folder}{found}.",
             "Put 5-20 .jpg, .png or .webp images of your subject in the folder.",
         )
-    images, captions, paths, problems = [], [], [], []
+    images, captions, paths, problems, mask_list, unmasked = [], [], [], [], [], []
     notes = [skipped_files_warning(skipped)] if skipped else []
+    if mask_of and not masks:
+        notes.append(
+            f"{len(mask_of)} mask file(s) ({_name_list(list(mask_of.values()))}) are not trained on; turn on "
+            "masked_loss to weight the loss by them"
+        )
     root = folder.resolve()
     for path in files:
         if path.is_symlink() and not _inside(path, root):
             problems.append(f"{path.name}: a link that leads outside the folder ({os.path.realpath(path)})")
             continue
         try:
-            im = load_rgb(path)
+            raw = open_image(path)
+            im = to_rgb(raw)
         except Image.DecompressionBombError as err:
             problems.append(f"{path.name}: too many pixels ({err}); a possible decompression bomb")
             continue
@@ -199,6 +267,14 @@ def load_image_folder(folder: str | os.PathLike, resolution: int, use_captions: 
             txt = path.with_suffix(".txt")
             if txt.exists():
                 caption = read_caption(txt, notes)
+        if masks:
+            mask, problem = _mask_for(path, raw, mask_of.get(path), mask_from_alpha)
+            if problem:
+                problems.append(problem)
+                continue
+            if mask is None:
+                unmasked.append(path)
+            mask_list.append(mask)
         images.append(im)
         captions.append(caption)
         paths.append(str(path))
@@ -212,7 +288,50 @@ def load_image_folder(folder: str | os.PathLike, resolution: int, use_captions: 
             f"only {len(images)} image(s) in {folder}; DreamBooth needs at least {MIN_INSTANCE_IMAGES} (5-20 is "
             "typical), or the model copies the pictures instead of learning the subject. Add more images"
         )
-    return ImageSet(images, captions, paths, notes)
+    if masks and len(unmasked) == len(images):
+        where = " or an alpha channel" if mask_from_alpha else ""
+        raise DreamLoomError(
+            f"masked_loss is on, but no image in {folder} has a mask file{where}.",
+            "Put <name>_mask.png (white = learn, black = ignore, the image's size) beside each image <name>.png, "
+            "turn on mask_from_alpha for cut-outs with transparency, or turn masked_loss off.",
+        )
+    if unmasked:
+        notes.append(
+            f"{len(unmasked)} image(s) have no mask and train unmasked (the whole picture counts): "
+            f"{_name_list(unmasked)}"
+        )
+    return ImageSet(images, captions, paths, notes, masks=mask_list if masks else None)
+
+
+def _all_entries(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if not p.name.startswith(".")]
+    except OSError:
+        return []
+
+
+def _mask_for(path: Path, raw, mask_path: Path | None, from_alpha: bool) -> tuple:
+    """(mask or None, problem or None) of one image: its mask file, else its alpha channel when asked."""
+    import numpy as np
+
+    if mask_path is not None:
+        try:
+            mask, problem = read_mask(mask_path, raw.size, path.name)
+        except (OSError, ValueError, SyntaxError, EOFError) as err:
+            return None, f"{mask_path.name}: the mask of {path.name} cannot be read ({err})"
+        source = mask_path.name
+    elif from_alpha:
+        mask, problem, source = alpha_of(raw), None, f"the alpha channel of {path.name}"
+    else:
+        return None, None
+    if problem or mask is None:
+        return None, problem
+    if np.asarray(mask).max() == 0:
+        return None, (
+            f"{source} is all black, so nothing of {path.name} would be learned (white = learn, black = ignore; "
+            "is the mask inverted?)"
+        )
+    return mask, None
 
 
 def read_caption(txt: Path, notes: list[str]) -> str | None:

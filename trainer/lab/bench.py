@@ -54,7 +54,7 @@ from .bench_measure import (
     summarise,
 )
 
-ROLES = ("prepare", "ours", "tutorial", "unet")
+ROLES = ("prepare", "ours", "tutorial", "unet", "square")
 PHASE_STEPS = 3  # steps after the timed ones, with each phase timed (see StepMarks)
 MALLOC_CHOICES = ("tuned", "default", "both", "all")
 
@@ -67,7 +67,13 @@ def run_one(role: str, spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     if role not in ROLES:
         raise DreamLoomError(f"Unknown bench role {role!r}.", f"Use one of {', '.join(ROLES)}.")
-    result = {"prepare": _prepare, "ours": _run_ours, "tutorial": _run_tutorial, "unet": _run_bare_unet}[role](spec)
+    result = {
+        "prepare": _prepare,
+        "ours": _run_ours,
+        "tutorial": _run_tutorial,
+        "unet": _run_bare_unet,
+        "square": lambda s: _run_ours(s, square=True),
+    }[role](spec)
     result["pid"] = os.getpid()
     atomic_write_text(out_path, json.dumps(result, indent=2))
 
@@ -123,11 +129,29 @@ def _prepare(req: dict) -> dict:
         "torch_threads": torch.get_num_threads(),
         "versions": _versions(),
     }
+    if req.get("buckets"):
+        out.update(_mixed_shapes(work / "instance-mixed", res, out["cfg"]))
     if req["diffusers"]:
         out.update(_diffusers_inputs(req["base_model"], comps, work, class_dir))
     if req["morph"]:
         out["morph"] = _run_morph(comps, res, req["repeats"])
     return out
+
+
+def _mixed_shapes(folder: Path, res: int, cfg: dict) -> dict:
+    """--compare-buckets: the fabric images cut to landscape 3:2, portrait 2:3 and square, in turn, and the
+    settings that train them at their buckets (ours) or centre-cropped square (square)."""
+    from ..data.sample_set import COUNT, fabric_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    side = max(res, 128) * 3 // 2
+    for i in range(COUNT):
+        width, height = [(side, side * 2 // 3), (side * 2 // 3, side), (side, side)][i % 3]
+        fabric_image(i, side).crop((0, 0, width, height)).save(folder / f"mixed_{i:02d}.png")
+    # at least three buckets at any resolution: a quarter of the side at small ones, 64 px from 256 px up
+    step = 64 if res >= 256 else max(8, res // 4 // 8 * 8)
+    cfg.update(instance_dir=str(folder), aspect_buckets=True, bucket_step=step, cache_latents=True)
+    return {"cfg": cfg, "mixed_dir": str(folder)}
 
 
 def _diffusers_inputs(base_model: str, comps, work: Path, class_dir: Path) -> dict:
@@ -213,14 +237,17 @@ def _loop_result(timer, marks: StepMarks, warmup: int, malloc: str) -> dict:
     }
 
 
-def _run_ours(spec: dict) -> dict:
-    """The real Trainer loop (caches, one concatenated UNet pass)."""
+def _run_ours(spec: dict, square: bool = False) -> dict:
+    """The real Trainer loop (caches, one concatenated UNet pass); square: aspect-ratio buckets off."""
     from ..training.loop import Trainer
     from ..training.precision import best_device
 
     warmup, steps = spec["warmup"], spec["steps"]
     total = warmup + steps + PHASE_STEPS
-    cfg = TrainConfig.from_dict({**spec["cfg"], "max_train_steps": total, "torch_compile": bool(spec.get("compile"))})
+    settings = {"max_train_steps": total, "torch_compile": bool(spec.get("compile"))}
+    if square:
+        settings["aspect_buckets"] = False
+    cfg = TrainConfig.from_dict({**spec["cfg"], **settings})
     comps = _factory(spec["base_model"])()
     timer, marks = _bench_timer(best_device().type, warmup, steps)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -228,6 +255,7 @@ def _run_ours(spec: dict) -> dict:
         _cuda_peak_reset()
         trainer.run()
         result = _loop_result(timer, marks, warmup, trainer.settings.get("malloc", NOT_ON_CPU))
+        result["buckets"] = trainer.buckets.table()
     return result
 
 
@@ -377,11 +405,14 @@ def _run_morph(comps, resolution: int, repeats: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- the parent
-def contender_plan(malloc: str, script: Path | None) -> list[tuple[str, str, bool]]:
+def contender_plan(malloc: str, script: Path | None, buckets: bool = False) -> list[tuple[str, str, bool]]:
     """(name, role, tuned) of each contender, in the order a round runs them. tuned: our glibc settings from
     the process's start (see contender_env). diffusers' script runs in the default environment but in "all",
-    which adds it once more tuned; "both" and "all" add ours once more with glibc's defaults."""
+    which adds it once more tuned; "both" and "all" add ours once more with glibc's defaults. buckets: ours on
+    images of mixed shapes at their buckets against the same images square, and nothing else."""
     tuned = malloc != "default"
+    if buckets:
+        return [("ours", "ours", tuned), ("square", "square", tuned)]
     plan = [("ours", "ours", tuned)]
     if malloc in ("both", "all"):
         plan.append(("ours-malloc-default", "ours", False))
@@ -435,6 +466,7 @@ def _run_loop_contender(role: str, spec_path: Path, work: Path, tag: str, env: d
     marks = {n: m for n, m in raw["marks"]}
     run = measure(raw, marks, spec["warmup"], sampler, t0)
     run["loop_step_times"] = raw["loop_step_times"][spec["warmup"] :]
+    run["buckets"] = raw.get("buckets")  # the bucket table the run trained on
     return run
 
 
@@ -470,7 +502,9 @@ def _check_args(steps: int, warmup: int, repeats: int, malloc: str | None, compa
     return script
 
 
-def _prepare_in_process(work: Path, base_model: str, resolution, cfg_overrides, script, morph: bool, repeats: int):
+def _prepare_in_process(
+    work: Path, base_model: str, resolution, cfg_overrides, script, morph: bool, repeats: int, buckets: bool = False
+):
     """Run the preparation in its own process; (the spec every contender reads, the morph result or None)."""
     # the processes run in the bench's folder: give them the model's absolute path
     model_arg = base_model if base_model in BUILTIN_RESOLUTION else str(Path(base_model).expanduser().resolve())
@@ -482,6 +516,7 @@ def _prepare_in_process(work: Path, base_model: str, resolution, cfg_overrides, 
         "diffusers": script is not None,
         "morph": morph,
         "repeats": repeats,
+        "buckets": buckets,
     }
     (work / "request.json").write_text(json.dumps(request))
     print(
@@ -505,6 +540,7 @@ def bench(
     malloc: str | None = None,
     compare_diffusers: str | None = None,
     contenders: list[str] | None = None,
+    compare_buckets: bool = False,
 ) -> dict:
     """Prepare the data in one process, then run the contenders, each in a fresh process, `repeats` rounds.
 
@@ -512,17 +548,22 @@ def bench(
     a CPU; diffusers' script in the default environment), "default" (glibc's defaults for all), "both" (tuned,
     plus ours once more with glibc's defaults) or "all" (both, plus diffusers' script once more with our
     settings); None: both on a Linux CPU, else tuned. Off a CPU nobody is tuned. contenders: the names of the
-    plan's contenders to run (ours always runs); None: all of them.
+    plan's contenders to run (ours always runs); None: all of them. compare_buckets: ours on images of mixed
+    shapes at their aspect-ratio buckets against the same images centre-cropped square (both cached), and
+    nothing else.
     """
     script = _check_args(steps, warmup, repeats, malloc, compare_diffusers)
     work = Path(tempfile.mkdtemp(prefix="dreamloom-bench-"))
-    spec, morph_result = _prepare_in_process(work, base_model, resolution, cfg_overrides, script, morph, repeats)
+    spec, morph_result = _prepare_in_process(
+        work, base_model, resolution, cfg_overrides, script, morph, repeats, compare_buckets
+    )
     spec.update(warmup=warmup, steps=steps, repeats=repeats, compile=compile_unet)
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     if malloc is None:
         malloc = "both" if spec["device"] == "cpu" and sys.platform.startswith("linux") else "tuned"
-    plan = [c for c in contender_plan(malloc, script) if contenders is None or c[0] in ("ours", *contenders)]
+    plan = contender_plan(malloc, script, compare_buckets)
+    plan = [c for c in plan if contenders is None or c[0] in ("ours", *contenders)]
     print(
         f"bench: {base_model} at {spec['resolution']}px on {spec['device']}, rank 4, batch 1, prior preservation on; "
         f"{warmup} warm-up + {steps} timed steps; {repeats} rounds of {', '.join(name for name, _, _ in plan)}, "
@@ -564,6 +605,7 @@ def build_report(base_model: str, spec: dict, malloc: str, script: Path | None, 
         "diffusers_script": str(script) if script else None,
         "contenders": contenders,
         "ratios": {f"ours/{n}": ratios(ours, contenders[n]["summary"]) for n in contenders if n != "ours"},
+        "buckets": {n: c["runs"][0].get("buckets") for n, c in contenders.items()} if "square" in contenders else None,
     }
 
 
@@ -585,6 +627,11 @@ def format_report(r: dict) -> str:
         f"  {'contender':<20} {'s/step':>8} {'steps/s':>8} {'faults/step':>12} {'sys s/step':>10} "
         f"{'user s/step':>11} {'peak RSS':>12} {'proc. peak':>12} {'peak CUDA':>12}  malloc",
     ]
+    if r.get("buckets"):
+        lines.append(
+            f"  ours: {r['buckets']['ours']} (aspect-ratio buckets, cached); square: the same images centre-cropped "
+            f"to {r['buckets']['square']}"
+        )
     for name, c in contenders.items():
         s = c["summary"]
         cuda = s["peak_cuda_mb"] if s["peak_cuda_mb"] is not None else s["peak_gpu_process_mb"]

@@ -23,6 +23,7 @@ from .. import cpu_malloc
 from ..base_models.load import load_base_model
 from ..config import DEFAULT_CACHE_DIR, TrainConfig
 from ..data.batches import BatchLayout
+from ..data.buckets import plan_buckets
 from ..data.caches import LatentSource, PromptEmbeddings
 from ..data.class_images import prepare_class_images
 from ..data.concepts import ClassSets, describe_concepts, epoch_entries, load_concept_images
@@ -287,6 +288,20 @@ class Trainer:
             self.events.log(
                 "random crop is on, so latents are encoded every step (the latent cache needs center crop)", "warning"
             )
+        self.layout = BatchLayout(cfg.train_batch_size, self.acc.num_processes, self.acc.process_index, self.use_prior)
+        self.buckets = plan_buckets(
+            [im.size for im in self.instance.images],
+            self.instance.paths,
+            cfg.resolution,
+            cfg.bucket_pixels,
+            cfg.max_aspect,
+            self.layout.global_instances,
+            enabled=cfg.aspect_buckets,
+        )
+        if cfg.aspect_buckets:
+            self.events.log("aspect-ratio buckets (width x height: images): " + self.buckets.table())
+        for note in self.buckets.notes:
+            self.events.log(note, "warning")
         self.instance_latents = LatentSource(
             comps.vae,
             self.instance.images,
@@ -296,9 +311,12 @@ class Trainer:
             cache=cfg.cache_latents and cfg.center_crop,
             device=device,
             seed=cfg.seed,
+            bucket_of=self.buckets.bucket_of,
+            masks=self.instance.masks if cfg.masked_loss else None,
+            unmasked_weight=cfg.unmasked_weight,
         )
         self.class_latents = None
-        if self.use_prior:
+        if self.use_prior:  # at every bucket in use: a batch's class rows take its instance rows' shape
             self.class_latents = LatentSource(
                 comps.vae,
                 self.class_images,
@@ -308,6 +326,7 @@ class Trainer:
                 cache=cfg.cache_latents,
                 device=device,
                 seed=cfg.seed + 1,
+                buckets=self.buckets.buckets,
             )
         self.validation = self._validation_loss()
         cached = self.method.prompts_to_cache(self.instance.captions)
@@ -318,28 +337,28 @@ class Trainer:
         self.prompt_embeddings = PromptEmbeddings(comps, device, self.weight_dtype, cached)
         self._offload_cached_modules()
         place_trainable_module(comps.unet, device, self.weight_dtype)
-        vae_cfg = comps.vae.config
-        side = cfg.resolution // (2 ** (len(vae_cfg.block_out_channels) - 1))
-        self.latent_shape = (vae_cfg.latent_channels, side, side)
-        self.layout = BatchLayout(cfg.train_batch_size, self.acc.num_processes, self.acc.process_index, self.use_prior)
 
     def _validation_loss(self) -> ValidationLoss | None:
-        """The held-out images' clean latents (posterior means, unflipped, centred) and prompts, encoded now while
-        the VAE is on the device."""
-        cfg = self.cfg
-        if not self.validation_set.images or self.bench:
+        """The held-out images' clean latents (posterior means, unflipped, centred, each at its own bucket) and
+        prompts, encoded now while the VAE is on the device."""
+        cfg, held = self.cfg, self.validation_set
+        if not held.images or self.bench:
             return None
+        sizes = [im.size for im in held.images]
+        buckets = plan_buckets(
+            sizes, held.paths, cfg.resolution, cfg.bucket_pixels, cfg.max_aspect, 1, cfg.aspect_buckets
+        )
         source = LatentSource(
             self.comps.vae,
-            self.validation_set.images,
+            held.images,
             cfg.resolution,
             center_crop=True,
             use_flip=False,
             cache=True,
             device=self.acc.device,
             seed=cfg.seed,
+            bucket_of=buckets.bucket_of,
         )
-        held = self.validation_set
         prompts = [self.method.validation_prompt(c, held.concept(i)) for i, c in enumerate(held.captions)]
         return ValidationLoss(samples_from(source, prompts), self.noise_scheduler.config.num_train_timesteps, cfg.seed)
 
@@ -479,22 +498,24 @@ class Trainer:
         cfg, layout, device, dtype = self.cfg, self.layout, self.acc.device, self.weight_dtype
         k = (step - 1) * cfg.gradient_accumulation_steps + micro  # global micro-batch index
         with self.phase("data"):
+            bucket, picks = layout.instance_batch(cfg.seed, self.entries, self.buckets.bucket_of, k)
+            shape = self.instance_latents.latent_shape(bucket)  # every row of the micro-batch: one bucket
             # The randomness of every row of the global micro-batch, drawn in the same order on every process.
             n_rows = layout.rows
-            eps = torch.randn((n_rows, *self.latent_shape), generator=self.noise_gen)
-            noise = torch.randn((n_rows, *self.latent_shape), generator=self.noise_gen)
+            eps = torch.randn((n_rows, *shape), generator=self.noise_gen)
+            noise = torch.randn((n_rows, *shape), generator=self.noise_gen)
             if cfg.noise_offset:
-                offset = torch.randn((n_rows, self.latent_shape[0], 1, 1), generator=self.noise_gen)
+                offset = torch.randn((n_rows, shape[0], 1, 1), generator=self.noise_gen)
                 noise = noise + cfg.noise_offset * offset
             timesteps = torch.randint(
                 0, self.noise_scheduler.config.num_train_timesteps, (n_rows,), generator=self.noise_gen
             )
             positions = layout.positions(k)
-            picks = [(self.entries[i], flip) for i, flip in layout.picks(cfg.seed, len(self.entries), k)]
             latents = self.instance_latents.latents(
-                picks, to_device(eps[layout.own_instance_rows()], device), positions
+                picks, to_device(eps[layout.own_instance_rows()], device), positions, bucket
             )
-            size_ids = self.instance_latents.size_ids(picks, positions)
+            size_ids = self.instance_latents.size_ids(picks, positions, bucket)
+            weights = self.instance_latents.weights(picks, positions, bucket)
             prompts = [
                 self.method.instance_prompt(i, self.instance.captions[i], pos) for (i, _), pos in zip(picks, positions)
             ]
@@ -502,10 +523,10 @@ class Trainer:
                 concepts = [self.instance.concept(i) for i, _ in picks]
                 class_picks = self.class_sets.picks(cfg.seed, concepts, positions)
                 class_latents = self.class_latents.latents(
-                    class_picks, to_device(eps[layout.own_class_rows()], device), positions
+                    class_picks, to_device(eps[layout.own_class_rows()], device), positions, bucket
                 )
                 latents = torch.cat([latents, class_latents])
-                size_ids = torch.cat([size_ids, self.class_latents.size_ids(class_picks, positions)])
+                size_ids = torch.cat([size_ids, self.class_latents.size_ids(class_picks, positions, bucket)])
                 prompts += [self.class_sets.prompts[c] for c in concepts]
         own = layout.own_rows()
         text_encoders = {name: self.wrapped[name] for name in self.comps.text_encoders() if name in self.wrapped}
@@ -529,6 +550,7 @@ class Trainer:
                         prior_weight=self._prior_weight(picks),
                         snr_gamma=cfg.snr_gamma,
                         unet_kwargs=unet_kwargs,
+                        instance_weights=None if weights is None else to_device(weights, device),
                     )
             with self.phase("backward"):
                 self.acc.backward(losses[0])

@@ -31,9 +31,15 @@ def diffusion_loss(
     prior_weight: float | torch.Tensor = 1.0,
     snr_gamma: float = 0.0,
     unet_kwargs: dict | None = None,
+    instance_weights=None,
 ):
     """One UNet pass over [instance; class] rows, split after: loss = mse(instance) + w * mse(class), `w` a number
     or one weight per class row.
+
+    instance_weights ([n_instance, 1, h, w], the masked loss): each instance row's error is weighted per latent
+    cell and divided by the weights' sum, sum(w * err²) / sum(w), so a row's loss keeps the scale of an
+    unmasked one whatever the mask's area (a white mask gives the plain mse) and a cell of weight 0 gets no
+    gradient at all. Class rows are never masked.
 
     Returns (loss, instance_loss, prior_loss or None), all 0-dim tensors.
     """
@@ -43,7 +49,12 @@ def diffusion_loss(
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    error = F.mse_loss(pred.float(), target.float(), reduction="none")
+    per_sample = error.mean(dim=(1, 2, 3))
+    if instance_weights is not None:
+        weights = instance_weights.to(error.device, error.dtype).expand_as(error[:n_instance])
+        weighted = (error[:n_instance] * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3)).clamp(min=1e-12)
+        per_sample = torch.cat([weighted, per_sample[n_instance:]])
     if snr_gamma > 0:
         per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, snr_gamma)
     instance_loss = per_sample[:n_instance].mean()

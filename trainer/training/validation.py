@@ -52,12 +52,13 @@ class ValidationSample:
 
 
 def samples_from(source, prompts: list[str]) -> list[ValidationSample]:
-    """A held-out sample per image of a cached LatentSource (data/caches.py): its clean latent, unflipped."""
+    """A held-out sample per image of a cached LatentSource (data/caches.py): its clean latent, unflipped, at the
+    image's own bucket."""
     samples = []
     for index, prompt in enumerate(prompts):
-        pick = [(index, False)]
-        latent = source.latents(pick, torch.zeros(()), [0])[0]  # eps 0: the posterior mean, scaled
-        samples.append(ValidationSample(latent.cpu(), prompt, source.size_ids(pick, [0])[0]))
+        pick, bucket = [(index, False)], source.bucket_of[index] if source.bucket_of else None
+        latent = source.latents(pick, torch.zeros(()), [0], bucket)[0]  # eps 0: the posterior mean, scaled
+        samples.append(ValidationSample(latent.cpu(), prompt, source.size_ids(pick, [0], bucket)[0]))
     return samples
 
 
