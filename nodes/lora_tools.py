@@ -16,6 +16,7 @@ REPORT_TOOLTIP = "What was kept: the share of the difference's energy (||kept||^
 
 
 NONE_FOUND = "(no files found)"
+SCRATCH_NAME = "result.safetensors"  # the tools' reports name the file they wrote: the scratch file
 
 
 def _choices(kind: str) -> list[str]:
@@ -58,19 +59,22 @@ def _progress(node_id):
     return progress
 
 
-def _publish(make, kind: str, name: str):
-    """(published path, report): `make(path)` writes a scratch file under DreamLoom's output folder (out of ComfyUI's
-    model lists), which is then published into the `kind` folder as `name`."""
+def _make_and_publish(make, describe, kind: str, output_name: str, node_id) -> tuple[str, str]:
+    """(published file name, report text): `make(path, progress)` writes a scratch file under DreamLoom's output
+    folder (out of ComfyUI's model lists), moving ComfyUI's bar and stopping at Cancel; the file is then published
+    into the `kind` folder as `output_name`, and `describe(report)` names it by its published name."""
     from ..trainer.files.atomic import publish
 
+    name = _output_name(output_name)
+    progress = _progress(node_id)
     folder = _folder(kind)
     scratch_root = Path(comfy.dreamloom_directory())
     scratch_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lora-tool-", dir=scratch_root) as scratch:
-        tmp = Path(scratch) / "result.safetensors"
-        report = make(tmp)
+        tmp = Path(scratch) / SCRATCH_NAME
+        report = make(tmp, progress)
         published = publish(tmp, folder, name, ".safetensors")
-    return published, report
+    return published.name, describe(report).replace(SCRATCH_NAME, published.name)
 
 
 def _modules_choice():
@@ -82,16 +86,21 @@ def _modules_choice():
     )
 
 
-class ExtractLoRA:
+class _ToolNode:
+    """What the three tool nodes declare alike: they write a file, and return its name and a report."""
+
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING", "STRING")
+
+
+class ExtractLoRA(_ToolNode):
     DESCRIPTION = (
         "A LoRA holding what a fine-tuned checkpoint changed from its base: the truncated SVD of each layer's "
         "difference at the chosen rank (kohya format, scale 1), so a fine-tune can be shared as a few MB. Reports "
         "the share of the difference kept. Publishes into the loras folder."
     )
-    CATEGORY = CATEGORY
     FUNCTION = "extract"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("lora_name", "report")
     OUTPUT_TOOLTIPS = (RETURN_TOOLTIP.format(kind="loras"), REPORT_TOOLTIP)
 
@@ -114,28 +123,24 @@ class ExtractLoRA:
         from ..trainer.formats.lora_tools import extract_lora
 
         base, tuned = _input("checkpoints", base_ckpt_name), _input("checkpoints", tuned_ckpt_name)
-        name = _output_name(output_name)
-        progress = _progress(unique_id)
-        published, report = _publish(
-            lambda tmp: extract_lora(
+        return _make_and_publish(
+            lambda tmp, progress: extract_lora(
                 base, tuned, tmp, int(rank), modules=modules, text_encoders=bool(text_encoders), progress=progress
             ),
+            lambda report: report.text(),
             "loras",
-            name,
+            output_name,
+            unique_id,
         )
-        return (published.name, report.text().replace("result.safetensors", published.name))
 
 
-class MergeLoRA:
+class MergeLoRA(_ToolNode):
     DESCRIPTION = (
         "A new checkpoint with a LoRA merged into its weights (W += strength * alpha/rank * up @ down), in the "
         "checkpoint's own layout and precision. Reads kohya, diffusers and PEFT LoRAs; a LoRA of another model "
         "family, or with modules the checkpoint lacks, is refused. Publishes into the checkpoints folder."
     )
-    CATEGORY = CATEGORY
     FUNCTION = "merge"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("ckpt_name", "report")
     OUTPUT_TOOLTIPS = (RETURN_TOOLTIP.format(kind="checkpoints"), "What was merged, and where.")
 
@@ -155,24 +160,22 @@ class MergeLoRA:
         from ..trainer.formats.lora_tools import merge_loras
 
         checkpoint, lora = _input("checkpoints", ckpt_name), _input("loras", lora_name)
-        name = _output_name(output_name)
-        progress = _progress(unique_id)
-        published, report = _publish(
-            lambda tmp: merge_loras(checkpoint, [(lora, float(strength))], tmp, progress=progress), "checkpoints", name
+        return _make_and_publish(
+            lambda tmp, progress: merge_loras(checkpoint, [(lora, float(strength))], tmp, progress=progress),
+            lambda report: report.summary(),
+            "checkpoints",
+            output_name,
+            unique_id,
         )
-        return (published.name, report.summary().replace("result.safetensors", published.name))
 
 
-class ResizeLoRA:
+class ResizeLoRA(_ToolNode):
     DESCRIPTION = (
         "The same LoRA at a lower rank: each module's up @ down replaced by its truncated SVD, its scale kept. "
         "Reports the share of each module kept; keep_share > 0 picks each module's rank dynamically (the lowest "
         "that keeps that share, at most rank). Publishes into the loras folder."
     )
-    CATEGORY = CATEGORY
     FUNCTION = "resize"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("lora_name", "report")
     OUTPUT_TOOLTIPS = (RETURN_TOOLTIP.format(kind="loras"), REPORT_TOOLTIP)
 
@@ -193,11 +196,11 @@ class ResizeLoRA:
     def resize(self, lora_name, rank, keep_share, output_name, unique_id=None):
         from ..trainer.formats.lora_tools import resize_lora
 
-        lora = _input("loras", lora_name)
-        name = _output_name(output_name)
-        share = float(keep_share) or None
-        progress = _progress(unique_id)
-        published, report = _publish(
-            lambda tmp: resize_lora(lora, tmp, int(rank), keep_share=share, progress=progress), "loras", name
+        lora, share = _input("loras", lora_name), float(keep_share) or None
+        return _make_and_publish(
+            lambda tmp, progress: resize_lora(lora, tmp, int(rank), keep_share=share, progress=progress),
+            lambda report: report.text(),
+            "loras",
+            output_name,
+            unique_id,
         )
-        return (published.name, report.text().replace("result.safetensors", published.name))

@@ -143,7 +143,58 @@ def _read_back(path: str) -> None:
         ) from err
 
 
-def _ui_result(outputs: dict, result: tuple):
+def _train_and_publish(
+    cfg: TrainConfig, dataset, class_dataset, unique_id, concepts, output_key: str, folder_kind: str
+):
+    """Runs the training job, checks that its `output_key` file reads back and publishes it into ComfyUI's
+    `folder_kind` folder (a _v2 suffix where another file has the name): (the published path, the job's outputs)."""
+    from ..trainer.files.atomic import publish
+
+    _run_dir, outputs = _run(cfg, dataset, class_dataset, unique_id, concepts)
+    _read_back(outputs[output_key])
+    folders = comfy.folder_paths_for(folder_kind)
+    if not folders:
+        raise DreamLoomError(f"ComfyUI has no {folder_kind} folder configured.", "Check extra_model_paths.yaml.")
+    return publish(outputs[output_key], folders[0], cfg.output_name, ".safetensors"), outputs
+
+
+def _train_dreambooth(method: str, output_key: str, folder_kind: str, inputs: dict, **method_fields):
+    """What Train DreamBooth LoRA and Train DreamBooth (full fine-tune) share: their common inputs (`inputs`, the
+    node's arguments by name: its `locals()`) and `method_fields` make the config; the trained file is published."""
+    concepts = inputs["concepts"]
+    class_images = None if concepts else inputs["class_images"]  # each concept brings its own
+    prior_preservation = inputs["prior_preservation"]
+    cfg = _config(
+        method,
+        inputs["ckpt_name"],
+        inputs["instance_images"],
+        inputs["settings"],
+        inputs["base_model"],
+        concepts,
+        instance_prompt=inputs["instance_prompt"],
+        token=inputs["token"],
+        class_prompt=inputs["class_prompt"],
+        with_prior_preservation=bool(prior_preservation),
+        prior_loss_weight=float(inputs["prior_loss_weight"]),
+        num_class_images=int(class_images.count if class_images is not None else inputs["num_class_images"]),
+        learning_rate=float(inputs["learning_rate"]),
+        max_train_steps=int(inputs["max_train_steps"]),
+        seed=int(inputs["seed"]),
+        sample_every=int(inputs["sample_every"]),
+        output_name=inputs["output_name"].strip(),
+        **method_fields,
+    )
+    class_dataset = class_images if prior_preservation else None
+    published, outputs = _train_and_publish(
+        cfg, inputs["instance_images"], class_dataset, inputs["unique_id"], concepts, output_key, folder_kind
+    )
+    return _ui_result(outputs, (published.name,))
+
+
+def _ui_result(outputs: dict, names: tuple):
+    """The node's result: `names`, then the loss plot and the sample grids; the UI shows the last grid, the plot
+    and the settings `auto` chose."""
+    result = (*names, files_to_batch([outputs["loss_plot"]]), files_to_batch(outputs.get("samples", [])))
     previews = [p for p in outputs.get("samples", [])[-1:]] + [outputs["loss_plot"]]
     try:
         ui = {"images": runner.ui_images(previews)}
@@ -234,42 +285,7 @@ class TrainDreamBoothLoRA:
         concepts=None,
         unique_id=None,
     ):
-        from ..trainer.files.atomic import publish
-
-        if concepts:
-            class_images = None  # each concept brings its own
-        cfg = _config(
-            "lora",
-            ckpt_name,
-            instance_images,
-            settings,
-            base_model,
-            concepts,
-            instance_prompt=instance_prompt,
-            token=token,
-            class_prompt=class_prompt,
-            with_prior_preservation=bool(prior_preservation),
-            prior_loss_weight=float(prior_loss_weight),
-            num_class_images=int(class_images.count if class_images is not None else num_class_images),
-            rank=int(rank),
-            alpha=float(alpha),
-            learning_rate=float(learning_rate),
-            max_train_steps=int(max_train_steps),
-            seed=int(seed),
-            sample_every=int(sample_every),
-            output_name=output_name.strip(),
-        )
-        class_dataset = class_images if prior_preservation else None
-        run_dir, outputs = _run(cfg, instance_images, class_dataset, unique_id, concepts)
-        _read_back(outputs["lora"])
-        loras = comfy.folder_paths_for("loras")
-        if not loras:
-            raise DreamLoomError("ComfyUI has no loras folder configured.", "Check extra_model_paths.yaml.")
-        published = publish(outputs["lora"], loras[0], cfg.output_name, ".safetensors")
-        return _ui_result(
-            outputs,
-            (published.name, files_to_batch([outputs["loss_plot"]]), files_to_batch(outputs.get("samples", []))),
-        )
+        return _train_dreambooth("lora", "lora", "loras", locals(), rank=int(rank), alpha=float(alpha))
 
 
 class TrainTextualInversion:
@@ -328,8 +344,6 @@ class TrainTextualInversion:
         base_model=None,
         unique_id=None,
     ):
-        from ..trainer.files.atomic import publish
-
         cfg = _config(
             "ti",
             ckpt_name,
@@ -345,22 +359,8 @@ class TrainTextualInversion:
             with_prior_preservation=False,
             output_name=output_name.strip(),
         )
-        run_dir, outputs = _run(cfg, instance_images, None, unique_id)
-        _read_back(outputs["embedding"])
-        folders = comfy.folder_paths_for("embeddings")
-        if not folders:
-            raise DreamLoomError("ComfyUI has no embeddings folder configured.", "Check extra_model_paths.yaml.")
-        published = publish(outputs["embedding"], folders[0], cfg.output_name, ".safetensors")
-        name = published.stem
-        return _ui_result(
-            outputs,
-            (
-                name,
-                f"embedding:{name}",
-                files_to_batch([outputs["loss_plot"]]),
-                files_to_batch(outputs.get("samples", [])),
-            ),
-        )
+        published, outputs = _train_and_publish(cfg, instance_images, None, unique_id, None, "embedding", "embeddings")
+        return _ui_result(outputs, (published.stem, f"embedding:{published.stem}"))
 
 
 class TrainDreamBoothFull:
@@ -467,41 +467,14 @@ class TrainDreamBoothFull:
         concepts=None,
         unique_id=None,
     ):
-        from ..trainer.files.atomic import publish
-
-        settings = {k: v for k, v in (settings or {}).items() if k not in self.OWN_SETTINGS}
-        if concepts:
-            class_images = None  # each concept brings its own
-        cfg = _config(
+        inputs = dict(locals())
+        inputs["settings"] = {k: v for k, v in (settings or {}).items() if k not in self.OWN_SETTINGS}
+        return _train_dreambooth(
             "full",
-            ckpt_name,
-            instance_images,
-            settings,
-            base_model,
-            concepts,
-            instance_prompt=instance_prompt,
-            token=token,
-            class_prompt=class_prompt,
-            with_prior_preservation=bool(prior_preservation),
-            prior_loss_weight=float(prior_loss_weight),
-            num_class_images=int(class_images.count if class_images is not None else num_class_images),
+            "checkpoint",
+            "checkpoints",
+            inputs,
             train_text_encoder=bool(train_text_encoder),
             text_encoder_lr=float(text_encoder_lr),
             use_ema=bool(use_ema),
-            learning_rate=float(learning_rate),
-            max_train_steps=int(max_train_steps),
-            seed=int(seed),
-            sample_every=int(sample_every),
-            output_name=output_name.strip(),
-        )
-        class_dataset = class_images if prior_preservation else None
-        run_dir, outputs = _run(cfg, instance_images, class_dataset, unique_id, concepts)
-        _read_back(outputs["checkpoint"])
-        folders = comfy.folder_paths_for("checkpoints")
-        if not folders:
-            raise DreamLoomError("ComfyUI has no checkpoints folder configured.", "Check extra_model_paths.yaml.")
-        published = publish(outputs["checkpoint"], folders[0], cfg.output_name, ".safetensors")
-        return _ui_result(
-            outputs,
-            (published.name, files_to_batch([outputs["loss_plot"]]), files_to_batch(outputs.get("samples", []))),
         )

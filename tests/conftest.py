@@ -52,6 +52,59 @@ def tiny_config(instance_dir, **overrides):
     return TrainConfig(**base)
 
 
+def stop_after(calls: int):
+    """A Trainer `should_stop` that says stop at its `calls`-th call, so the run stops after that step."""
+    count = {"n": 0}
+
+    def should_stop() -> bool:
+        count["n"] += 1
+        return count["n"] == calls
+
+    return should_stop
+
+
+def run_whole_and_resumed(make_trainer, tmp_path: Path, stop_at: int):
+    """The same run twice: whole in tmp_path/whole, and in tmp_path/resumed stopped (StopRequested) after step
+    `stop_at`, leaving that step's checkpoint, then resumed from it to its end by a fresh trainer.
+    `make_trainer(run_dir, **kwargs)` makes a Trainer (kwargs: should_stop). Returns (the whole run's trainer, the
+    resumed run's trainer, the resumed run's result)."""
+    from trainer.errors import StopRequested
+
+    whole = make_trainer(tmp_path / "whole")
+    whole.run()
+    with pytest.raises(StopRequested) as stopped:
+        make_trainer(tmp_path / "resumed", should_stop=stop_after(stop_at)).run()
+    assert stopped.value.step == stop_at and (tmp_path / "resumed" / "checkpoints" / f"step_{stop_at:05d}").is_dir()
+    resumed = make_trainer(tmp_path / "resumed")
+    result = resumed.run()
+    assert result.resumed_from == stop_at
+    return whole, resumed, result
+
+
+def assert_loss_falls(unet, scheduler, batch, optimizer, steps: int) -> None:
+    """`steps` optimizer steps of the diffusion loss (2 instance rows) on one fixed batch (latents, noise, timesteps,
+    encodings): the mean loss of the last 5 steps ends under 0.8x that of the first 5."""
+    from trainer.training.loss import diffusion_loss
+
+    losses = []
+    for _ in range(steps):
+        loss = diffusion_loss(unet, scheduler, *batch, 2)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+def assert_same_tensors(got: dict, expected: dict) -> None:
+    """The same keys, and every tensor equal to the bit."""
+    import torch
+
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
 @pytest.fixture(scope="session")
 def sd15_parts():
     """Random-weight full-size SD1.5 state dicts (fp16) in diffusers layout, plus the configs."""

@@ -5,14 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_same_tensors, run_whole_and_resumed, tiny_config
 from PIL import Image
 
 from trainer.data import batches
 from trainer.data.batches import stream_batch, stream_indices
 from trainer.data.buckets import bucket_sizes, fit_box, fit_to_bucket, nearest_bucket, plan_buckets
 from trainer.data.sample_set import fabric_image
-from trainer.errors import StopRequested
 from trainer.training.loop import Trainer
 
 # (width, height) of a folder of mixed shapes: landscape 3:2, portrait 2:3 and square
@@ -146,23 +145,12 @@ def test_resume_with_buckets_equals_the_uninterrupted_run(tmp_path):
 
     folder = _mixed_dir(tmp_path / "mixed")
     cfg = _bucket_config(folder, random_flip=True)
-    full = Trainer(cfg, tmp_path / "full", comps=build_tiny(), cache_root=tmp_path / "cache")
-    full.run()
-    calls = {"n": 0}
 
-    def stop_after_3():
-        calls["n"] += 1
-        return calls["n"] == 3
+    def make_trainer(run_dir, **kwargs):
+        return Trainer(cfg, run_dir, comps=build_tiny(), cache_root=tmp_path / "cache", **kwargs)
 
-    first = Trainer(
-        cfg, tmp_path / "resumed", comps=build_tiny(), cache_root=tmp_path / "cache", should_stop=stop_after_3
-    )
-    with pytest.raises(StopRequested):
-        first.run()
-    second = Trainer(cfg, tmp_path / "resumed", comps=build_tiny(), cache_root=tmp_path / "cache")
-    assert second.run().resumed_from == 3
-    expected, got = _lora(full), _lora(second)
-    assert expected.keys() == got.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    whole, resumed, _ = run_whole_and_resumed(make_trainer, tmp_path, 3)
+    assert_same_tensors(_lora(resumed), _lora(whole))
 
 
 def test_sdxl_size_ids_of_a_bucketed_image():

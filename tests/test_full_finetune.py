@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_loss_falls, assert_same_tensors, run_whole_and_resumed, tiny_config
 
 from trainer.base_models.builtin import build_tiny
 from trainer.base_models.load import family_of, load_base_model
 from trainer.base_models.native import native_resolution
 from trainer.config import TrainConfig
-from trainer.errors import DreamLoomError, StopRequested
+from trainer.errors import DreamLoomError
 from trainer.training.loop import Trainer
 from trainer.training.loss import diffusion_loss
 from trainer.training.methods.full import FullFineTuneMethod, ParameterEMA
@@ -59,14 +59,7 @@ def test_loss_falls_on_a_fixed_batch_and_the_whole_unet_changes(fabric_dir):
     g = torch.Generator().manual_seed(3)
     lat, noise = torch.randn((4, 4, 8, 8), generator=g), torch.randn((4, 4, 8, 8), generator=g)
     t, enc = torch.randint(0, 1000, (4,), generator=g), torch.randn((4, 77, 64), generator=g)
-    sched, losses = tiny.noise_scheduler(), []
-    for _ in range(30):
-        loss = diffusion_loss(tiny.unet, sched, lat, noise, t, enc, 2)[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert_loss_falls(tiny.unet, tiny.noise_scheduler(), (lat, noise, t, enc), opt, 30)
     params = {k for k, _ in tiny.unet.named_parameters()}
     assert _changed(unet_before, tiny.unet) == params  # every UNet weight moved, not only attention
     assert not _changed(vae_before, tiny.vae) and not _changed(text_before, tiny.text_encoder)
@@ -137,26 +130,14 @@ def test_resume_with_ema_equals_the_uninterrupted_run(fabric_dir, tmp_path):
         gradient_accumulation_steps=2,
         with_prior_preservation=True,
     )
-    whole = Trainer(cfg, tmp_path / "whole", comps=build_tiny(), cache_root=tmp_path / "cache")
-    whole.run()
-    expected = _trained_state(whole)
-    calls = {"n": 0}
 
-    def stop_after_2():
-        calls["n"] += 1
-        return calls["n"] == 2
+    def make_trainer(run_dir, **kwargs):
+        return Trainer(cfg, run_dir, comps=build_tiny(), cache_root=tmp_path / "cache", **kwargs)
 
-    first = Trainer(
-        cfg, tmp_path / "resumed", comps=build_tiny(), cache_root=tmp_path / "cache", should_stop=stop_after_2
-    )
-    with pytest.raises(StopRequested):
-        first.run()
-    second = Trainer(cfg, tmp_path / "resumed", comps=build_tiny(), cache_root=tmp_path / "cache")
-    assert second.run().resumed_from == 2
-    got = _trained_state(second)
-    assert got.keys() == expected.keys() and any(k.startswith("ema.text_encoder.") for k in got)
-    for key in expected:
-        assert torch.equal(got[key], expected[key]), key
+    whole, resumed, _ = run_whole_and_resumed(make_trainer, tmp_path, 2)
+    got = _trained_state(resumed)
+    assert any(k.startswith("ema.text_encoder.") for k in got)
+    assert_same_tensors(got, _trained_state(whole))
     # only the newest checkpoint is kept by default
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step_00006"]
 

@@ -7,14 +7,14 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_same_tensors, run_whole_and_resumed, tiny_config
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from trainer.base_models.builtin import build_tiny_sdxl
 from trainer.base_models.sdxl import SDXL
-from trainer.errors import DreamLoomError, StopRequested
+from trainer.errors import DreamLoomError
 from trainer.training.loop import Trainer
 from trainer.training.loss import diffusion_loss
 
@@ -228,25 +228,12 @@ def test_sdxl_lora_files_import_to_the_same_layers_and_scales(fabric_dir, tmp_pa
 
 def test_sdxl_resume_matches_uninterrupted_run(fabric_dir, tmp_path):
     cfg = sdxl_config(fabric_dir, max_train_steps=6, random_flip=True, num_class_images=2)
-    full = Trainer(cfg, tmp_path / "full", comps=build_tiny_sdxl(), cache_root=tmp_path / "cache")
-    full.run()
-    calls = {"n": 0}
 
-    def stop_after_3():
-        calls["n"] += 1
-        return calls["n"] == 3
+    def make_trainer(run_dir, **kwargs):
+        return Trainer(cfg, run_dir, comps=build_tiny_sdxl(), cache_root=tmp_path / "cache", **kwargs)
 
-    first = Trainer(
-        cfg, tmp_path / "r", comps=build_tiny_sdxl(), cache_root=tmp_path / "cache", should_stop=stop_after_3
-    )
-    with pytest.raises(StopRequested):
-        first.run()
-    second = Trainer(cfg, tmp_path / "r", comps=build_tiny_sdxl(), cache_root=tmp_path / "cache")
-    assert second.run().resumed_from == 3
-    expected, got = _lora_state(full), _lora_state(second)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(got[key], expected[key]), key
+    whole, resumed, _ = run_whole_and_resumed(make_trainer, tmp_path, 3)
+    assert_same_tensors(_lora_state(resumed), _lora_state(whole))
 
 
 def test_sdxl_textual_inversion_trains_a_token_in_both_encoders(fabric_dir, tmp_path):

@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_loss_falls, assert_same_tensors, run_whole_and_resumed, tiny_config
 
 from trainer.data.batches import stream_indices
-from trainer.errors import DreamLoomError, StopRequested
+from trainer.errors import DreamLoomError
 from trainer.training.loop import Trainer
 from trainer.training.loss import diffusion_loss
 from trainer.training.methods.lora import LoRAMethod
@@ -61,15 +61,7 @@ def test_loss_falls_on_a_fixed_batch_and_only_lora_changes(tiny, fabric_dir):
     assert params and all(n.count("lora_") for n, p in tiny.unet.named_parameters() if p.requires_grad)
     opt = torch.optim.AdamW(params, lr=3e-3)
     sched = tiny.noise_scheduler()
-    lat, noise, t, enc = _random_batch(tiny, 4, seed=3)
-    losses = []
-    for _ in range(50):
-        loss = diffusion_loss(tiny.unet, sched, lat, noise, t, enc, 2)[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert_loss_falls(tiny.unet, sched, _random_batch(tiny, 4, seed=3), opt, 50)
     after = tiny.unet.state_dict()
     changed = {k for k in lora_before if not torch.equal(after[k], lora_before[k])}
     for key, value in before.items():
@@ -141,29 +133,12 @@ def test_resume_matches_uninterrupted_run(fabric_dir, tmp_path):
     cfg = tiny_config(
         fabric_dir, max_train_steps=8, checkpoint_every=0, random_flip=True, gradient_accumulation_steps=2
     )
-    full = Trainer(cfg, tmp_path / "full", comps=build_tiny(), cache_root=tmp_path / "cache")
-    full.run()
-    expected = _lora(full)
 
-    calls = {"n": 0}
+    def make_trainer(run_dir, **kwargs):
+        return Trainer(cfg, run_dir, comps=build_tiny(), cache_root=tmp_path / "cache", **kwargs)
 
-    def stop_after_3():
-        calls["n"] += 1
-        return calls["n"] == 3
-
-    first = Trainer(
-        cfg, tmp_path / "resumed", comps=build_tiny(), cache_root=tmp_path / "cache", should_stop=stop_after_3
-    )
-    with pytest.raises(StopRequested) as info:
-        first.run()
-    assert info.value.step == 3 and (tmp_path / "resumed" / "checkpoints" / "step_00003").is_dir()
-    second = Trainer(cfg, tmp_path / "resumed", comps=build_tiny(), cache_root=tmp_path / "cache")
-    result = second.run()
-    assert result.resumed_from == 3
-    got = _lora(second)
-    assert got.keys() == expected.keys()
-    for k in expected:
-        assert torch.equal(got[k], expected[k]), k
+    whole, resumed, result = run_whole_and_resumed(make_trainer, tmp_path, 3)
+    assert_same_tensors(_lora(resumed), _lora(whole))
     assert [r["step"] for r in result.losses] == list(range(1, 9))
 
 

@@ -312,11 +312,24 @@ CHECKPOINT_HINT = "Give an SD1.5 or SDXL single-file .safetensors checkpoint."
 LORA_HINT = "Give a LoRA .safetensors file (kohya, diffusers or PEFT)."
 
 
-def _tool_progress(phase: str):
+def _rank_options(args) -> dict:
+    """The options extract-lora and resize-lora both pass on to their tool."""
+    return {"keep_share": args.keep_share, "precision": args.precision, "overwrite": args.overwrite}
+
+
+def _run_lora_tool(phase: str, make, describe, out: Path) -> int:
+    """Runs `make(progress)` (a LoRA tool writing `out`) under a progress bar, then prints `describe(report)` and
+    where the file went."""
     from ..events import TqdmListener
 
     bar = TqdmListener(phase)
-    return bar, lambda done, total: bar({"event": "progress", "phase": phase, "step": done, "total": total})
+    try:
+        report = make(lambda done, total: bar({"event": "progress", "phase": phase, "step": done, "total": total}))
+    finally:
+        bar.close()
+    print(describe(report))
+    print(f"wrote {out}")
+    return 0
 
 
 def cmd_extract_lora(args) -> int:
@@ -327,25 +340,21 @@ def cmd_extract_lora(args) -> int:
 
     from ..formats.lora_tools import extract_lora
 
-    bar, progress = _tool_progress("extract")
-    try:
-        report = extract_lora(
+    return _run_lora_tool(
+        "extract",
+        lambda progress: extract_lora(
             base,
             tuned,
             out,
             args.rank,
             modules=args.modules,
             text_encoders=not args.no_text_encoder,
-            keep_share=args.keep_share,
-            precision=args.precision,
-            overwrite=args.overwrite,
             progress=progress,
-        )
-    finally:
-        bar.close()
-    print(report.text())
-    print(f"wrote {out}")
-    return 0
+            **_rank_options(args),
+        ),
+        lambda report: report.text(),
+        out,
+    )
 
 
 def cmd_merge_lora(args) -> int:
@@ -359,14 +368,12 @@ def cmd_merge_lora(args) -> int:
 
     from ..formats.lora_tools import merge_loras
 
-    bar, progress = _tool_progress("merge")
-    try:
-        report = merge_loras(checkpoint, loras, out, overwrite=args.overwrite, progress=progress)
-    finally:
-        bar.close()
-    print(report.summary())
-    print(f"wrote {out}")
-    return 0
+    return _run_lora_tool(
+        "merge",
+        lambda progress: merge_loras(checkpoint, loras, out, overwrite=args.overwrite, progress=progress),
+        lambda report: report.summary(),
+        out,
+    )
 
 
 def cmd_resize_lora(args) -> int:
@@ -376,22 +383,12 @@ def cmd_resize_lora(args) -> int:
 
     from ..formats.lora_tools import resize_lora
 
-    bar, progress = _tool_progress("resize")
-    try:
-        report = resize_lora(
-            lora,
-            out,
-            args.rank,
-            keep_share=args.keep_share,
-            precision=args.precision,
-            overwrite=args.overwrite,
-            progress=progress,
-        )
-    finally:
-        bar.close()
-    print(report.text())
-    print(f"wrote {out}")
-    return 0
+    return _run_lora_tool(
+        "resize",
+        lambda progress: resize_lora(lora, out, args.rank, progress=progress, **_rank_options(args)),
+        lambda report: report.text(),
+        out,
+    )
 
 
 def cmd_doctor(args) -> int:

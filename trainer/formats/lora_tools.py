@@ -256,6 +256,17 @@ def _write_lora(out: Path, tensors: dict, metadata: dict, overwrite: bool) -> No
     atomic_save(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def _share_metadata(report: ToolReport, rank: int, keep_share: float | None) -> dict[str, str]:
+    """What an extracted or resized LoRA's file says of its rank and of the share of each module it kept."""
+    return {
+        "dreamloom.rank": str(rank),
+        "dreamloom.keep_share": "" if keep_share is None else str(keep_share),
+        "dreamloom.kept_share": f"{report.kept:.6f}",
+        "dreamloom.share_measure": SHARE_MEASURE,
+        "dreamloom.kept_shares": report.shares_json(),
+    }
+
+
 def _add_module(tensors: dict, name: str, result: LowRank, shape, alpha: float, dtype) -> None:
     down, up = lora_factors(result, shape)
     tensors[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
@@ -356,11 +367,7 @@ def extract_lora(
             "dreamloom.tuned_model": tuned.name,
             "dreamloom.tuned_fingerprint": fingerprint_file(tuned),
             "dreamloom.modules": modules,
-            "dreamloom.rank": str(rank),
-            "dreamloom.keep_share": "" if keep_share is None else str(keep_share),
-            "dreamloom.kept_share": f"{report.kept:.6f}",
-            "dreamloom.share_measure": SHARE_MEASURE,
-            "dreamloom.kept_shares": report.shares_json(),
+            **_share_metadata(report, rank, keep_share),
         }
     )
     _write_lora(out, tensors, meta, overwrite)
@@ -543,11 +550,7 @@ def resize_lora(
         {
             "dreamloom.tool": "resize",
             "dreamloom.resized_from": lora.name,
-            "dreamloom.rank": str(rank),
-            "dreamloom.keep_share": "" if keep_share is None else str(keep_share),
-            "dreamloom.kept_share": f"{report.kept:.6f}",
-            "dreamloom.share_measure": SHARE_MEASURE,
-            "dreamloom.kept_shares": report.shares_json(),
+            **_share_metadata(report, rank, keep_share),
         }
     )
     _write_lora(out, tensors, meta, overwrite)
