@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..trainer.config import TrainConfig
 from ..trainer.errors import DreamLoomError
 from .datasets import TrainingImages
 from .widgets import float_widget, int_widget, string_widget
@@ -46,6 +45,8 @@ class AddConcept:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..trainer.config import TrainConfig  # not at the top: the pack's import stays fast
+
         d = TrainConfig()
         return {
             "required": {

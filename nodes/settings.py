@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..trainer.config import LR_SCHEDULERS, MIXED_PRECISION, SAMPLERS, TI_TEMPLATES, TrainConfig
 from .widgets import bool_widget, choice_widget, float_widget, int_widget
 
 CATEGORY = "DreamLoom/training"
@@ -20,6 +19,9 @@ class TrainingSettings:
 
     @classmethod
     def INPUT_TYPES(cls):
+        # imported here, not at the top: the pack's import stays a few milliseconds (trainer.config is the largest)
+        from ..trainer.config import LR_SCHEDULERS, MIXED_PRECISION, SAMPLERS, TI_TEMPLATES, TrainConfig
+
         d = TrainConfig().validate()  # the defaults resolved (text_encoder_lr: LoRA 5e-5)
         required = {
             "lr_scheduler": choice_widget(LR_SCHEDULERS, d.lr_scheduler, "Learning-rate schedule."),

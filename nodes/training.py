@@ -4,19 +4,30 @@ nodes/settings.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..trainer.config import TrainConfig
 from ..trainer.errors import DreamLoomError
 from . import comfy, runner
 from .images import files_to_batch
 from .widgets import bool_widget, float_widget, int_widget, string_widget
 
+if TYPE_CHECKING:
+    from ..trainer.config import TrainConfig
+
 CATEGORY = "DreamLoom/training"
 SEED_MAX = 2**63 - 1
 
 
+def _train_config():
+    """TrainConfig, imported on first use: trainer.config is the pack's largest module, and ComfyUI times the pack's
+    import at start-up (INPUT_TYPES and the nodes' work come later)."""
+    from ..trainer.config import TrainConfig
+
+    return TrainConfig
+
+
 def _common_inputs(method: str) -> dict:
-    d = TrainConfig(method=method).validate()
+    d = _train_config()(method=method).validate()
     return {
         "ckpt_name": (
             runner.checkpoint_choices(),
@@ -91,7 +102,7 @@ def _config(method: str, ckpt_name, dataset, settings, base_model=None, concepts
     data.update(extra)
     if data.get("mixed_precision") == "fp16" and not _cuda():
         data["mixed_precision"] = "no"  # stated in the settings tooltip
-    return TrainConfig.from_dict(data).validate()
+    return _train_config().from_dict(data).validate()
 
 
 def _cuda() -> bool:
@@ -223,7 +234,7 @@ class TrainDreamBoothLoRA:
 
     @classmethod
     def INPUT_TYPES(cls):
-        d = TrainConfig()
+        d = _train_config()()
         common = _common_inputs("lora")
         return {
             "required": {
@@ -307,7 +318,7 @@ class TrainTextualInversion:
 
     @classmethod
     def INPUT_TYPES(cls):
-        d = TrainConfig(method="ti")
+        d = _train_config()(method="ti")
         common = _common_inputs("ti")
         return {
             "required": {
@@ -387,7 +398,7 @@ class TrainDreamBoothFull:
 
     @classmethod
     def INPUT_TYPES(cls):
-        d = TrainConfig(method="full").validate()
+        d = _train_config()(method="full").validate()
         common = _common_inputs("full")
         return {
             "required": {

@@ -1,12 +1,22 @@
-"""DreamLoom trainer: DreamBooth LoRA and Textual Inversion for Stable Diffusion 1.5.
+"""DreamLoom trainer: DreamBooth (LoRA and full fine-tune) and Textual Inversion for Stable Diffusion 1.5 and SDXL.
 
-Importing this package is cheap: it loads only config and errors. The sub-packages that compute
-(base_models, data, training, formats, inference) import torch at the top; see docs/architecture.md.
+Importing this package loads nothing: ComfyUI imports the pack at start-up, and the nodes reach trainer.errors
+through it. TrainConfig and DreamLoomError are loaded on first use. The sub-packages that compute (base_models,
+data, training, formats, inference) import torch at the top; see docs/architecture.md.
 """
 
 __version__ = "0.1.0"
 
-from .config import TrainConfig
-from .errors import DreamLoomError
-
 __all__ = ["TrainConfig", "DreamLoomError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "TrainConfig":
+        from .config import TrainConfig
+
+        return TrainConfig
+    if name == "DreamLoomError":
+        from .errors import DreamLoomError
+
+        return DreamLoomError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
