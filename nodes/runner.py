@@ -101,7 +101,7 @@ def run_with_progress(run_dir: Path, total: int, node_id=None) -> dict:
         return done
     comfy.free_memory()
     pbar = comfy.progress_bar(max(total, 1), node_id)
-    state = {"preview": None, "step": 0, "total": max(total, 1)}
+    state = {"step": 0, "total": max(total, 1)}
 
     def on_event(event: dict) -> None:
         kind = event["event"]
@@ -110,12 +110,16 @@ def run_with_progress(run_dir: Path, total: int, node_id=None) -> dict:
         if kind == "progress":
             state["step"], state["total"] = int(event.get("step", 0)), max(int(event.get("total", total)), 1)
         picture = event.get("path") if kind == "sample" else event.get("latest")  # a grid, or a new class image
+        preview = None
         if picture:
             try:
-                state["preview"] = ("PNG", _load_preview(picture), PREVIEW_MAX_PX)
+                preview = ("PNG", _load_preview(picture), PREVIEW_MAX_PX)
             except OSError:
                 pass
-        pbar.update_absolute(min(state["step"], state["total"]), state["total"], state["preview"])
+        # The picture goes with the update that brings it, and only then: the editor keeps showing it, and
+        # ComfyUI encodes and sends a preview on every update that carries one (on a CPU the worker reports
+        # every step: a PNG per step took CPU from the training beside it).
+        pbar.update_absolute(min(state["step"], state["total"]), state["total"], preview)
 
     try:
         return jobs.run_job(run_dir, on_event=on_event, should_interrupt=comfy.interrupt_requested)
