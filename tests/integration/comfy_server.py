@@ -70,11 +70,11 @@ class ComfyServer:
             "--database-url",
             f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
         ]
-        # A user's Python keeps compiled bytecode, so only the first start after an install compiles the pack; this
-        # machine may say PYTHONDONTWRITEBYTECODE, which would make every start compile it (about 30 ms of the
-        # pack's import time ComfyUI prints). The bytecode goes into the test's own folder, not the repository.
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        env["PYTHONPYCACHEPREFIX"] = str(self.base / "pycache")
+        # A user's Python keeps compiled bytecode (pip writes it for the libraries; the first start writes the
+        # pack's), so only the first start after an install compiles the pack. This machine may say
+        # PYTHONDONTWRITEBYTECODE, which makes every start compile it (about 30 ms of the import time ComfyUI
+        # prints) and ComfyUI itself; the pack is compiled here, into its git-ignored __pycache__ folders.
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
         python = comfyui_python(path)
         sources = [str(ROOT / "__init__.py"), str(ROOT / "nodes"), str(ROOT / "trainer")]
         subprocess.run([python, "-m", "compileall", "-q", *sources], env=env, check=True, timeout=600)
