@@ -72,6 +72,20 @@ CONCEPTS_INPUT = (
 )
 
 
+def _dreambooth_optional_inputs(common: dict) -> dict:
+    """The optional inputs Train DreamBooth LoRA and Train DreamBooth (full fine-tune) share, in their order."""
+    return {
+        "instance_images": common["instance_images"],
+        "base_model": runner.BASE_MODEL_INPUT,
+        "class_images": (
+            "DL_DATASET",
+            {"tooltip": "Class images from Generate Class Images (otherwise they are generated here)."},
+        ),
+        "settings": ("DL_TRAIN_SETTINGS", {"tooltip": "Advanced options from DreamLoom Training Settings."}),
+        "concepts": CONCEPTS_INPUT,
+    }
+
+
 def _config(method: str, ckpt_name, dataset, settings, base_model=None, concepts=None, **fields) -> TrainConfig:
     """The run's TrainConfig. With a concept list (Add Concept), the first concept's images set the size, crop,
     flip and captions of all, and each concept brings its own folders and prompts."""
@@ -260,16 +274,7 @@ class TrainDreamBoothLoRA:
                 ),
                 **{k: common[k] for k in ("learning_rate", "max_train_steps", "seed", "sample_every", "output_name")},
             },
-            "optional": {
-                "instance_images": common["instance_images"],
-                "base_model": runner.BASE_MODEL_INPUT,
-                "class_images": (
-                    "DL_DATASET",
-                    {"tooltip": "Class images from Generate Class Images (otherwise they are generated here)."},
-                ),
-                "settings": ("DL_TRAIN_SETTINGS", {"tooltip": "Advanced options from DreamLoom Training Settings."}),
-                "concepts": CONCEPTS_INPUT,
-            },
+            "optional": _dreambooth_optional_inputs(common),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -441,16 +446,7 @@ class TrainDreamBoothFull:
                     "_v2 suffix is added.",
                 ),
             },
-            "optional": {
-                "instance_images": common["instance_images"],
-                "base_model": runner.BASE_MODEL_INPUT,
-                "class_images": (
-                    "DL_DATASET",
-                    {"tooltip": "Class images from Generate Class Images (otherwise they are generated here)."},
-                ),
-                "settings": ("DL_TRAIN_SETTINGS", {"tooltip": "Advanced options from DreamLoom Training Settings."}),
-                "concepts": CONCEPTS_INPUT,
-            },
+            "optional": _dreambooth_optional_inputs(common),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
