@@ -199,6 +199,8 @@ def test_bench_runs_each_contender_in_its_own_process(tmp_path, capsys):
             "diffusers-tuned": tuned,
         }
     assert saved["contenders"]["ours"]["summary"]["phases_ms"].keys() == set(M.PHASES)
+    # the floor trains on a batch of ours' shape: instance + class rows of the latents ours feeds the UNet
+    assert saved["contenders"]["unet"]["runs"][0]["unet_input"] == saved["contenders"]["ours"]["runs"][0]["unet_input"]
     assert set(saved["ratios"]) == {f"ours/{name}" for name in names[1:]}
     assert saved["ratios"]["ours/diffusers"]["step_time"] > 0 and saved["ratios"]["ours/diffusers"]["peak_rss"] > 0
     assert saved["morph"]["frames"] == 24
@@ -215,6 +217,13 @@ def test_bench_runs_each_contender_in_its_own_process(tmp_path, capsys):
         assert set(cpu_malloc.TUNED) <= set(tuned_run)  # diffusers-tuned: our settings from its start
     printed = capsys.readouterr().out
     assert "ours/diffusers" in printed and "faults/step" in printed and "morph rendering" in printed
+
+
+def test_bare_unet_floor_uses_the_vae_latent_size():
+    """tiny-fabric's three-level VAE makes 32 x 32 latents at 128 px: the floor once used resolution // 8."""
+    cfg = TrainConfig(base_model="tiny-fabric", resolution=128).validate()
+    spec = {"cfg": cfg.to_dict(), "warmup": 1, "steps": 1, "base_model": "tiny-fabric"}
+    assert B._run_bare_unet(spec)["unet_input"] == [2, 4, 32, 32]
 
 
 def test_bench_refuses_a_missing_script_before_any_work(tmp_path):

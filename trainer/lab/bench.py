@@ -237,6 +237,18 @@ def _loop_result(timer, marks: StepMarks, warmup: int, malloc: str) -> dict:
     }
 
 
+def _watch_unet_input(unet) -> list:
+    """Filled with the shape of the UNet's first input at its first call: the floor must see ours' batch shape."""
+    seen: list = []
+
+    def record(_module, args, kwargs):
+        if not seen:
+            seen.extend((args[0] if args else kwargs["sample"]).shape)
+
+    unet.register_forward_pre_hook(record, with_kwargs=True)
+    return seen
+
+
 def _run_ours(spec: dict, square: bool = False) -> dict:
     """The real Trainer loop (caches, one concatenated UNet pass); square: aspect-ratio buckets off."""
     from ..training.loop import Trainer
@@ -252,10 +264,12 @@ def _run_ours(spec: dict, square: bool = False) -> dict:
     timer, marks = _bench_timer(best_device().type, warmup, steps)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir, comps=comps, class_dir=spec["class_dir"], timer=timer, bench=True)
+        unet_input = _watch_unet_input(comps.unet)
         _cuda_peak_reset()
         trainer.run()
         result = _loop_result(timer, marks, warmup, trainer.settings.get("malloc", NOT_ON_CPU))
         result["buckets"] = trainer.buckets.table()
+        result["unet_input"] = unet_input
     return result
 
 
@@ -365,9 +379,10 @@ def _run_bare_unet(spec: dict) -> dict:
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    # the VAE's pixels per latent cell: 8 for SD1.5/SDXL, 4 for tiny-fabric's three-level VAE
+    side = cfg.resolution // 2 ** (len(comps.vae.config.block_out_channels) - 1)
     del comps
     rows = 2 * cfg.train_batch_size  # instance + prior rows, as ours concatenates them
-    side = cfg.resolution // 8
     g = torch.Generator().manual_seed(cfg.seed)
     latents = torch.randn((rows, unet.config.in_channels, side, side), generator=g).to(device)
     noise = torch.randn(latents.shape, generator=g).to(device)
@@ -389,7 +404,7 @@ def _run_bare_unet(spec: dict) -> dict:
             opt.zero_grad(set_to_none=True)
         loss.item()
         marks.append(time.perf_counter() - t0)
-    return _loop_result(timer, marks, warmup, malloc_label(device.type))
+    return {**_loop_result(timer, marks, warmup, malloc_label(device.type)), "unet_input": list(latents.shape)}
 
 
 def _run_morph(comps, resolution: int, repeats: int) -> dict:
@@ -467,6 +482,7 @@ def _run_loop_contender(role: str, spec_path: Path, work: Path, tag: str, env: d
     run = measure(raw, marks, spec["warmup"], sampler, t0)
     run["loop_step_times"] = raw["loop_step_times"][spec["warmup"] :]
     run["buckets"] = raw.get("buckets")  # the bucket table the run trained on
+    run["unet_input"] = raw.get("unet_input")  # the batch's shape as the UNet got it (the floor's must equal ours')
     return run
 
 
