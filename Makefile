@@ -23,18 +23,22 @@ lint: venv
 	$(VENV)/bin/ruff check trainer nodes tests tools
 	$(VENV)/bin/ruff format --check trainer nodes tests tools
 
+# Two pytest-xdist workers of one thread each (tests/conftest.py); full-size-model tests share one worker.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
+
 test: venv lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider $(XDIST)
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(XDIST)
 
 # The fast suite on the lowest versions requirements.txt allows (pins made from its floors by tools/min_deps.py),
 # in a venv of its own under build/ (rebuilt when the floors change).
 test-min-deps: MIN_VENV ?= build/venv-min-deps
 test-min-deps:
 	$(PYTHON) tools/min_deps.py install --venv $(MIN_VENV)
-	$(MIN_VENV)/bin/python -m pytest -q -m "not slow and not cuda" -p no:cacheprovider
+	$(MIN_VENV)/bin/python -m pytest -q -m "not slow and not cuda" -p no:cacheprovider $(XDIST)
 
 # On a machine with an NVIDIA GPU: doctor, `pytest -m cuda` and bench at 512 px (tools/gpu_proof.sh).
 # DIFFUSERS_SCRIPT=path/to/train_dreambooth_lora.py adds diffusers' example to the bench.

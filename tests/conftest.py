@@ -14,6 +14,24 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# `make test` runs two pytest-xdist workers on two cores: each worker, and every process a test starts (the CLI,
+# training workers), computes on one thread. Two workers of two OpenMP threads each would spin-wait on each other
+# and run several times slower. Set before torch is imported; children inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
+# Tests that hold a full-size model (several GB each) run one after another on one worker (`--dist loadgroup`), so
+# that two of them never share the machine's memory; the session's full-size fixtures are then made once.
+FULL_SIZE_FIXTURES = {"sd15_parts", "sd15_checkpoint", "sd15_components"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if FULL_SIZE_FIXTURES & set(item.fixturenames) or "full_size" in item.name:
+            item.add_marker(pytest.mark.xdist_group("full-size"))
+        elif item.get_closest_marker("comfyui"):  # one ComfyUI server at a time
+            item.add_marker(pytest.mark.xdist_group("comfyui"))
 
 
 @pytest.fixture(scope="session")
