@@ -154,6 +154,8 @@ def _record(
             "max": round(max(load_samples), 2),
         },
         "cpu_count": os.cpu_count(),
+        # under `make test`'s xdist workers ComfyUI inherits one thread (tests/conftest.py): slower than a user's
+        "omp_threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
         "machine": platform.platform(),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "model": model or "tiny-fabric (unchanged workflow)",
