@@ -311,7 +311,7 @@ def fabric_explore(info) -> dict:
         wf,
         "DreamLoom - exploring the trained LoRA (tutorial exercise 2)",
         "The training chain is the same as in fabric_dreambooth_lora: with the same inputs it returns the finished "
-        "LoRA at once instead of training again.\n"
+        "LoRA at once instead of training again: run after it, this one only renders (about 30 s on a 2-core CPU).\n"
         "A: guidance sweep 1.5 / 3 / 7.5 / 12 / 20 at seed 42. B: nine artistic styles at seed 123. C: nine seeds "
         "(1, 42, 100, 256, 512, 777, 999, 1234, 2048); SLERP Noise with one frame per keyframe gives exactly each "
         "seed's own noise.",
