@@ -241,11 +241,11 @@ def _watch_unet_input(unet) -> list:
     """Filled with the shape of the UNet's first input at its first call: the floor must see ours' batch shape."""
     seen: list = []
 
-    def record(_module, args, kwargs):
-        if not seen:
-            seen.extend((args[0] if args else kwargs["sample"]).shape)
+    def record(_module, args, kwargs):  # removes itself: nothing is left on the timed steps' path
+        seen.extend((args[0] if args else kwargs["sample"]).shape)
+        handle.remove()
 
-    unet.register_forward_pre_hook(record, with_kwargs=True)
+    handle = unet.register_forward_pre_hook(record, with_kwargs=True)
     return seen
 
 
