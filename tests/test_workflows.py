@@ -221,6 +221,16 @@ def test_tutorial_settings_are_in_the_workflows():
         n["inputs"]["cfg"] for n in explore.values() if n["class_type"] == "KSampler" and n["inputs"]["seed"] == 42
     )
     assert cfgs == [1.5, 3.0, 7.5, 12.0, 20.0]
+    # explore trains its own LoRA at the tutorial's rank, rate and steps, without class images (README: times)
+    train = next(n["inputs"] for n in explore.values() if n["class_type"] == "DreamLoomTrainLoRA")
+    assert (train["rank"], train["learning_rate"], train["max_train_steps"], train["prior_preservation"]) == (
+        4,
+        1e-4,
+        800,
+        False,
+    )
+    assert "class_images" not in train and train["output_name"] == "sks_fabric_explore"
+    assert not any(n["class_type"] == "DreamLoomGenerateClassImages" for n in explore.values())
 
 
 def test_validator_catches_broken_workflows(info):

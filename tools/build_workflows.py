@@ -65,6 +65,9 @@ SDXL_ONE_WIDGET = (
 SDXL_LORA = dict(class_images=50, steps=500, sample_every=250, output_name="sks_fabric_sdxl", cfg=7.0)
 SDXL_TI = dict(learning_rate=1e-3, steps=500, sample_every=250, output_name="sks_fabric_sdxl_ti")
 FABRIC_LORA = dict(class_images=100, steps=800, sample_every=200, output_name="sks_fabric", cfg=7.5)
+# Explore trains its own LoRA at the tutorial's rank, rate and steps without class images: nothing it renders uses the
+# class prompt that prior preservation protects, and the batch of one halves the step (under 3 minutes on 2 cores).
+FABRIC_EXPLORE = dict(class_images=0, steps=800, sample_every=400, output_name="sks_fabric_explore")
 # The full fine-tune: the DreamBooth paper's learning rate and prior weight; the same class images as the LoRA
 # workflow (same prompt, count and settings: one cache serves both)
 FULL = dict(class_images=100, steps=800, sample_every=200, output_name="sks_fabric_full", learning_rate=5e-6)
@@ -98,38 +101,43 @@ def training_images(wf: Workflow, x: int, y: int) -> int:
 def training_chain(
     wf: Workflow, x: int = 0, y: int = CHAIN_Y, model: str | None = None, run: dict = FABRIC_LORA
 ) -> dict:
-    """Load Checkpoint, the training images, class images, Train DreamBooth LoRA and Load DreamLoom LoRA."""
+    """Load Checkpoint, the training images, class images (none when run["class_images"] is 0: no prior
+    preservation), Train DreamBooth LoRA and Load DreamLoom LoRA. "next_x" in the result: where the graph goes on."""
     tiny = model or builtin_model(wf.info)
     ckpt = load_checkpoint(wf, x, y, tiny)
     images = training_images(wf, x, y + 220)
-    classes = wf.add(
-        "DreamLoomGenerateClassImages",
-        (x + COLUMN, y),
-        {
-            "ckpt_name": tiny,
-            "class_prompt": "a fabric pattern",
-            "negative_prompt": "",
-            "count": run["class_images"],
-            "resolution": 0,
-            "steps": 25,
-            "cfg": run["cfg"],
-            "sampler": "dpmpp_2m",
-            "seed": 42,
-            "batch_size": 4,
-        },
-    )
-    wf.link(ckpt, "base_model", classes, "base_model")
+    prior = run["class_images"] > 0
+    train_x = x + (2 if prior else 1) * COLUMN
+    classes = None
+    if prior:
+        classes = wf.add(
+            "DreamLoomGenerateClassImages",
+            (x + COLUMN, y),
+            {
+                "ckpt_name": tiny,
+                "class_prompt": "a fabric pattern",
+                "negative_prompt": "",
+                "count": run["class_images"],
+                "resolution": 0,
+                "steps": 25,
+                "cfg": run["cfg"],
+                "sampler": "dpmpp_2m",
+                "seed": 42,
+                "batch_size": 4,
+            },
+        )
+        wf.link(ckpt, "base_model", classes, "base_model")
     train = wf.add(
         "DreamLoomTrainLoRA",
-        (x + 2 * COLUMN, y),
+        (train_x, y),
         {
             "ckpt_name": tiny,
             "instance_prompt": "a sks african fabric pattern",
             "token": "sks",
             "class_prompt": "a fabric pattern",
-            "prior_preservation": True,
+            "prior_preservation": prior,
             "prior_loss_weight": 1.0,
-            "num_class_images": run["class_images"],
+            "num_class_images": run["class_images"] or 100,
             "rank": 4,
             "alpha": 4.0,
             "learning_rate": 1e-4,
@@ -141,16 +149,17 @@ def training_chain(
     )
     wf.link(ckpt, "base_model", train, "base_model")
     wf.link(images, "dataset", train, "instance_images")
-    wf.link(classes, "class_images", train, "class_images")
-    loss = wf.add("PreviewImage", (x + 3 * COLUMN, y), title="Loss", size=PREVIEW)
+    if prior:
+        wf.link(classes, "class_images", train, "class_images")
+    loss = wf.add("PreviewImage", (train_x + COLUMN, y), title="Loss", size=PREVIEW)
     wf.link(train, "loss_plot", loss, "images")
     lora = wf.add(
-        "DreamLoomLoadLoRA", (x + 3 * COLUMN, y + PREVIEW[1] + 60), {"strength_model": 1.0, "strength_clip": 1.0}
+        "DreamLoomLoadLoRA", (train_x + COLUMN, y + PREVIEW[1] + 60), {"strength_model": 1.0, "strength_clip": 1.0}
     )
     wf.link(ckpt, "model", lora, "model")
     wf.link(ckpt, "clip", lora, "clip")
     wf.link(train, "lora_name", lora, "lora_path")
-    return {"ckpt": ckpt, "lora": lora, "train": train, "images": images}
+    return {"ckpt": ckpt, "lora": lora, "train": train, "images": images, "next_x": train_x + 2 * COLUMN + 40}
 
 
 def encode_pair(wf: Workflow, clip_src, x: int, y: int, text: str) -> tuple[int, int]:
@@ -235,7 +244,7 @@ def fabric_dreambooth_lora(info) -> dict:
         "and queueing again resumes. The same inputs reuse the finished LoRA instead of training again.",
     )
     t = training_chain(wf)
-    x = 4 * COLUMN + 40
+    x = t["next_x"]
     wf.note(
         "4. Generation with the trained LoRA (tutorial exercise 1): Load DreamLoom LoRA takes the LoRA name from the "
         "training node, so one queue trains and then uses it. Prompt Batch encodes the nine contexts; one KSampler "
@@ -309,18 +318,22 @@ def fabric_explore(info) -> dict:
     wf = Workflow(info)
     first_note(
         wf,
-        "DreamLoom - exploring the trained LoRA (tutorial exercise 2)",
-        "The training chain is the same as in fabric_dreambooth_lora: with the same inputs it returns the finished "
-        "LoRA at once instead of training again: run after it, this one only renders (about 30 s on a 2-core CPU).\n"
+        "DreamLoom - exploring a trained LoRA (tutorial exercise 2)",
+        "Train DreamBooth LoRA trains a style LoRA to explore: the tutorial's rank 4, learning rate 1e-4 and 800 "
+        "steps, without class images. Prior preservation keeps the class prompt ('a fabric pattern') from "
+        "drifting, and nothing here renders it; without it each step is half the work and no class images are "
+        "made, so the whole workflow takes about 2-3 minutes on a 2-core CPU. To explore the LoRA "
+        "fabric_dreambooth_lora trained instead, delete the link into Load DreamLoom LoRA's lora_path and pick "
+        "sks_fabric there.\n"
         "A: guidance sweep 1.5 / 3 / 7.5 / 12 / 20 at seed 42. B: nine artistic styles at seed 123. C: nine seeds "
         "(1, 42, 100, 256, 512, 777, 999, 1234, 2048); SLERP Noise with one frame per keyframe gives exactly each "
         "seed's own noise.",
         height=380,
     )
-    t = training_chain(wf)
+    t = training_chain(wf, run=FABRIC_EXPLORE)
     model, clip, vae = (t["lora"], "model"), (t["lora"], "clip"), (t["ckpt"], "vae")
     # A: guidance sweep
-    x, y, step = 4 * COLUMN + 40, 0, 360
+    x, y, step = t["next_x"], 0, 360
     pos, neg = encode_pair(
         wf, clip, x, y, "a sks african fabric pattern, beautiful textile design, intricate details, vibrant colors"
     )
@@ -413,7 +426,7 @@ def fabric_morph(info) -> dict:
     )
     t = training_chain(wf)
     model, clip, vae = (t["lora"], "model"), (t["lora"], "clip"), (t["ckpt"], "vae")
-    x, y = 4 * COLUMN + 40, CHAIN_Y
+    x, y = t["next_x"], CHAIN_Y
     pos, neg = encode_pair(wf, clip, x, y, "a sks african fabric pattern")
     noise = wf.add(
         "DreamLoomSlerpNoise",
@@ -469,7 +482,7 @@ def sdxl_dreambooth_lora(info) -> dict:
         one_widget=SDXL_ONE_WIDGET,
     )
     t = training_chain(wf, model=tiny, run=run)
-    x = 4 * COLUMN + 40
+    x = t["next_x"]
     wf.note(
         "4. Generation with the trained LoRA: Load DreamLoom LoRA takes the LoRA from the training node and refuses "
         "one of another model family (an SD1.5 LoRA on SDXL) before anything is rendered. Prompt Batch encodes the "

@@ -107,8 +107,8 @@ def _check_outputs(server, entry, api, name: str, tile: int, frames: int) -> Non
                     im.seek(i)
                     total += im.info["duration"]
                 assert abs(total - 15000) <= 10, total
-    if any(n["class_type"] == "DreamLoomTrainLoRA" for n in api.values()):
-        assert _published(server, "loras", "sks_fabric")
+    for train in _nodes(api, "DreamLoomTrainLoRA"):
+        assert _published(server, "loras", train["inputs"]["output_name"])
         previews = _saved(server, entry, "PreviewImage", api)
         assert len(previews) >= 2 and all(p.exists() for p in previews.values())  # training images and loss
     if name == "fabric_textual_inversion":
@@ -210,17 +210,23 @@ def _run_timed(server, api: dict, name: str, times_dir: Path, model: str = "") -
 
 
 @pytest.mark.timeout(3600)
-def test_explore_and_morph_reuse_the_lora_workflows_result(bare_server, times_dir):
-    """The order the README suggests, in one ComfyUI: the LoRA workflow trains, then explore and morph (the same
-    training chain, the same inputs) get its finished LoRA at once and only render."""
+def test_morph_reuses_the_lora_workflows_result_and_explore_trains_its_own(bare_server, times_dir):
+    """The order the README suggests, in one ComfyUI: the LoRA workflow trains, then morph (the same training chain,
+    the same inputs) gets its finished LoRA at once and only renders; explore trains its own LoRA without class
+    images (one new run, no class-image run)."""
     _run_timed(bare_server, _load("fabric_dreambooth_lora"), "fabric_dreambooth_lora (first of three)", times_dir)
     runs = bare_server.base / "output" / "dreamloom" / "runs"
     trained = sorted(p.name for p in runs.iterdir())
-    for name in ("fabric_explore", "fabric_morph"):
-        api = _load(name)
-        entry = _run_timed(bare_server, api, f"{name} (after the LoRA workflow)", times_dir, "tiny-fabric, reused LoRA")
-        _check_outputs(bare_server, entry, api, name, tile=128, frames=450)
-        assert sorted(p.name for p in runs.iterdir()) == trained, "a second training run was started"
+    api = _load("fabric_morph")
+    label = "fabric_morph (after the LoRA workflow)"
+    entry = _run_timed(bare_server, api, label, times_dir, "tiny-fabric, reused LoRA")
+    _check_outputs(bare_server, entry, api, "fabric_morph", tile=128, frames=450)
+    assert sorted(p.name for p in runs.iterdir()) == trained, "a second training run was started"
+    api = _load("fabric_explore")
+    entry = _run_timed(bare_server, api, "fabric_explore (after the LoRA workflow)", times_dir)
+    _check_outputs(bare_server, entry, api, "fabric_explore", tile=128, frames=450)
+    new_runs = sorted(set(p.name for p in runs.iterdir()) - set(trained))
+    assert len(new_runs) == 1 and new_runs[0].startswith("sks_fabric_explore-"), new_runs
 
 
 def one_widget_sd15(api: dict) -> dict:
