@@ -98,6 +98,29 @@ def training_images(wf: Workflow, x: int, y: int) -> int:
     return images
 
 
+def class_images(wf: Workflow, ckpt: int, x: int, y: int, model: str, count: int, cfg: float) -> int:
+    """Generate Class Images of 'a fabric pattern' fed by the loader's base_model: the same settings in every
+    workflow, so one cached set serves them all."""
+    classes = wf.add(
+        "DreamLoomGenerateClassImages",
+        (x, y),
+        {
+            "ckpt_name": model,
+            "class_prompt": "a fabric pattern",
+            "negative_prompt": "",
+            "count": count,
+            "resolution": 0,
+            "steps": 20,
+            "cfg": cfg,
+            "sampler": "dpmpp_2m",
+            "seed": 42,
+            "batch_size": 4,
+        },
+    )
+    wf.link(ckpt, "base_model", classes, "base_model")
+    return classes
+
+
 def training_chain(
     wf: Workflow, x: int = 0, y: int = CHAIN_Y, model: str | None = None, run: dict = FABRIC_LORA
 ) -> dict:
@@ -108,25 +131,7 @@ def training_chain(
     images = training_images(wf, x, y + 220)
     prior = run["class_images"] > 0
     train_x = x + (2 if prior else 1) * COLUMN
-    classes = None
-    if prior:
-        classes = wf.add(
-            "DreamLoomGenerateClassImages",
-            (x + COLUMN, y),
-            {
-                "ckpt_name": tiny,
-                "class_prompt": "a fabric pattern",
-                "negative_prompt": "",
-                "count": run["class_images"],
-                "resolution": 0,
-                "steps": 20,
-                "cfg": run["cfg"],
-                "sampler": "dpmpp_2m",
-                "seed": 42,
-                "batch_size": 4,
-            },
-        )
-        wf.link(ckpt, "base_model", classes, "base_model")
+    classes = class_images(wf, ckpt, x + COLUMN, y, tiny, run["class_images"], run["cfg"]) if prior else None
     train = wf.add(
         "DreamLoomTrainLoRA",
         (train_x, y),
@@ -576,23 +581,7 @@ def dreambooth_full_finetune(info) -> dict:
     )
     base = load_checkpoint(wf, 0, CHAIN_Y, tiny)
     images = training_images(wf, 0, CHAIN_Y + 220)
-    classes = wf.add(
-        "DreamLoomGenerateClassImages",
-        (COLUMN, CHAIN_Y),
-        {
-            "ckpt_name": tiny,
-            "class_prompt": "a fabric pattern",
-            "negative_prompt": "",
-            "count": run["class_images"],
-            "resolution": 0,
-            "steps": 20,
-            "cfg": 7.5,
-            "sampler": "dpmpp_2m",
-            "seed": 42,
-            "batch_size": 4,
-        },
-    )
-    wf.link(base, "base_model", classes, "base_model")
+    classes = class_images(wf, base, COLUMN, CHAIN_Y, tiny, run["class_images"], 7.5)
     train = wf.add(
         "DreamLoomTrainFull",
         (2 * COLUMN, CHAIN_Y),
