@@ -3,7 +3,6 @@ forward wherever the merged one would not compute the same thing."""
 
 import copy
 
-import pytest
 import torch
 from conftest import tiny_config
 from peft import LoraConfig, inject_adapter_in_model
@@ -117,9 +116,9 @@ def test_lora_training_with_the_merged_forward_matches_peft(fabric_dir, tmp_path
     assert changed, "the LoRA did not train"
 
 
-@pytest.mark.parametrize("device", ["meta"])
-def test_merged_forward_leaves_other_devices_to_peft(device):
+def test_merged_forward_leaves_other_devices_to_peft():
     """Off the CPU (GPUs; here the meta device stands in) PEFT's forward runs: the merged one is a CPU measure."""
+    device = "meta"
     model = _adapted().to(device)
     use_merged_weight_forward(model)
     seen = []

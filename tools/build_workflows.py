@@ -142,7 +142,7 @@ def training_chain(
             "class_prompt": "a fabric pattern",
             "prior_preservation": prior,
             "prior_loss_weight": 1.0,
-            "num_class_images": run["class_images"] or 100,
+            "num_class_images": run["class_images"] or 100,  # the widget's default; unused without prior
             "rank": 4,
             "alpha": 4.0,
             "learning_rate": 1e-4,

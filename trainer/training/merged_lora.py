@@ -16,6 +16,7 @@ bias. Everywhere else, GPUs included (where launch costs hide behind CUDA's asyn
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -25,23 +26,26 @@ from torch import nn
 MERGE_MAX_WEIGHT = 256 * 256  # elements; toy widths (tiny-fabric: <= 128 x 128) and not SD1.5's (>= 320 x 320)
 
 
-def _eligible(layer) -> bool:
-    """Whether `layer` (a PEFT lora.Linear) is a plain low-rank update: what the merged forward computes."""
+def _plain_adapter(layer) -> str | None:
+    """The name of `layer`'s one active adapter when it is a plain low-rank update of a small enough linear layer
+    (what the merged forward computes), else None. Dropout, DoRA, lora bias and widths are fixed once the adapter
+    is made, so this is asked once per layer, not per call."""
     names = list(getattr(layer, "active_adapters", []))
     if len(names) != 1 or getattr(layer, "fan_in_fan_out", False):
-        return False
-    name = names[0]
-    return (
+        return None
+    name, base = names[0], layer.get_base_layer()
+    plain = (
         name in layer.lora_A
         and isinstance(layer.lora_dropout[name], nn.Identity)
         and not layer.use_dora.get(name, False)
         and not getattr(layer, "lora_bias", {}).get(name, False)
-        and isinstance(layer.get_base_layer(), nn.Linear)
-        and layer.get_base_layer().weight.numel() <= MERGE_MAX_WEIGHT
+        and isinstance(base, nn.Linear)
+        and base.weight.numel() <= MERGE_MAX_WEIGHT
     )
+    return name if plain else None
 
 
-def _merged_weight_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _merged_weight_forward(layer, x: torch.Tensor, *args, name: str, **kwargs) -> torch.Tensor:
     base = layer.get_base_layer()
     weight = base.weight
     if (
@@ -49,26 +53,26 @@ def _merged_weight_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Ten
         or kwargs  # PEFT's per-call adapter_names
         or layer.disable_adapters
         or layer.merged
+        or layer.active_adapters != [name]
         or x.device.type != "cpu"
         or x.dtype != torch.float32
         or weight.dtype != torch.float32
         or torch.is_autocast_enabled("cpu")
-        or not _eligible(layer)
     ):
         return type(layer).forward(layer, x, *args, **kwargs)
-    name = layer.active_adapters[0]
     lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
     return F.linear(x, torch.addmm(weight, lora_b, lora_a, alpha=layer.scaling[name]), base.bias)
 
 
 def use_merged_weight_forward(model: nn.Module) -> int:
     """Give every eligible PEFT LoRA linear layer in `model` the merged-weight forward (it falls back to PEFT's
-    own wherever the conditions above do not hold at call time). Returns how many layers got it."""
+    own wherever the call-time conditions above do not hold). Returns how many layers got it."""
     from peft.tuners.lora import Linear as LoraLinear
 
     count = 0
     for module in model.modules():
-        if type(module) is LoraLinear and _eligible(module):
-            module.forward = types.MethodType(_merged_weight_forward, module)
+        name = _plain_adapter(module) if type(module) is LoraLinear else None
+        if name is not None:
+            module.forward = types.MethodType(functools.partial(_merged_weight_forward, name=name), module)
             count += 1
     return count
