@@ -233,6 +233,18 @@ def test_tutorial_settings_are_in_the_workflows():
     assert not any(n["class_type"] == "DreamLoomGenerateClassImages" for n in explore.values())
 
 
+def test_ti_workflow_trains_at_the_quality_benchmarks_setting():
+    """The TI workflow's rate and steps are the ones `python -m trainer quality` measured (README's table)."""
+    from trainer.lab.quality import QualitySpec
+
+    api = json.loads((ROOT / "tests" / "workflows" / "fabric_textual_inversion.api.json").read_text())
+    train = next(n["inputs"] for n in api.values() if n["class_type"] == "DreamLoomTrainTextualInversion")
+    spec = QualitySpec()
+    assert (train["learning_rate"], train["max_train_steps"]) == (spec.ti_lr, spec.ti_steps)
+    assert train["initializer_token"] == "pattern"
+    assert 0 < train["sample_every"] < train["max_train_steps"]
+
+
 def test_validator_catches_broken_workflows(info):
     ui = _ui("fabric_dreambooth_lora")
     ks = next(i for i, n in enumerate(ui["nodes"]) if n["type"] == "KSampler")

@@ -52,6 +52,24 @@ SCRIPT = textwrap.dedent(
     out["unet_modules"] = len(set(key_map[k] for k in unet_keys))
     out["to_q_layers"] = sorted(set(str(key_map[k]) for k in unet_keys if k.endswith("attn1_to_q")))
     out["to_q_names"] = sorted(k for k in unet_keys if k.endswith("attn1_to_q"))
+    # one of our embedding files, used in a prompt as embedding:<name>, encodes in ComfyUI exactly as the trainer's
+    # own pipeline encodes its token (the TI workflow's grid is made the way its training samples were)
+    import os, tempfile
+    from safetensors.torch import save_file
+    pipelines = importlib.import_module(pack_name + ".trainer.inference.pipelines")
+    embeddings = importlib.import_module(pack_name + ".trainer.formats.embeddings")
+    emb_dir = tempfile.mkdtemp()
+    emb_path = os.path.join(emb_dir, "itest_emb.safetensors")
+    save_file({"emb_params": torch.randn(1, 64, generator=g)}, emb_path)
+    clip.tokenizer.clip_l.embedding_directory = emb_dir
+    embeddings.load_embedding_into_pipeline(pipelines.make_pipeline(comps), emb_path, "<itest-emb>")
+    with torch.no_grad():
+        for context in ("a photo of {}", "a dress made of {} fabric"):
+            theirs = clip.encode_from_tokens(clip.tokenize(context.format("embedding:itest_emb")))
+            ours = comps.family.encode_prompts(comps, [context.format("<itest-emb>")], "cpu")["hidden"]
+            plain = comps.family.encode_prompts(comps, [context.format("pattern")], "cpu")["hidden"]
+            gaps = [(theirs - ours).abs().max().item(), (ours - plain).abs().max().item()]
+            out.setdefault("embedding", []).append(gaps)
     # tiny: its VAE's first level has 16 channels, fewer than the 32 groups ComfyUI's VAE class builds by default
     tiny = builtin.build_tiny()
     t_model, t_clip, t_vae = C.load_builtin(tiny)
@@ -87,6 +105,7 @@ def test_tiny_fabric_in_comfyuis_classes_matches_diffusers(tmp_path):
     assert out["unet"] < 1e-4 and out["clip"] < 1e-4 and out["vae"] < 1e-4, out
     assert out["vae_shape"] == [1, 128, 128, 3] and out["latent_geometry"] == [4, 4]
     assert out["embedding_widths"] == {"clip_l": 64}  # a tiny-fabric embedding is accepted, an SD1.5 one refused
+    assert all(same < 1e-4 and moved > 0.1 for same, moved in out["embedding"]), out["embedding"]
     # tiny-fabric has attention at its 2 lower levels of 3 and in the middle: 2 down + 1 mid + 2 x 2 up = 7 blocks
     assert len(out["to_q_layers"]) == 7, out["to_q_layers"]
     # kohya's diffusers-style names (what our exporter writes) map for every one of them
