@@ -197,6 +197,23 @@ def test_class_images_within_budget(sd15_checkpoint, tmp_path):
     assert peak < CLASS_IMAGES_BUDGET_GIB, f"peak {peak:.2f} GiB"
 
 
+def test_class_image_job_in_half_precision_within_budget(sd15_checkpoint, tmp_path):
+    """The Generate Class Images node's job as the worker runs it for a ComfyUI user: the model loaded and run in
+    the inference dtype (bf16 where the GPU has it, else fp16), within the class-image budget."""
+    from trainer.events import Events
+    from trainer.jobs.worker import _run
+
+    spec = dict(prompt="a fabric pattern", negative_prompt="", sampler="dpmpp_2m", steps=2, guidance=7.5)
+    job = {"kind": "class_images", "base_model": str(sd15_checkpoint), "count": 4, "folder": str(tmp_path / "class"),
+           "batch_size": 4, "spec": {**spec, "resolution": 512, "seed": 0}}  # fmt: skip
+    fresh_gpu()
+    outputs = _run(job, tmp_path, Events(tmp_path))
+    peak = torch.cuda.max_memory_allocated() / GIB
+    print(f"\n[cuda] class-image job 4 x 512 px, batch 4: peak {peak:.2f} GiB")
+    assert len(outputs["images"]) == 4
+    assert peak < CLASS_IMAGES_BUDGET_GIB, f"peak {peak:.2f} GiB"
+
+
 def test_defaults_without_settings_node(sd15_checkpoint, data, tmp_path):
     """What a ComfyUI user gets when no Training Settings node is connected: the config's defaults."""
     cfg = _config(sd15_checkpoint, data, mixed_precision="auto", gradient_checkpointing=None, max_train_steps=2)

@@ -147,3 +147,45 @@ def test_log_lines_tell_the_run_without_flooding():
     done = describe_event({"event": "done", "outputs": {"lora": "/x" * 500, "samples": ["/y"] * 500}}, phase)
     assert done.endswith("done: outputs=lora, samples")  # the paths are in done.json
     assert len(describe_event({"event": "log", "message": "m" * 5000}, phase)) < 400
+
+
+def test_class_image_job_loads_and_generates_in_the_inference_dtype(tmp_path, monkeypatch):
+    """The Generate Class Images node's job runs where a GPU would give bf16 (faked here on the CPU): the model is
+    loaded in bf16 (no fp32 copy in host memory first) and the pipeline generates in it. It used to load in fp32 and
+    generate in fp32 on every device."""
+    import trainer.base_models.load as load
+    import trainer.data.class_images as class_images
+    import trainer.training.precision as precision
+    from trainer.events import Events
+    from trainer.jobs.worker import _run
+
+    monkeypatch.setattr(precision, "inference_dtype", lambda device: torch.bfloat16)
+    seen = {}
+    real_load, real_generate = load.load_base_model, class_images._generate_missing
+
+    def spy_load(spec, dtype=None, search_dirs=None):
+        seen["load"] = dtype
+        return real_load(spec, dtype, search_dirs)
+
+    def spy_generate(comps, spec, missing, folder, batch_size, device, dtype, *rest):
+        seen["generate"] = dtype
+        return real_generate(comps, spec, missing, folder, batch_size, device, dtype, *rest)
+
+    monkeypatch.setattr(load, "load_base_model", spy_load)
+    monkeypatch.setattr(class_images, "_generate_missing", spy_generate)
+    spec = dict(prompt="a fabric pattern", negative_prompt="", sampler="ddim", steps=2, guidance=1.0)
+    job = {"kind": "class_images", "base_model": "tiny", "count": 2, "folder": str(tmp_path / "class"),
+           "batch_size": 2, "spec": {**spec, "resolution": 64, "seed": 1}}  # fmt: skip
+    outputs = _run(job, tmp_path, Events(tmp_path))
+    assert seen == {"load": torch.bfloat16, "generate": torch.bfloat16}
+    assert len(outputs["images"]) == 2 and all(os.path.getsize(p) > 0 for p in outputs["images"])
+
+
+def test_inference_dtype_is_half_on_a_gpu_and_fp32_on_the_cpu(monkeypatch):
+    import trainer.training.precision as precision
+
+    assert precision.inference_dtype(torch.device("cpu")) is None  # the models' own fp32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert precision.inference_dtype("cuda") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision.inference_dtype("cuda") == torch.bfloat16

@@ -120,9 +120,11 @@ def cmd_class_images(args) -> int:
     from ..base_models.load import load_base_model
     from ..data.class_images import MANIFEST, ClassImageSpec, class_dir_for, generate_class_images
     from ..events import Events, TqdmListener
-    from ..training.precision import WEIGHT_DTYPES, best_device, resolve_mixed_precision
+    from ..training.precision import best_device, inference_dtype
 
-    comps = load_base_model(args.base_model)
+    device = best_device()
+    dtype = inference_dtype(device)  # fp16/bf16 on a GPU, fp32 on a CPU; loaded so (no fp32 copy first)
+    comps = load_base_model(args.base_model, dtype=dtype)
     spec = ClassImageSpec(
         comps.fingerprint,
         args.class_prompt,
@@ -137,8 +139,6 @@ def cmd_class_images(args) -> int:
     events = Events(None)
     listener = TqdmListener("class images")
     events.listeners.append(listener)
-    device = best_device()
-    precision, _ = resolve_mixed_precision("auto", device.type)  # fp16/bf16 on a GPU, fp32 on a CPU
     created = _missing_folders(folder)
     had_manifest = (folder / MANIFEST).exists()
     try:
@@ -149,7 +149,7 @@ def cmd_class_images(args) -> int:
             folder,
             args.batch_size,
             device=device,
-            dtype=WEIGHT_DTYPES.get(precision),
+            dtype=dtype,
             events=events,
         )
     except BaseException:
@@ -209,9 +209,9 @@ def pipeline_with_adapters(args):
     from ..base_models.load import load_base_model
     from ..formats.embeddings import load_embedding_into_pipeline
     from ..inference.pipelines import load_lora_into_pipeline, make_pipeline
-    from ..training.precision import to_inference_device
+    from ..training.precision import best_device, inference_dtype, to_inference_device
 
-    comps = load_base_model(args.base_model)
+    comps = load_base_model(args.base_model, dtype=inference_dtype(best_device()))  # no fp32 copy on a GPU
     pipe = make_pipeline(comps, args.sampler)
     to_inference_device(pipe)
     if args.lora:

@@ -70,14 +70,15 @@ def _run(job: dict, run_dir: Path, events) -> dict:
         )
         return result.outputs
     if kind == "class_images":
-        import torch
-
         from ..base_models.load import load_base_model
         from ..data.class_images import ClassImageSpec, generate_class_images
+        from ..training.precision import best_device, inference_dtype
 
-        comps = load_base_model(job["base_model"])
+        # On a GPU in fp16/bf16 (diffusers' prior_generation_precision), loaded so: no fp32 copy in host memory
+        device = best_device()
+        dtype = inference_dtype(device)
+        comps = load_base_model(job["base_model"], dtype=dtype)
         spec = ClassImageSpec(model_fingerprint=comps.fingerprint, **job["spec"])
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
             paths = generate_class_images(
                 comps,
@@ -86,6 +87,7 @@ def _run(job: dict, run_dir: Path, events) -> dict:
                 job["folder"],
                 int(job.get("batch_size", 4)),
                 device=device,
+                dtype=dtype,
                 events=events,
                 should_stop=should_stop,
             )
