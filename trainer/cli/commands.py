@@ -120,10 +120,9 @@ def cmd_class_images(args) -> int:
     from ..base_models.load import load_base_model
     from ..data.class_images import MANIFEST, ClassImageSpec, class_dir_for, generate_class_images
     from ..events import Events, TqdmListener
-    from ..training.precision import best_device, inference_dtype
+    from ..training.precision import inference_placement
 
-    device = best_device()
-    dtype = inference_dtype(device)  # fp16/bf16 on a GPU, fp32 on a CPU; loaded so (no fp32 copy first)
+    device, dtype = inference_placement()  # fp16/bf16 on a GPU, fp32 on a CPU; loaded so (no fp32 copy first)
     comps = load_base_model(args.base_model, dtype=dtype)
     spec = ClassImageSpec(
         comps.fingerprint,
@@ -209,9 +208,10 @@ def pipeline_with_adapters(args):
     from ..base_models.load import load_base_model
     from ..formats.embeddings import load_embedding_into_pipeline
     from ..inference.pipelines import load_lora_into_pipeline, make_pipeline
-    from ..training.precision import best_device, inference_dtype, to_inference_device
+    from ..training.precision import inference_placement, to_inference_device
 
-    comps = load_base_model(args.base_model, dtype=inference_dtype(best_device()))  # no fp32 copy on a GPU
+    _, dtype = inference_placement()
+    comps = load_base_model(args.base_model, dtype=dtype)  # on a GPU in fp16/bf16 at once: no fp32 copy first
     pipe = make_pipeline(comps, args.sampler)
     to_inference_device(pipe)
     if args.lora:

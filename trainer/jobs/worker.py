@@ -72,11 +72,10 @@ def _run(job: dict, run_dir: Path, events) -> dict:
     if kind == "class_images":
         from ..base_models.load import load_base_model
         from ..data.class_images import ClassImageSpec, generate_class_images
-        from ..training.precision import best_device, inference_dtype
+        from ..training.precision import inference_placement
 
         # On a GPU in fp16/bf16 (diffusers' prior_generation_precision), loaded so: no fp32 copy in host memory
-        device = best_device()
-        dtype = inference_dtype(device)
+        device, dtype = inference_placement()
         comps = load_base_model(job["base_model"], dtype=dtype)
         spec = ClassImageSpec(model_fingerprint=comps.fingerprint, **job["spec"])
         try:

@@ -32,10 +32,15 @@ def inference_dtype(device) -> torch.dtype | None:
     return WEIGHT_DTYPES.get(resolve_mixed_precision("auto", torch.device(device).type)[0])
 
 
+def inference_placement() -> tuple[torch.device, torch.dtype | None]:
+    """(device, dtype) for inference when the user names neither: the best device and its inference_dtype."""
+    device = best_device()
+    return device, inference_dtype(device)
+
+
 def to_inference_device(pipe) -> torch.device:
     """Move a pipeline to the best device, in fp16/bf16 on a GPU (half the memory); returns the device."""
-    device = best_device()
-    dtype = inference_dtype(device)
+    device, dtype = inference_placement()
     pipe.to(device, dtype) if dtype is not None else pipe.to(device)
     return device
 
