@@ -200,7 +200,11 @@ def test_two_processes_with_buckets_equal_one_process(tmp_path):
     b = load_file(str(tmp_path / "one" / "result" / "sks_fabric.safetensors"))
     moved = max(a[k].abs().max().item() for k in a if "lora_up" in k)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert moved > 1e-4 and diff < 1e-3 * moved, (diff, moved)
+    # AdamW moves a weight by up to the learning rate (1e-4) a step: another layout of the same images (batch 2 vs
+    # 2 accumulated batches of 1) measured 7.8e-4 apart. Summing in another order is float noise, 5.5e-7 measured on
+    # a fresh install of 2026-11-23 (1.4e-3 of `moved`, the bound this test had): Adam's normalisation magnifies it
+    # where a gradient is near zero.
+    assert moved > 1e-4 and diff < 2e-6, (diff, moved)
     events = (tmp_path / "two" / "events.jsonl").read_text().splitlines()
     assert any("96x64: 3 images" in json.loads(e).get("message", "") for e in events)
 

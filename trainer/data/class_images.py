@@ -138,8 +138,8 @@ def prepare_class_images(
     given = class_dir is not None and folder.is_dir() and bool(list_image_files(folder)) and not ours
     if not given and accelerator.is_main_process:
         # On a GPU, generated in the training precision (diffusers' --prior_generation_precision): a fp32
-        # SD1.5 pipeline at 512 px needs about 8 GB.
-        dtype = weight_dtype if accelerator.device.type == "cuda" else None
+        # SD1.5 pipeline at 512 px needs about 8 GB. On a CPU in fp32, whatever dtype the model was loaded in.
+        dtype = weight_dtype if accelerator.device.type == "cuda" else torch.float32
         batch = class_batch_for(cfg.class_batch_size, cfg.resolution, accelerator.device.type)
         if batch < cfg.class_batch_size and events:
             note = f"class images are made {batch} at a time at {cfg.resolution} px (class_batch_size "

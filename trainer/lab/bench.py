@@ -78,11 +78,15 @@ def run_one(role: str, spec_path: str, out_path: str) -> None:
     atomic_write_text(out_path, json.dumps(result, indent=2))
 
 
-def _factory(base_model: str):
+def _factory(base_model: str, as_trained: bool = False):
+    """A loader of the base model: in fp32, or `as_trained` in the dtype `train` loads it in (the file's, placed by
+    the Trainer), so ours' process peak is train's."""
     from ..base_models.builtin import build_tiny
-    from ..base_models.load import load_base_model
+    from ..base_models.load import load_base_model, stored_dtype
 
-    return build_tiny if base_model == "tiny" else (lambda: load_base_model(base_model))
+    if base_model == "tiny":
+        return build_tiny
+    return lambda: load_base_model(base_model, dtype=stored_dtype(base_model) if as_trained else None)
 
 
 def _prepare(req: dict) -> dict:
@@ -260,7 +264,7 @@ def _run_ours(spec: dict, square: bool = False) -> dict:
     if square:
         settings["aspect_buckets"] = False
     cfg = TrainConfig.from_dict({**spec["cfg"], **settings})
-    comps = _factory(spec["base_model"])()
+    comps = _factory(spec["base_model"], as_trained=True)()
     timer, marks = _bench_timer(best_device().type, warmup, steps)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir, comps=comps, class_dir=spec["class_dir"], timer=timer, bench=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -13,6 +14,20 @@ from ..merged_lora import use_merged_weight_forward
 from .base import Method, subject_phrase
 
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def add_fp32_adapter(module: torch.nn.Module, config: LoraConfig) -> None:
+    """Add LoRA adapters to a UNet or text encoder with their initial weights exact in fp32, whatever dtype the
+    model was loaded in. peft draws an adapter in fp32 and then casts it to its layer's weight dtype, so on a model
+    loaded in fp16 it would start from rounded weights: the layers it wraps are made fp32 first (only those, a
+    part of the model for a moment), and place_modules casts their frozen weights to the weight dtype later."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    for name, layer in module.named_modules():
+        weight = getattr(layer, "weight", None)
+        if weight is not None and weight.dtype != torch.float32 and check_target_module_exists(config, name):
+            layer.float()
+    module.add_adapter(config)
 
 
 class LoRAMethod(Method):
@@ -32,14 +47,14 @@ class LoRAMethod(Method):
         return self.cfg.train_text_encoder
 
     def setup(self, comps) -> None:
-        comps.unet.add_adapter(self.lora_config(self.cfg.lora_targets))
+        add_fp32_adapter(comps.unet, self.lora_config(self.cfg.lora_targets))
         if not any("lora_" in n for n, _ in comps.unet.named_parameters()):
             raise DreamLoomError(
                 f"No UNet module matches lora_targets {self.cfg.lora_targets}.",
                 "Use attention projections such as to_q, to_k, to_v, to_out.0.",
             )
         for text_encoder in self._text_encoders(comps).values():
-            text_encoder.add_adapter(self.lora_config(TEXT_LORA_TARGETS))
+            add_fp32_adapter(text_encoder, self.lora_config(TEXT_LORA_TARGETS))
         for module in self.trainable_modules(comps).values():
             use_merged_weight_forward(module)  # fewer operators per layer on the CPU; PEFT's forward elsewhere
 
