@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from trainer.base_models.builtin import build_tiny_sdxl
 from trainer.base_models.load import stored_dtype
 from trainer.base_models.sdxl import SDXL
+from trainer.errors import DreamLoomError
 from trainer.training import loop
 from trainer.training.loop import Trainer
 
@@ -48,6 +49,9 @@ def test_stored_dtype_is_read_from_the_headers(fp16_sdxl_folder, tmp_path):
         {"a": torch.zeros(2, dtype=torch.float16)}, str(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
     )
     assert stored_dtype(str(folder)) == torch.float32
+    (tmp_path / "model.ckpt").write_bytes(b"pickle")  # refused as load_base_model refuses it, before any header read
+    with pytest.raises(DreamLoomError, match="pickle-based checkpoint"):
+        stored_dtype(str(tmp_path / "model.ckpt"))
 
 
 def _train(cfg, run_dir, cache_root, monkeypatch, load_as=None):

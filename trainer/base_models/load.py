@@ -120,22 +120,19 @@ HALF_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16"}
 def stored_dtype(spec: str, search_dirs: list[str] | None = None):
     """The narrowest dtype that holds a base model's weights exactly, from its headers (no weights are read): fp16
     or bf16 when every floating-point tensor is stored so, else fp32 (built-in models, fp32 files, files that mix
-    fp16 and fp32, folders without safetensors). Loading in it never upcasts on the host: SDXL's 6.9 GB fp16 file
-    loaded in fp32 would hold about 21 GB of host memory before any of it reaches the GPU."""
+    fp16 and fp32, folders without safetensors). Refuses what load_base_model refuses. Loading in it never upcasts
+    on the host: SDXL's 6.9 GB fp16 file loaded in fp32 would hold about 21 GB before any of it reaches the GPU."""
     import torch
 
     if spec in BUILTIN_FAMILIES:
         return torch.float32
     path = resolve_model_path(spec, search_dirs)
     if path.is_dir():
-        files = [
-            f for part in ("unet", "vae", "text_encoder", "text_encoder_2") for f in (path / part).glob("*.safetensors")
-        ]
-        headers = [read_safetensors_header(f) for f in files]
-    elif path.suffix.lower() in (".safetensors", ".sft"):
-        headers = [read_safetensors_header(path)]
+        parts = ("unet", "vae", "text_encoder", "text_encoder_2")
+        headers = [read_safetensors_header(f) for part in parts for f in (path / part).glob("*.safetensors")]
     else:
-        headers = []
+        _check_model_file(path)  # a pickle or unknown file gets load_base_model's refusal, not a header error
+        headers = [read_safetensors_header(path)]
     stored = {
         info.get("dtype")
         for header in headers
