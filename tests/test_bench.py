@@ -351,3 +351,69 @@ def test_bench_compare_buckets_runs_buckets_against_the_same_images_square(tmp_p
     }
     assert saved["ratios"]["ours/square"]["step_time"] > 0
     assert "ours/square" in capsys.readouterr().out
+
+
+def test_script_requirements_are_read_from_the_module_body():
+    source = textwrap.dedent(
+        """
+        import os, torch.nn.functional as F
+        from torchvision import transforms
+        from . import sibling
+        from diffusers.utils import check_min_version
+        try:
+            import wandb
+        except ImportError:
+            wandb = None
+        if True:
+            import xformers
+        check_min_version("0.40.0.dev0")
+
+        def main():
+            import bitsandbytes
+        """
+    )
+    modules, min_version = D.script_requirements(source)
+    assert modules == ["os", "torch.nn.functional", "torchvision", "diffusers.utils"]  # optional imports left out
+    assert min_version == "0.40.0.dev0"
+    assert D.script_requirements("import os\n") == (["os"], None)
+    with pytest.raises(SyntaxError):
+        D.script_requirements("def (:\n")
+
+
+@pytest.mark.parametrize(
+    "source, needles",
+    [
+        ("import dreamloom_no_such_module\n", ["import dreamloom_no_such_module failed with ModuleNotFoundError"]),
+        # a torchvision built for another torch fails at import with a RuntimeError, not an ImportError
+        ("import fake_torchvision\n", ["RuntimeError: operator torchvision::nms does not exist", "torchvision built"]),
+        (
+            "from diffusers.utils import check_min_version\ncheck_min_version('999.0.0')\n",
+            ["check_min_version('999.0.0') failed with ImportError", "train_dreambooth_lora.py of the installed"],
+        ),
+        ("def (:\n", ["is not a Python script"]),
+    ],
+)
+def test_bench_refuses_a_script_this_python_cannot_run_before_any_work(tmp_path, monkeypatch, source, needles):
+    from trainer.errors import DreamLoomError
+
+    (tmp_path / "fake_torchvision.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    script = tmp_path / "train_dreambooth_lora.py"
+    script.write_text(source)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the bench prepared data before refusing the script")
+
+    monkeypatch.setattr(B, "_prepare_in_process", no_work)
+    with pytest.raises(DreamLoomError) as refused:
+        B.bench("tiny", compare_diffusers=str(script))
+    text = f"{refused.value.message} {refused.value.hint}"
+    for needle in needles:
+        assert needle in text, text
+    assert "\n" not in refused.value.message
+
+
+def test_bench_runs_a_script_whose_imports_and_version_check_pass(tmp_path):
+    """The check passes what the script itself would run: the stand-in, and diffusers' own version check."""
+    script = tmp_path / "train_dreambooth_lora.py"
+    script.write_text("from diffusers.utils import check_min_version\ncheck_min_version('0.1.0')\n" + STAND_IN)
+    D.check_script(script)

@@ -345,3 +345,11 @@ def test_a_finished_folder_is_never_replaced_by_other_settings(finished_run, tmp
     r = cli(*args_other)
     assert_refused(r, "different run", "instance_dir", "the instance images")
     assert tree(run_dir) == before
+
+
+def test_bench_refuses_a_diffusers_script_it_cannot_run_before_any_work(tmp_path):
+    script = tmp_path / "train_dreambooth_lora.py"
+    script.write_text("import dreamloom_no_such_module\n")
+    run = cli("bench", "--base-model", "tiny", "--compare-diffusers", script, "--json", tmp_path / "b.json")
+    assert_refused(run, "import dreamloom_no_such_module failed", "torchvision built for the installed torch")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_dreambooth_lora.py"]

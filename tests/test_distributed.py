@@ -73,7 +73,10 @@ def test_two_processes_batch_one_equal_one_process_batch_two(fabric_dir, tmp_pat
     assert a.keys() == b.keys()
     moved = max(a[k].abs().max().item() for k in a if "lora_up" in k)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert moved > 1e-4 and diff < 1e-3 * moved, (diff, moved)
+    # rounding (gloo's all-reduce sums in another order) reaches AdamW's near-zero gradients, whose update is up to
+    # lr whatever their size: 6.1e-7 (1e-3 of moved) measured on an AMD EPYC. Unsynchronised ranks, or a mean over
+    # the wrong count, differ by whole updates (about 1e-4 each)
+    assert moved > 1e-4 and diff < 1e-2 * moved, (diff, moved)
     # Only rank 0 wrote events, samples and results.
     events = [json.loads(line) for line in (tmp_path / "two" / "events.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "done" for e in events) == 1

@@ -110,8 +110,10 @@ def test_lora_training_with_the_merged_forward_matches_peft(fabric_dir, tmp_path
     monkeypatch.setattr(lora, "use_merged_weight_forward", lambda m: None)
     with_peft = trained("peft")
     assert merged.keys() == with_peft.keys()
+    # AdamW turns a rounding-sized difference in a near-zero gradient into up to a step's update (lr): 1.6e-6 was
+    # measured on an AMD EPYC against 1e-3 steps; a wrong merged weight would be off by whole updates
     for key in with_peft:
-        torch.testing.assert_close(merged[key], with_peft[key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(merged[key], with_peft[key], rtol=1e-4, atol=1e-5, msg=key)
     changed = [k for k in with_peft if "lora_B" in k and with_peft[k].abs().max() > 0]
     assert changed, "the LoRA did not train"
 

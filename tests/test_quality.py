@@ -56,6 +56,15 @@ def _run(fid, drift):
     }
 
 
+def test_similarity_stays_in_0_1_when_float32_histograms_sum_above_1():
+    """Eleven bins of 1/11 in float32 sum to 1.0000001: equal images once drifted by -1e-7 (out of [0, 1])."""
+    flat = {name: np.full(11, 1 / 11, np.float32) for name in ("colour", "texture")}
+    assert float(flat["colour"].sum()) > 1.0
+    assert q.similarity(flat, flat) == {"colour": 1.0, "texture": 1.0, "combined": 1.0}
+    assert q.pair_distance([flat], [flat]) == {"colour": 0.0, "texture": 0.0, "combined": 0.0}
+    assert q.diversity([flat, flat])["combined"] == 0.0
+
+
 def test_summary_targets_follow_the_issue_definitions():
     spec = q.QualitySpec(training_seeds=(0, 1, 2))
     good = {

@@ -39,7 +39,7 @@ from types import SimpleNamespace
 from .. import cpu_malloc
 from ..config import BUILTIN_RESOLUTION, TrainConfig
 from ..errors import DreamLoomError
-from .bench_diffusers import run_diffusers
+from .bench_diffusers import check_script, run_diffusers
 from .bench_measure import (
     NOT_ON_CPU,
     PHASES,
@@ -519,6 +519,8 @@ def _check_args(steps: int, warmup: int, repeats: int, malloc: str | None, compa
             f"--compare-diffusers {compare_diffusers}: no such file.",
             "Give the path of diffusers' examples/dreambooth/train_dreambooth_lora.py.",
         )
+    if script is not None:
+        check_script(script)  # its imports and check_min_version, before minutes of work by the other contenders
     return script
 
 

@@ -4,7 +4,9 @@ tqdm bar (stderr) and its memory and CPU time read from /proc by the bench."""
 
 from __future__ import annotations
 
+import ast
 import codecs
+import json
 import os
 import re
 import subprocess
@@ -13,7 +15,7 @@ import time
 from pathlib import Path
 
 from ..errors import DreamLoomError
-from .bench_measure import ProcSampler, log_tail, malloc_label, measure, read_counters, read_status
+from .bench_measure import ProcSampler, child_env, log_tail, malloc_label, measure, read_counters, read_status
 
 STEP_LINE = re.compile(r"Steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 
@@ -64,6 +66,103 @@ def diffusers_args(spec: dict, out_dir: Path) -> list[str]:
     if cfg["gradient_checkpointing"]:
         args.append("--gradient_checkpointing")
     return args
+
+
+# Run by this Python in a child (argv: the script's folder, its imports as JSON, its check_min_version or ""):
+# prints what the script would fail on first, as JSON, or null. Any exception counts: a torchvision built for
+# another torch raises RuntimeError ("operator torchvision::nms does not exist"), not ImportError.
+_PREFLIGHT = """
+import importlib, json, sys
+sys.path.insert(0, sys.argv[1])
+failed = None
+for name in json.loads(sys.argv[2]):
+    try:
+        importlib.import_module(name)
+    except BaseException as err:
+        failed = {"what": "import " + name, "error": f"{type(err).__name__}: {err}"}
+        break
+if failed is None and sys.argv[3]:
+    try:
+        from diffusers.utils import check_min_version
+        check_min_version(sys.argv[3])
+    except BaseException as err:
+        failed = {"what": f"check_min_version({sys.argv[3]!r})", "error": f"{type(err).__name__}: {err}"}
+print(json.dumps(failed))
+"""
+
+
+def script_requirements(source: bytes | str, name: str = "<script>") -> tuple[list[str], str | None]:
+    """(the modules the script imports unconditionally, the version its check_min_version asks for or None):
+    what its module body does before it trains. Raises SyntaxError or ValueError for what is not Python."""
+    tree = ast.parse(source, name)
+    modules: list[str] = []
+    min_version = None
+    for node in tree.body:  # the module's own statements: imports under an if or a try may be optional
+        if isinstance(node, ast.Import):
+            modules += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules.append(node.module)
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            call = node.value
+            if getattr(call.func, "id", None) == "check_min_version" and call.args:
+                arg = call.args[0]
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    min_version = arg.value
+    return list(dict.fromkeys(modules)), min_version
+
+
+def check_script(script: Path) -> None:
+    """Refuse, before the bench does any work, a script this Python cannot run: not Python, an import that fails
+    (a missing torchvision, or one built for another torch), or a check_min_version the installed diffusers
+    fails. The imports are tried in a child process, as the script would run."""
+    what = f"--compare-diffusers {script}"
+    hint = "Give diffusers' examples/dreambooth/train_dreambooth_lora.py."
+    try:
+        modules, min_version = script_requirements(script.read_bytes(), str(script))
+    except OSError as err:
+        raise DreamLoomError(f"{what}: cannot be read ({err.strerror}).", hint) from None
+    except (SyntaxError, ValueError) as err:
+        raise DreamLoomError(f"{what}: is not a Python script ({err}).", hint) from None
+    proc = subprocess.run(
+        [sys.executable, "-c", _PREFLIGHT, str(script.parent), json.dumps(modules), min_version or ""],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=script.parent,
+        timeout=600,  # a hang guard: importing torch, diffusers and torchvision takes seconds
+    )
+    lines = proc.stdout.strip().splitlines()
+    try:
+        failed = json.loads(lines[-1]) if proc.returncode == 0 and lines else {"what": "?", "error": "?"}
+    except ValueError:
+        failed = {"what": "?", "error": "?"}
+    if failed is None:
+        return
+    if failed["what"] == "?":  # the check itself died (a crash inside an extension, say)
+        detail = f"trying its imports exited with code {proc.returncode}:\n{(proc.stderr or proc.stdout)[-2000:]}"
+    else:
+        detail = f"{failed['what']} failed with {' '.join(failed['error'].split())[:800]}"
+    if failed["what"].startswith("check_min_version"):
+        fix = (
+            f"Use the train_dreambooth_lora.py of the installed diffusers ({_installed('diffusers')}: the "
+            "examples/dreambooth folder of that release), or install the diffusers release the script asks for."
+        )
+    else:
+        fix = (
+            "Install the example's requirements (examples/dreambooth/requirements.txt) into this Python, with a "
+            f"torchvision built for the installed torch ({_installed('torch')}): PyPI's torchvision works only "
+            "with the torch release it was made for."
+        )
+    raise DreamLoomError(f"bench: diffusers' script {script} cannot run with {sys.executable}: {detail}", fix)
+
+
+def _installed(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{package} {version(package)}"
+    except PackageNotFoundError:
+        return f"{package} not installed"
 
 
 def _mark(pid: int, n: int, marks: dict[int, list], hwm: list) -> None:

@@ -104,8 +104,9 @@ def features(image) -> dict:
 
 
 def similarity(f1: dict, f2: dict) -> dict:
-    colour = float(np.minimum(f1["colour"], f2["colour"]).sum())
-    texture = float(np.minimum(f1["texture"], f2["texture"]).sum())
+    # histograms sum to 1 only to float32 rounding: two equal ones may intersect in 1 + 1e-9, a drift of -1e-9
+    colour = min(1.0, float(np.minimum(f1["colour"], f2["colour"]).sum()))
+    texture = min(1.0, float(np.minimum(f1["texture"], f2["texture"]).sum()))
     return {"colour": colour, "texture": texture, "combined": (colour + texture) / 2}
 
 
