@@ -7,7 +7,17 @@ data, training, formats, inference) import torch at the top; see docs/architectu
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainConfig", "DreamLoomError", "__version__"]
+__all__ = ["TrainConfig", "DreamLoomError", "__version__", "installed_version"]
+
+
+def installed_version(dist: str) -> str | None:
+    """The installed version of the distribution `dist` from its metadata (nothing is imported), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def __getattr__(name: str):

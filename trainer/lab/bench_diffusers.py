@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .. import installed_version
 from ..errors import DreamLoomError
 from .bench_measure import ProcSampler, child_env, log_tail, malloc_label, measure, read_counters, read_status
 
@@ -131,38 +132,28 @@ def check_script(script: Path) -> None:
         cwd=script.parent,
         timeout=600,  # a hang guard: importing torch, diffusers and torchvision takes seconds
     )
-    lines = proc.stdout.strip().splitlines()
-    try:
-        failed = json.loads(lines[-1]) if proc.returncode == 0 and lines else {"what": "?", "error": "?"}
-    except ValueError:
-        failed = {"what": "?", "error": "?"}
+    cannot = f"bench: diffusers' script {script} cannot run with {sys.executable}"
+    requirements_fix = (
+        "Install the example's requirements (examples/dreambooth/requirements.txt) into this Python, with a "
+        f"torchvision built for the installed torch ({installed_version('torch') or 'none found'}): PyPI's "
+        "torchvision works only with the torch release it was made for."
+    )
+    if proc.returncode != 0:  # the check itself died (a crash inside an extension, say)
+        tail = " ".join((proc.stderr or proc.stdout)[-800:].split())
+        raise DreamLoomError(
+            f"{cannot}: trying its imports exited with code {proc.returncode}: {tail}", requirements_fix
+        )
+    failed = json.loads(proc.stdout.strip().splitlines()[-1])  # the child's last line is its verdict
     if failed is None:
         return
-    if failed["what"] == "?":  # the check itself died (a crash inside an extension, say)
-        detail = f"trying its imports exited with code {proc.returncode}:\n{(proc.stderr or proc.stdout)[-2000:]}"
-    else:
-        detail = f"{failed['what']} failed with {' '.join(failed['error'].split())[:800]}"
-    if failed["what"].startswith("check_min_version"):
-        fix = (
-            f"Use the train_dreambooth_lora.py of the installed diffusers ({_installed('diffusers')}: the "
-            "examples/dreambooth folder of that release), or install the diffusers release the script asks for."
-        )
-    else:
-        fix = (
-            "Install the example's requirements (examples/dreambooth/requirements.txt) into this Python, with a "
-            f"torchvision built for the installed torch ({_installed('torch')}): PyPI's torchvision works only "
-            "with the torch release it was made for."
-        )
-    raise DreamLoomError(f"bench: diffusers' script {script} cannot run with {sys.executable}: {detail}", fix)
-
-
-def _installed(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"{package} {version(package)}"
-    except PackageNotFoundError:
-        return f"{package} not installed"
+    detail = f"{failed['what']} failed with {' '.join(failed['error'].split())[:800]}"
+    if not failed["what"].startswith("check_min_version"):
+        raise DreamLoomError(f"{cannot}: {detail}", requirements_fix)
+    raise DreamLoomError(
+        f"{cannot}: {detail}",
+        f"Use the train_dreambooth_lora.py of the installed diffusers ({installed_version('diffusers')}, the "
+        "examples/dreambooth folder of that release), or install the diffusers release the script asks for.",
+    )
 
 
 def _mark(pid: int, n: int, marks: dict[int, list], hwm: list) -> None:

@@ -56,12 +56,11 @@ import os
 import platform
 import textwrap
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from .. import __version__, cpu_malloc
+from .. import __version__, cpu_malloc, installed_version
 from ..base_models.load import (
     BUILTIN_MODELS,
     _check_diffusers_folder,
@@ -253,13 +252,6 @@ def predict_ram(method, resolution, batch_size, train_text_encoder, precision, c
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _torch_version() -> str:
     if torch.version.cuda:
         return f"{torch.__version__} (CUDA {torch.version.cuda})"
@@ -272,7 +264,7 @@ def _versions() -> list[tuple[str, str]]:
     rows = [("Python", f"{platform.python_version()} ({platform.system()} {platform.machine()})")]
     rows.append(("torch", _torch_version()))
     for dist in ("diffusers", "peft", "accelerate", "transformers", "safetensors", "bitsandbytes"):
-        rows.append((dist, _version(dist)))
+        rows.append((dist, installed_version(dist) or "not installed"))
     rows.append(("DreamLoom", __version__))
     return rows
 

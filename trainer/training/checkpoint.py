@@ -7,7 +7,6 @@ these hold only what the method trains, and state.json's train_id refuses a chec
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import installed_version
 from ..errors import DreamLoomError
 
 _STEP_DIR = re.compile(r"^step_(\d{5,})$")
@@ -36,10 +36,7 @@ def versions() -> dict:
     """Python and library versions, recorded in job.json."""
     out = {"python": platform.python_version()}
     for name in ("torch", "diffusers", "peft", "accelerate", "transformers"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
+        out[name] = installed_version(name)
     return out
 
 
