@@ -333,10 +333,12 @@ def test_bench_cli_passes_precision_and_checkpointing_to_every_contender(monkeyp
     seen = {}
     monkeypatch.setattr(B, "bench", lambda *args, **kwargs: seen.update(kwargs))
     argv = ["bench", "--mixed-precision", "bf16", "--gradient-checkpointing", "--json", str(tmp_path / "b.json")]
-    assert main(argv) == 0
-    assert seen["cfg_overrides"] == {"mixed_precision": "bf16", "gradient_checkpointing": True}
+    assert main([*argv, "--half-frozen-convs", "false"]) == 0
+    expected = {"mixed_precision": "bf16", "gradient_checkpointing": True, "half_frozen_convs": False}
+    assert seen["cfg_overrides"] == expected
     assert main(["bench", "--json", str(tmp_path / "c.json")]) == 0
-    assert seen["cfg_overrides"] == {"mixed_precision": "auto", "gradient_checkpointing": False}
+    expected = {"mixed_precision": "auto", "gradient_checkpointing": False, "half_frozen_convs": None}  # None: auto
+    assert seen["cfg_overrides"] == expected
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import torch
 import trainer
 from trainer.errors import DreamLoomError
 from trainer.lab import doctor as doctor_mod
-from trainer.lab.doctor import doctor, predict_memory
+from trainer.lab.doctor import doctor, predict_memory, predict_ram
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +64,24 @@ def test_report_names_versions_and_cpu(cpu_only):
     assert "fp16       on " in report and "bf16       off" in report and "fp32 (no)" in report
     assert "about" in report and "in RAM" in report  # the CPU note
     assert "mixed_precision fp16/bf16" in report  # the hint
+    # an SD1.5 checkpoint is fp16, so fp32 training on the CPU keeps its frozen convs so: 1.1 GiB less
+    assert "half_frozen_convs       on (auto: on for fp32 training on the CPU)" in report
+    assert "fp32 (frozen convs in fp16)" in " ".join(report.split())
+    full = doctor(method="full")
+    assert "half_frozen_convs       off (a full fine-tune trains the convs)" in full
+    ram = {half: predict_ram("lora", 512, 1, False, "no", False, half_convs=half) for half in (False, True)}
+    assert ram[False] - ram[True] == pytest.approx(589.0e6 * 2 / 2**30)
+
+
+def test_half_frozen_convs_is_off_for_a_fp32_checkpoint_and_on_a_gpu(cpu_only, monkeypatch):
+    assert "half_frozen_convs       off (the checkpoint stores fp32 weights)" in doctor(base_model="tiny-fabric")
+    fake_gpu(monkeypatch, free_gib=40.0)
+    assert "half_frozen_convs       off (frozen weights are bf16 already)" in doctor(
+        mixed_precision="bf16", gradient_checkpointing="false"
+    )
+    assert "half_frozen_convs       off (auto: off on a GPU" in doctor(
+        mixed_precision="no", gradient_checkpointing="false"
+    )
 
 
 def test_builtin_model_needs_well_under_a_gigabyte(cpu_only):

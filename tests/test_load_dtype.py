@@ -89,13 +89,18 @@ def test_training_loads_a_fp16_model_in_fp16_and_matches_loading_it_in_fp32(
     _, full_dtypes, full_state = _train(cfg, tmp_path / "full", tmp_path / "c2", monkeypatch, load_as=torch.float32)
     assert half_dtypes == {torch.float16} and full_dtypes == {torch.float32}
     assert_same_tensors(half_state, full_state)
-    # Trained weights are fp32 master weights; on the CPU the frozen ones are fp32 too (bf16 when asked for).
-    frozen = {torch.bfloat16} if overrides.get("mixed_precision") == "bf16" else {torch.float32}
+    # Trained weights are fp32 master weights; on the CPU the frozen ones are fp32 too (bf16 when asked for), but
+    # for the frozen convs, which fp32 training keeps as the file stores them (half_frozen_convs, auto: on).
+    bf16 = overrides.get("mixed_precision") == "bf16"
     trained = {
         p.dtype for m in half.method.trainable_modules(half.comps).values() for p in m.parameters() if p.requires_grad
     }
     assert trained == {torch.float32}
-    assert {p.dtype for p in half.comps.unet.parameters() if not p.requires_grad} <= frozen
+    convs = [m for m in half.comps.unet.modules() if type(m) is torch.nn.Conv2d]
+    kept = {id(m.weight) for m in convs if m.weight.dtype == torch.float16}
+    assert bool(kept) == (not bf16 and method != "full")
+    frozen = [p for p in half.comps.unet.parameters() if not p.requires_grad and id(p) not in kept]
+    assert {p.dtype for p in frozen} <= ({torch.bfloat16} if bf16 else {torch.float32})
 
 
 SET_UP_PEAK = """

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU proof in one command, on a machine with an NVIDIA GPU and the pack's requirements installed:
 #   tools/gpu_proof.sh [tests|bench|all] [OUT_DIR] [PATH/TO/train_dreambooth_lora.py]
-# tests: `python -m trainer doctor` and `pytest -m cuda` (SD1.5 at 512 px and SDXL at 1024 px, fp16/bf16, budgets).
+# tests: `python -m trainer doctor` and `pytest -m cuda tests` (every test marked cuda: SD1.5 at 512 px and SDXL at
+#        1024 px in fp16/bf16 with their budgets, the full fine-tune, kept fp16 convs on the GPU).
 # bench: `python -m trainer bench` on a random-weight full-size SD1.5 at 512 px in fp16, with and without
 #        gradient checkpointing, next to diffusers' own example script when its path is given.
 # Logs and JSON results go to OUT_DIR (default build/gpu_proof).
@@ -17,7 +18,7 @@ status=0
 if [[ $stage == tests || $stage == all ]]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
     $python -m trainer doctor 2>&1 | tee "$out/doctor.txt" || status=1
-    $python -m pytest -m cuda -v -s -p no:cacheprovider tests/test_cuda.py tests/test_cuda_sdxl.py 2>&1 \
+    $python -m pytest -m cuda -v -s -p no:cacheprovider tests 2>&1 \
         | tee "$out/cuda_tests.log" || status=1
 fi
 

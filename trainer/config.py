@@ -133,6 +133,7 @@ class TrainConfig:
     prediction_type: str = "auto"  # auto: what the checkpoint declares (ComfyUI's v_pred marker), else epsilon
     mixed_precision: str = "auto"
     gradient_checkpointing: bool | None = None  # None: on when the GPU's free memory is small (see precision.py)
+    half_frozen_convs: bool | None = None  # None: on for fp32 training on a CPU (training/half_convs.py)
     torch_compile: bool = False
     cache_latents: bool = True
     seed: int = 42

@@ -206,6 +206,13 @@ def _add_lab_commands(sub) -> None:
         help="precision of every contender; auto: fp16 on a GPU (the memory budgets' setting), fp32 on a CPU",
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="every contender with gradient checkpointing")
+    p.add_argument(
+        "--half-frozen-convs",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="ours and the bare UNet: frozen conv weights kept in the checkpoint's fp16/bf16 under fp32 training "
+        "(auto: on for fp32 on a CPU, as train does)",
+    )
     p.add_argument("--json", default="bench.json", help="where to write the JSON result")
     p.add_argument(
         "--compare-buckets",

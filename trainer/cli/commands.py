@@ -446,6 +446,7 @@ def cmd_bench(args) -> int:
         cfg_overrides={
             "mixed_precision": args.mixed_precision,
             "gradient_checkpointing": args.gradient_checkpointing,
+            "half_frozen_convs": {"auto": None, "true": True, "false": False}[args.half_frozen_convs],
         },
     )
     return 0

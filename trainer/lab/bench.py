@@ -363,23 +363,25 @@ def _tutorial_step(m: SimpleNamespace, cfg: TrainConfig, timer, g, device) -> No
 def _run_bare_unet(spec: dict) -> dict:
     """The floor for ours: only the UNet's forward and backward and AdamW over the same LoRA, on a batch of the
     same shape as ours (instance + class rows in one pass), made once before the loop: no data, no caches, no
-    loss weighting, no logging. Frozen weights and autocast as ours places them."""
+    loss weighting, no logging. The model loaded, its frozen weights placed (half_frozen_convs included) and
+    autocast as ours does."""
     import torch
     import torch.nn.functional as F
 
+    from ..training.half_convs import resolve_half_frozen_convs
     from ..training.methods.lora import LoRAMethod
-    from ..training.precision import WEIGHT_DTYPES, best_device
+    from ..training.precision import WEIGHT_DTYPES, best_device, place_trainable_module
 
     cfg = TrainConfig.from_dict(spec["cfg"])
     warmup, steps = spec["warmup"], spec["steps"]
     device = best_device()
-    comps = _factory(spec["base_model"])()
+    comps = _factory(spec["base_model"], as_trained=True)()
     torch.manual_seed(cfg.seed)
     LoRAMethod(cfg).setup(comps)
     unet = comps.unet
     frozen_dtype = WEIGHT_DTYPES.get(cfg.mixed_precision, torch.float32)
-    for param in unet.parameters():
-        param.data = param.data.to(device, torch.float32 if param.requires_grad else frozen_dtype)
+    half_convs, _ = resolve_half_frozen_convs(cfg.half_frozen_convs, device, frozen_dtype, cfg.torch_compile)
+    place_trainable_module(unet, device, frozen_dtype, half_convs)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()

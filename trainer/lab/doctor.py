@@ -68,10 +68,12 @@ from ..base_models.load import (
     family_of_file,
     family_of_folder,
     resolve_model_path,
+    stored_dtype,
 )
 from ..config import BUILTIN_RESOLUTION
 from ..errors import DreamLoomError
 from ..files.safetensors_header import read_safetensors_header
+from ..training.half_convs import HALF_DTYPES, resolve_half_frozen_convs
 from ..training.precision import CHECKPOINTING_FREE_GIB, resolve_gradient_checkpointing, resolve_mixed_precision
 
 GIB = 2**30
@@ -96,14 +98,39 @@ class FamilySize:
     samples_gib: float  # the sample grid
     class_images_gib: float  # class images, 4 at a time (SDXL: 2 measured) with CFG
     measured: bool = True  # False: extrapolated
+    conv_weights: float = 0.0  # the UNet's Conv2d weights (half_frozen_convs keeps them 16-bit under fp32)
 
 
 # Fitted activation constants, GiB at the family's native size in fp16/bf16 (see the module docstring).
 SD15_SIZE = FamilySize(
-    "SD1.5", 512, 859.5e6, 123.1e6, 83.7e6, 797_184, 294_912, 768, {False: 1.13, True: 0.29}, 0.03, 0.95, 0.68
+    "SD1.5",
+    512,
+    859.5e6,
+    123.1e6,
+    83.7e6,
+    797_184,
+    294_912,
+    768,
+    {False: 1.13, True: 0.29},
+    0.03,
+    0.95,
+    0.68,
+    conv_weights=589.0e6,
 )
 SDXL_SIZE = FamilySize(
-    "SDXL", 1024, 2567.5e6, 817.7e6, 83.7e6, 5_806_080, 1_605_632, 2048, {False: 2.9, True: 0.75}, 0.16, 1.98, 1.98
+    "SDXL",
+    1024,
+    2567.5e6,
+    817.7e6,
+    83.7e6,
+    5_806_080,
+    1_605_632,
+    2048,
+    {False: 2.9, True: 0.75},
+    0.16,
+    1.98,
+    1.98,
+    conv_weights=333.2e6,
 )
 FAMILY_SIZES = {"SD1.5": SD15_SIZE, "SDXL": SDXL_SIZE}
 TRAINABLE_BYTES = 16  # fp32 weight + gradient + AdamW's two moments
@@ -236,9 +263,12 @@ def full_finetune_table(family: str = "SD1.5", resolution: int | None = None) ->
     return rows
 
 
-def predict_ram(method, resolution, batch_size, train_text_encoder, precision, checkpointing, family="SD1.5") -> float:
+def predict_ram(
+    method, resolution, batch_size, train_text_encoder, precision, checkpointing, family="SD1.5", half_convs=False
+) -> float:
     """A CPU run, GiB (extrapolated): the GPU model in `precision` (bf16, else fp32), with the VAE and text encoders
-    counted in the training phase too, since they stay in RAM."""
+    counted in the training phase too, since they stay in RAM; `half_convs` (fp32, frozen UNet convs kept 16-bit):
+    2 bytes less per conv weight in every phase."""
     size = FAMILY_SIZES[family]
     precision = "bf16" if precision == "bf16" else "no"
     pred = predict_memory(method, resolution, batch_size, train_text_encoder, precision, checkpointing, family=family)
@@ -246,7 +276,8 @@ def predict_ram(method, resolution, batch_size, train_text_encoder, precision, c
     resident = size.vae * weight_bytes
     if not (method == "ti" or train_text_encoder):  # otherwise already counted in the training phase
         resident += size.text_encoders * weight_bytes
-    return max(pred.training + resident / GIB, pred.samples)
+    saved = size.conv_weights * 2 / GIB if half_convs and precision == "no" and method != "full" else 0.0
+    return max(pred.training + resident / GIB, pred.samples) - saved
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -337,6 +368,14 @@ def _describe_model(spec: str) -> tuple[str, str | None]:
     family = family_of_file(path, read_safetensors_header(path))
     size = path.stat().st_size / 1e9
     return f"{path}: {family.name}, single file, {size:.2f} GB (header read, no weights)", family.name
+
+
+def _stores_16_bit(spec: str) -> bool:
+    """Whether the model's weights are fp16/bf16 in its files (headers only); an architecture name stands for the
+    usual published checkpoint, which is fp16."""
+    if spec in FAMILY_ARCHITECTURES and not Path(spec).exists():
+        return True
+    return stored_dtype(spec) in HALF_DTYPES
 
 
 def _parse_checkpointing(value) -> bool | None:
@@ -463,6 +502,13 @@ def doctor(
     out.append(f"  mixed_precision         {precision} ({precision_why})")
     out.append(f"  gradient_checkpointing  {'on' if ckpt else 'off'} ({ckpt_why})")
     out.append(f"  TF32                    {'on' if tf32 else 'off'} ({tf32_why})")
+    compute_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    half_convs, half_why = resolve_half_frozen_convs(None, device.kind, compute_dtype, torch_compile=False)
+    if half_convs and method == "full":
+        half_convs, half_why = False, "a full fine-tune trains the convs"
+    elif half_convs and not _stores_16_bit(base_model):
+        half_convs, half_why = False, "the checkpoint stores fp32 weights"
+    out.append(f"  half_frozen_convs       {'on' if half_convs else 'off'} ({half_why})")
     if device.kind == "cpu":  # what `python -m trainer` and the job runner give a CPU training process
         out.append(f"  CPU allocator           {cpu_malloc.describe()}")
     if device.kind != "cuda":
@@ -512,7 +558,7 @@ def doctor(
             f"{need:.1f} GiB of {device.free_gib:.1f} GiB free: {verdict}."
         )
     else:
-        ram = predict_ram(method, resolution, batch_size, train_text_encoder, precision, ckpt, family)
+        ram = predict_ram(method, resolution, batch_size, train_text_encoder, precision, ckpt, family, half_convs)
         total, available = _ram_gib()
         have = f"{available:.1f} GiB available" if available is not None else "RAM unknown"
         if total is not None:
@@ -520,7 +566,8 @@ def doctor(
         kind = "Apple MPS" if device.kind == "mps" else "no CUDA GPU"
         out += _wrap(
             f"Verdict: {kind}, so the table is for a CUDA GPU. Here the run keeps everything in RAM in "
-            f"{'bf16' if precision == 'bf16' else 'fp32'}: about {ram:.1f} GiB (extrapolated), {have}."
+            f"{'bf16' if precision == 'bf16' else 'fp32'}{' (frozen convs in fp16)' if half_convs else ''}: about "
+            f"{ram:.1f} GiB (extrapolated), {have}."
         )
         if precision == "fp16":
             out.append("  fp16 training is not supported on the CPU: use mixed_precision no (or bf16) here.")

@@ -41,6 +41,7 @@ from .checkpoint import (
     train_id_for,
     versions,
 )
+from .half_convs import free_buffers, resolve_half_frozen_convs
 from .loss import diffusion_loss
 from .loss_log import LossLog
 from .methods import make_method
@@ -109,6 +110,7 @@ class Trainer:
         finally:  # the components are handed back whole, also after a stop or an error
             if self.parked is not None:
                 self.parked.close()
+            free_buffers()  # half_frozen_convs' widening buffer (up to 118 MB for SD1.5)
 
     def _run(self) -> TrainResult:
         self.set_up()
@@ -173,6 +175,10 @@ class Trainer:
             self.comps.scheduler_config = {**self.comps.scheduler_config, "prediction_type": cfg.prediction_type}
         prediction = self.comps.scheduler_config.get("prediction_type", "epsilon")
         self.settings["prediction_type"] = f"{prediction} ({'set' if cfg.prediction_type != 'auto' else 'auto'})"
+        self.half_frozen_convs, half_why = resolve_half_frozen_convs(
+            cfg.half_frozen_convs, self.acc.device, self.weight_dtype, cfg.torch_compile
+        )
+        self.settings["half_frozen_convs"] = f"{'on' if self.half_frozen_convs else 'off'} ({half_why})"
         events.log("settings: " + "; ".join(f"{k} {v}" for k, v in self.settings.items()))
         self.concepts = cfg.concept_list()
         self.instance = self.instance or load_concept_images(cfg)
@@ -339,7 +345,14 @@ class Trainer:
             cached = sorted(set(cached) | set(self.validation.prompts))
         self.prompt_embeddings = PromptEmbeddings(comps, device, self.weight_dtype, cached)
         self._offload_cached_modules()
-        place_trainable_module(comps.unet, device, self.weight_dtype)
+        kept = place_trainable_module(comps.unet, device, self.weight_dtype, self.half_frozen_convs)
+        if self.half_frozen_convs:
+            self.events.log(
+                f"half_frozen_convs: {kept / 1e6:.0f} M frozen conv weights kept in the checkpoint's 16-bit dtype "
+                f"({kept * 2 / 2**30:.2f} GiB less than fp32)"
+                if kept
+                else "half_frozen_convs: no frozen conv weight is stored in fp16/bf16 here, so all stay fp32"
+            )
 
     def _validation_loss(self) -> ValidationLoss | None:
         """The held-out images' clean latents (posterior means, unflipped, centred, each at its own bucket) and

@@ -10,6 +10,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from ..errors import DreamLoomError
+from .half_convs import keep_frozen_convs_half
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -131,17 +132,24 @@ def place_modules(comps, device, dtype: torch.dtype, unet: bool = True) -> None:
     comps.vae.to(device, torch.float32 if dtype == torch.float16 else dtype)
 
 
-def place_trainable_module(module, device, dtype: torch.dtype) -> None:
+def place_trainable_module(module, device, dtype: torch.dtype, half_frozen_convs: bool = False) -> int:
     """A UNet or text encoder as place_modules places it. On a GPU in fp16/bf16, its peft LoRA layers also stop
     casting their input to the fp32 of the LoRA weights: the step runs under autocast, which casts it straight
     back to fp16/bf16 for the matrix product, so the values are the same, less two copies forward and two back
-    per layer (on a step bound by kernel launches, each costs)."""
+    per layer (on a step bound by kernel launches, each costs). `half_frozen_convs` (fp32 only): frozen conv
+    weights stored in fp16/bf16 stay so and are widened at each call (half_convs.py). Returns how many weights
+    were kept 16-bit."""
+    kept = keep_frozen_convs_half(module, device) if half_frozen_convs and dtype == torch.float32 else []
+    kept_ids = {id(param) for param in kept}
     for param in module.parameters():
+        if id(param) in kept_ids:
+            continue
         param.data = param.data.to(device, torch.float32 if param.requires_grad else dtype)
     for buffer in module.buffers():
         buffer.data = buffer.data.to(device)
     if torch.device(device).type == "cuda" and dtype != torch.float32:
         skip_lora_input_casts(module)
+    return sum(param.numel() for param in kept)
 
 
 def skip_lora_input_casts(module: torch.nn.Module) -> int:
