@@ -35,6 +35,8 @@ def widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     weight so far) instead of a fresh block per call: the widened copies come and go between the step's
     activations, and with the heap kept for them (cpu_malloc) fresh blocks of up to 118 MB each left it
     fragmented, about as large as the memory saved. Each copy is read only by the operator it is made for."""
+    if weight.dtype == dtype:  # e.g. a model run in fp16 after training: nothing to widen
+        return weight
     buffers = _scratch.__dict__.setdefault("buffers", {})
     key = (weight.device, dtype)
     buffer = buffers.get(key)
