@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..config import TrainConfig
 from ..errors import DreamLoomError
 from ..inference.prompts import GRID_CONTEXTS
 from .args import _config_from_args
@@ -429,6 +430,8 @@ def cmd_bench(args) -> int:
             "the installed diffusers).",
         )
     check_output_file(args.json, "--json")
+    # auto/true/false read as the config reads them everywhere else
+    half_frozen_convs = TrainConfig.from_dict({"half_frozen_convs": args.half_frozen_convs}).half_frozen_convs
     from ..lab.bench import bench
 
     bench(
@@ -446,7 +449,7 @@ def cmd_bench(args) -> int:
         cfg_overrides={
             "mixed_precision": args.mixed_precision,
             "gradient_checkpointing": args.gradient_checkpointing,
-            "half_frozen_convs": {"auto": None, "true": True, "false": False}[args.half_frozen_convs],
+            "half_frozen_convs": half_frozen_convs,
         },
     )
     return 0
