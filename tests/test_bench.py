@@ -333,11 +333,12 @@ def test_bench_cli_passes_precision_and_checkpointing_to_every_contender(monkeyp
     seen = {}
     monkeypatch.setattr(B, "bench", lambda *args, **kwargs: seen.update(kwargs))
     argv = ["bench", "--mixed-precision", "bf16", "--gradient-checkpointing", "--json", str(tmp_path / "b.json")]
-    assert main([*argv, "--half-frozen-convs", "false"]) == 0
+    assert main([*argv, "--half-frozen-convs", "false", "--cudnn-benchmark"]) == 0
     expected = {"mixed_precision": "bf16", "gradient_checkpointing": True, "half_frozen_convs": False}
-    assert seen["cfg_overrides"] == expected
+    assert seen["cfg_overrides"] == {**expected, "cudnn_benchmark": True}
     assert main(["bench", "--json", str(tmp_path / "c.json")]) == 0
     expected = {"mixed_precision": "auto", "gradient_checkpointing": False, "half_frozen_convs": None}  # None: auto
+    expected["cudnn_benchmark"] = False
     assert seen["cfg_overrides"] == expected
 
 

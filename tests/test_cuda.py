@@ -179,6 +179,25 @@ def test_torch_compile_trains(sd15_checkpoint, data, tmp_path):
     assert _moved_fraction(trainer, "unet.") >= 0.5
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cudnn_benchmark_trains_and_hands_back_what_its_search_took(sd15_checkpoint, data, tmp_path, checkpointing):
+    """cudnn_benchmark: the same training, and once the first step at the run's one latent shape is done, what
+    cuDNN's algorithm search took is handed back, so the run holds no more than the budget (its momentary peak,
+    which depends on the free memory cuDNN finds, is printed for the note)."""
+    before = torch.backends.cudnn.benchmark
+    cfg = _config(sd15_checkpoint, data, cudnn_benchmark=True, gradient_checkpointing=checkpointing)
+    trainer, result, peak = train_with_peak(cfg, tmp_path / "run")
+    held = torch.cuda.memory_reserved() / GIB
+    print(
+        f"\n[cuda] LoRA fp16 checkpointing={checkpointing} cudnn.benchmark: peak {peak:.2f} GiB, held after {held:.2f}"
+    )
+    assert trainer.settings["cudnn_benchmark"] == "on (set)" and trainer.cudnn_benchmark.shapes_seen == {(2, 4, 64, 64)}
+    assert torch.backends.cudnn.benchmark == before  # put back at the end of the run
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in result.losses])))
+    assert _moved_fraction(trainer, "unet.") >= 0.5
+    assert held < BUDGET_GIB[checkpointing], f"held {held:.2f} GiB"
+
+
 def test_class_images_within_budget(sd15_checkpoint, tmp_path):
     from trainer.base_models.load import load_base_model
     from trainer.data.class_images import ClassImageSpec, generate_class_images

@@ -287,3 +287,23 @@ def test_prediction_type_setting_trains_a_v_prediction_model(fabric_dir, tmp_pat
     assert runs["auto"][0] == "epsilon" and runs["v_prediction"][0] == "v_prediction"
     assert all(torch.isfinite(torch.tensor(runs["v_prediction"][1])))
     assert runs["auto"][1] != runs["v_prediction"][1]  # another target: the velocity, not the noise
+
+
+def test_cudnn_benchmark_is_cuda_only_searches_once_per_shape_and_is_put_back(monkeypatch):
+    from trainer.training.precision import CudnnBenchmark
+
+    before = torch.backends.cudnn.benchmark
+    asked_on_cpu = CudnnBenchmark(True, "cpu")
+    assert not asked_on_cpu.on and "only on CUDA" in asked_on_cpu.why and torch.backends.cudnn.benchmark == before
+    assert CudnnBenchmark(False, "cpu").why == "default"
+    released = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(1))  # counted, not run
+    on = CudnnBenchmark(True, "cuda")  # the device's type is all it reads
+    try:
+        assert on.on and torch.backends.cudnn.benchmark
+        for shape in [(2, 4, 64, 64), (2, 4, 64, 64), (2, 4, 48, 80), (2, 4, 64, 64), (2, 4, 48, 80)]:
+            on.after_step(shape)
+        assert len(released) == 2  # after the first step at each new shape, when the search ran
+    finally:
+        on.restore()
+    assert torch.backends.cudnn.benchmark == before

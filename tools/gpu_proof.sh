@@ -4,7 +4,8 @@
 # tests: `python -m trainer doctor` and `pytest -m cuda tests` (every test marked cuda: SD1.5 at 512 px and SDXL at
 #        1024 px in fp16/bf16 with their budgets, the full fine-tune, kept fp16 convs on the GPU).
 # bench: `python -m trainer bench` on a random-weight full-size SD1.5 at 512 px in fp16, with and without
-#        gradient checkpointing, next to diffusers' own example script when its path is given.
+#        gradient checkpointing and with cudnn_benchmark, next to diffusers' own example script when its path is
+#        given.
 # Logs and JSON results go to OUT_DIR (default build/gpu_proof).
 set -uo pipefail
 stage=${1:-all}
@@ -27,10 +28,11 @@ if [[ $stage == bench || $stage == all ]]; then
     [[ -f $model ]] || PYTHONPATH=.:tests${PYTHONPATH:+:$PYTHONPATH} $python -m helpers.sd15_layout "$model"
     compare=()
     [[ -n $script ]] && compare=(--compare-diffusers "$script")
-    for checkpointing in "" --gradient-checkpointing; do
-        name=bench_fp16${checkpointing:+_checkpointing}
+    # the shipped defaults with and without checkpointing, then the opt-in cuDNN algorithm search
+    for variant in "" --gradient-checkpointing --cudnn-benchmark; do
+        name=bench_fp16${variant:+_${variant#--}}
         rm -f "$out/$name.json"
-        $python -m trainer bench --base-model "$model" --resolution 512 --mixed-precision fp16 $checkpointing \
+        $python -m trainer bench --base-model "$model" --resolution 512 --mixed-precision fp16 $variant \
             --steps "${BENCH_STEPS:-20}" --warmup 5 --repeats "${BENCH_REPEATS:-2}" --skip-morph "${compare[@]}" \
             --json "$out/$name.json" 2>&1 | tee "$out/$name.log" || status=1
     done

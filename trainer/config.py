@@ -134,6 +134,7 @@ class TrainConfig:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool | None = None  # None: on when the GPU's free memory is small (see precision.py)
     half_frozen_convs: bool | None = None  # None: on for fp32 training on a CPU (training/half_convs.py)
+    cudnn_benchmark: bool = False  # CUDA: cuDNN times its convolution algorithms per shape (precision.py)
     torch_compile: bool = False
     cache_latents: bool = True
     seed: int = 42

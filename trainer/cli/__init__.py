@@ -207,6 +207,12 @@ def _add_lab_commands(sub) -> None:
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="every contender with gradient checkpointing")
     p.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="ours and the bare UNet with cuDNN's algorithm search (CUDA only; diffusers' script and the tutorial as "
+        "they are)",
+    )
+    p.add_argument(
         "--half-frozen-convs",
         choices=["auto", "true", "false"],
         default="auto",

@@ -450,6 +450,7 @@ def cmd_bench(args) -> int:
             "mixed_precision": args.mixed_precision,
             "gradient_checkpointing": args.gradient_checkpointing,
             "half_frozen_convs": half_frozen_convs,
+            "cudnn_benchmark": args.cudnn_benchmark,
         },
     )
     return 0

@@ -385,6 +385,7 @@ def _run_bare_unet(spec: dict) -> dict:
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and device.type == "cuda"  # as ours (precision.py)
     # the VAE's pixels per latent cell: 8 for SD1.5/SDXL, 4 for tiny-fabric's three-level VAE
     side = cfg.resolution // 2 ** (len(comps.vae.config.block_out_channels) - 1)
     del comps

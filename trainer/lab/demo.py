@@ -33,6 +33,47 @@ def _fidelity(images) -> float:
     return round(mean_similarity_to([features(im) for im in images], reference_features())["combined"], 4)
 
 
+def lora_config(samples_dir: Path, base_model: str, resolution: int, steps: int | None, quick: bool) -> TrainConfig:
+    """The tutorial's LoRA settings: rank 4, lr 1e-4, 800 steps, 100 class images (`quick`: fewer of everything)."""
+    lora_steps = steps or (30 if quick else 800)
+    return TrainConfig(
+        method="lora",
+        base_model=base_model,
+        instance_dir=str(samples_dir),
+        resolution=resolution,
+        rank=4,
+        alpha=4.0,
+        learning_rate=1e-4,
+        max_train_steps=lora_steps,
+        num_class_images=8 if quick else 100,
+        class_steps=4 if quick else 10,
+        sample_steps=8,
+        sample_every=max(1, lora_steps // 4),
+        checkpoint_every=max(1, lora_steps // 4),
+        output_name="sks_fabric",
+    ).validate()
+
+
+def ti_config(samples_dir: Path, base_model: str, resolution: int, steps: int | None, quick: bool) -> TrainConfig:
+    """Textual inversion on the same images: 600 steps at lr 5e-3, initialised from "pattern", no class images."""
+    ti_steps = steps or (30 if quick else 600)
+    return TrainConfig(
+        method="ti",
+        base_model=base_model,
+        instance_dir=str(samples_dir),
+        resolution=resolution,
+        placeholder_token=TI_TOKEN,
+        initializer_token="pattern",
+        learning_rate=5e-3,
+        max_train_steps=ti_steps,
+        with_prior_preservation=False,
+        sample_steps=8,
+        sample_every=max(1, ti_steps // 3),
+        checkpoint_every=max(1, ti_steps // 3),
+        output_name="sks_fabric_ti",
+    ).validate()
+
+
 def _train_with_progress(cfg: TrainConfig, run_dir: Path, label: str, **kwargs):
     events = Events(run_dir)
     listener = TqdmListener(label)
@@ -62,25 +103,9 @@ def run_demo(out: Path, steps: int | None = None, quick: bool = False, base_mode
 
 def _lora(out: Path, samples_dir: Path, base_model: str, resolution: int, steps, quick: bool, summary: dict):
     """The tutorial's LoRA run, its nine-context grid (exercise 1) and base-vs-LoRA; returns the LoRA pipeline."""
-    lora_steps = steps or (30 if quick else 800)
-    cfg = TrainConfig(
-        method="lora",
-        base_model=base_model,
-        instance_dir=str(samples_dir),
-        resolution=resolution,
-        rank=4,
-        alpha=4.0,
-        learning_rate=1e-4,
-        max_train_steps=lora_steps,
-        num_class_images=8 if quick else 100,
-        class_steps=4 if quick else 10,
-        sample_steps=8,
-        sample_every=max(1, lora_steps // 4),
-        checkpoint_every=max(1, lora_steps // 4),
-        output_name="sks_fabric",
-    ).validate()
+    cfg = lora_config(samples_dir, base_model, resolution, steps, quick)
     result = _train_with_progress(cfg, out / "lora_run", "demo", class_dir=out / "class_images")
-    summary["lora_steps"] = lora_steps
+    summary["lora_steps"] = cfg.max_train_steps
     summary["lora"] = str(_copy(result.outputs["lora"], out / "sks_fabric.safetensors"))
     summary["lora_diffusers"] = str(_copy(result.outputs["lora_diffusers"], out / "pytorch_lora_weights.safetensors"))
     summary["loss_plot"] = str(_copy(result.outputs["loss_plot"], out / "loss.png"))
@@ -125,24 +150,9 @@ def _ti(
     out: Path, samples_dir: Path, base_model: str, resolution: int, steps, quick: bool, lora_pipe, summary: dict
 ) -> None:
     """Textual inversion on the same images, then the tutorial's step 4: TI next to LoRA, same prompts and seeds."""
-    ti_steps = steps or (30 if quick else 600)
-    cfg = TrainConfig(
-        method="ti",
-        base_model=base_model,
-        instance_dir=str(samples_dir),
-        resolution=resolution,
-        placeholder_token=TI_TOKEN,
-        initializer_token="pattern",
-        learning_rate=5e-3,
-        max_train_steps=ti_steps,
-        with_prior_preservation=False,
-        sample_steps=8,
-        sample_every=max(1, ti_steps // 3),
-        checkpoint_every=max(1, ti_steps // 3),
-        output_name="sks_fabric_ti",
-    ).validate()
+    cfg = ti_config(samples_dir, base_model, resolution, steps, quick)
     result = _train_with_progress(cfg, out / "ti_run", "demo ti")
-    summary["ti_steps"] = ti_steps
+    summary["ti_steps"] = cfg.max_train_steps
     summary["embedding"] = str(_copy(result.outputs["embedding"], out / "sks_fabric_ti.safetensors"))
     print(f"[demo] TI embedding: {summary['embedding']}")
     ti_pipe = make_pipeline(load_base_model(base_model))

@@ -47,6 +47,7 @@ from .loss_log import LossLog
 from .methods import make_method
 from .parking import ParkedModules
 from .precision import (
+    CudnnBenchmark,
     enable_checkpointing,
     enable_tf32,
     make_accelerator,
@@ -102,6 +103,7 @@ class Trainer:
         self.offloaded: list[str] = []
         self.parked: ParkedModules | None = None  # a CPU run's VAE and text encoder, while on disk
         self.validation: ValidationLoss | None = None  # held-out images' loss (training/validation.py)
+        self.cudnn_benchmark: CudnnBenchmark | None = None  # set_up
 
     # -- the run, step by step ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -111,6 +113,8 @@ class Trainer:
             if self.parked is not None:
                 self.parked.close()
             free_buffers()  # half_frozen_convs' widening buffer (up to 118 MB for SD1.5)
+            if self.cudnn_benchmark is not None:
+                self.cudnn_benchmark.restore()
 
     def _run(self) -> TrainResult:
         self.set_up()
@@ -155,10 +159,12 @@ class Trainer:
         self.weight_dtype = weight_dtype(self.acc)
         checkpointing, checkpointing_why = resolve_gradient_checkpointing(cfg.gradient_checkpointing, self.acc.device)
         self.gradient_checkpointing = checkpointing
+        self.cudnn_benchmark = CudnnBenchmark(cfg.cudnn_benchmark, self.acc.device)
         self.settings = {
             "mixed_precision": f"{precision} ({precision_why})",
             "gradient_checkpointing": f"{'on' if checkpointing else 'off'} ({checkpointing_why})",
             "tf32": "on" if enable_tf32(self.acc.device) else "off",
+            "cudnn_benchmark": f"{'on' if self.cudnn_benchmark.on else 'off'} ({self.cudnn_benchmark.why})",
             # place_modules: SD1.5's and SDXL's VAEs overflow in fp16, so under fp16 it encodes and decodes in fp32
             "vae": "fp32 (the VAE overflows in fp16)" if precision == "fp16" else str(self.weight_dtype).split(".")[-1],
         }
@@ -575,6 +581,7 @@ class Trainer:
                     self.acc.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+        self.cudnn_benchmark.after_step(tuple(latents.shape))
         self.loss_log.add(step, *losses)
 
     def _prior_weight(self, picks: list[tuple[int, bool]]):
