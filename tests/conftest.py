@@ -26,6 +26,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 FULL_SIZE_FIXTURES = {"sd15_parts", "sd15_checkpoint", "sd15_components"}
 
 
+# tryfirst: xdist reads the group marks in its own collection hook, which would otherwise run before this one and
+# leave the tests ungrouped.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if FULL_SIZE_FIXTURES & set(item.fixturenames) or "full_size" in item.name:

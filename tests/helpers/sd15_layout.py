@@ -10,6 +10,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from trainer.base_models.sd15 import SD15_CONFIG_DIR
 from trainer.formats.kohya_names import kohya_module_name
 
+from .random_weights import RandomWeights
+
 
 def sd15_kohya_unet_modules() -> set[str]:
     """Every kohya module name of SD1.5's UNet Linear/Conv layers (built on the meta device)."""
@@ -30,12 +32,9 @@ def random_sd15_parts(seed: int = 0) -> dict:
         unet = UNet2DConditionModel.from_config(ucfg)
         vae = AutoencoderKL.from_config(vcfg)
         te = CLIPTextModel(CLIPTextConfig.from_pretrained(str(SD15_CONFIG_DIR / "text_encoder")))
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(module):
-        return {k: (torch.randn(v.shape, generator=g) * 0.02).to(torch.float16) for k, v in module.state_dict().items()}
-
-    return {"unet": rnd(unet), "vae": rnd(vae), "text": rnd(te), "unet_config": ucfg, "vae_config": vcfg}
+    weights = RandomWeights(seed)
+    parts = {name: weights.state_dict_like(module) for name, module in (("unet", unet), ("vae", vae), ("text", te))}
+    return {**parts, "unet_config": ucfg, "vae_config": vcfg}
 
 
 def write_random_sd15(path: Path, seed: int = 0) -> Path:

@@ -1,7 +1,7 @@
 """Full-size SDXL base for tests without downloads: random weights, kohya module names, a single-file checkpoint.
 
-The models are built on the meta device (shapes only) and every tensor is filled on its own, in fp16, so the
-full-size parts cost their fp16 size (~6.9 GB) and never a float32 model.
+The models are built on the meta device (shapes only) and every tensor is filled on its own, in fp16
+(random_weights.py), so the full-size parts cost their fp16 size (~6.9 GB) and never a float32 model.
 """
 
 import json
@@ -13,6 +13,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from trainer.base_models.components import ASSETS
 from trainer.formats.ldm_layout import kohya_ldm_unet_name
+
+from .random_weights import RandomWeights
 
 SDXL_CONFIG_DIR = ASSETS / "sdxl"
 
@@ -55,15 +57,8 @@ def random_sdxl_parts(seed: int = 0) -> dict:
     {"unet", "vae", "text", "text_2", "unet_config", "vae_config"}."""
     cfg = sdxl_configs()
     models = sdxl_meta_models(cfg)
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(module):
-        out = {}
-        for k, v in module.state_dict().items():
-            out[k] = torch.randn(v.shape, generator=g, dtype=torch.float16).mul_(0.02)
-        return out
-
-    parts = {name: rnd(models.pop(name)) for name in ("unet", "vae", "text", "text_2")}
+    weights = RandomWeights(seed)
+    parts = {name: weights.state_dict_like(models.pop(name)) for name in ("unet", "vae", "text", "text_2")}
     return {**parts, "unet_config": cfg["unet"], "vae_config": cfg["vae"]}
 
 

@@ -284,6 +284,13 @@ def _read(f, target: Target) -> torch.Tensor:
     return f.get_slice(target.key)[start:stop]
 
 
+def _energy(weight: torch.Tensor) -> float:
+    """The sum of squares of `weight`, to about 1e-7: per-row norms in fp32, added in fp64. A whole-tensor fp32 norm
+    was off by 1e-3 on a 1280 x 11520 conv; upcasting the tensor to fp64 first took 20 s over SD1.5's 886 layers."""
+    rows = torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1)
+    return float(rows.double().square().sum())
+
+
 def extract_lora(
     base: str | Path,
     tuned: str | Path,
@@ -328,10 +335,10 @@ def extract_lora(
         for done, (name, target) in enumerate(items, 1):
             base_w = _read(fb, target).float()
             delta = _read(ft, target).float() - base_w
-            energy = float(delta.double().square().sum())
+            energy = _energy(delta)
             all_energy += energy
             if name in chosen:
-                if energy <= (UNCHANGED**2) * float(base_w.double().square().sum()) or energy == 0.0:
+                if energy <= (UNCHANGED**2) * _energy(base_w) or energy == 0.0:
                     report.skipped.append(name)
                 else:
                     chosen_energy += energy
