@@ -370,7 +370,7 @@ def _run_bare_unet(spec: dict) -> dict:
 
     from ..training.half_convs import resolve_half_frozen_convs
     from ..training.methods.lora import LoRAMethod
-    from ..training.precision import WEIGHT_DTYPES, best_device, place_trainable_module
+    from ..training.precision import WEIGHT_DTYPES, CudnnBenchmark, best_device, place_trainable_module
 
     cfg = TrainConfig.from_dict(spec["cfg"])
     warmup, steps = spec["warmup"], spec["steps"]
@@ -385,7 +385,7 @@ def _run_bare_unet(spec: dict) -> dict:
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and device.type == "cuda"  # as ours (precision.py)
+    CudnnBenchmark(cfg.cudnn_benchmark, device)  # as ours; the process ends with the bench, so never put back
     # the VAE's pixels per latent cell: 8 for SD1.5/SDXL, 4 for tiny-fabric's three-level VAE
     side = cfg.resolution // 2 ** (len(comps.vae.config.block_out_channels) - 1)
     del comps

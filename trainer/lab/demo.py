@@ -33,45 +33,38 @@ def _fidelity(images) -> float:
     return round(mean_similarity_to([features(im) for im in images], reference_features())["combined"], 4)
 
 
-def lora_config(samples_dir: Path, base_model: str, resolution: int, steps: int | None, quick: bool) -> TrainConfig:
-    """The tutorial's LoRA settings: rank 4, lr 1e-4, 800 steps, 100 class images (`quick`: fewer of everything)."""
-    lora_steps = steps or (30 if quick else 800)
+def _demo_config(
+    samples_dir: Path, base_model: str, resolution: int, steps: int, grids: int, **settings
+) -> TrainConfig:
+    """A demo run on the sample set: `grids` sample grids and as many checkpoints after step 0, 8 sampling steps."""
     return TrainConfig(
-        method="lora",
         base_model=base_model,
         instance_dir=str(samples_dir),
         resolution=resolution,
-        rank=4,
-        alpha=4.0,
-        learning_rate=1e-4,
-        max_train_steps=lora_steps,
-        num_class_images=8 if quick else 100,
-        class_steps=4 if quick else 10,
+        max_train_steps=steps,
         sample_steps=8,
-        sample_every=max(1, lora_steps // 4),
-        checkpoint_every=max(1, lora_steps // 4),
-        output_name="sks_fabric",
+        sample_every=max(1, steps // grids),
+        checkpoint_every=max(1, steps // grids),
+        **settings,
     ).validate()
+
+
+def lora_config(samples_dir: Path, base_model: str, resolution: int, steps: int | None, quick: bool) -> TrainConfig:
+    """The tutorial's LoRA settings: rank 4, lr 1e-4, 800 steps, 100 class images (`quick`: fewer of everything)."""
+    return _demo_config(
+        samples_dir, base_model, resolution, steps or (30 if quick else 800), 4,
+        method="lora", rank=4, alpha=4.0, learning_rate=1e-4, num_class_images=8 if quick else 100,
+        class_steps=4 if quick else 10, output_name="sks_fabric",
+    )  # fmt: skip
 
 
 def ti_config(samples_dir: Path, base_model: str, resolution: int, steps: int | None, quick: bool) -> TrainConfig:
     """Textual inversion on the same images: 600 steps at lr 5e-3, initialised from "pattern", no class images."""
-    ti_steps = steps or (30 if quick else 600)
-    return TrainConfig(
-        method="ti",
-        base_model=base_model,
-        instance_dir=str(samples_dir),
-        resolution=resolution,
-        placeholder_token=TI_TOKEN,
-        initializer_token="pattern",
-        learning_rate=5e-3,
-        max_train_steps=ti_steps,
-        with_prior_preservation=False,
-        sample_steps=8,
-        sample_every=max(1, ti_steps // 3),
-        checkpoint_every=max(1, ti_steps // 3),
-        output_name="sks_fabric_ti",
-    ).validate()
+    return _demo_config(
+        samples_dir, base_model, resolution, steps or (30 if quick else 600), 3,
+        method="ti", placeholder_token=TI_TOKEN, initializer_token="pattern", learning_rate=5e-3,
+        with_prior_preservation=False, output_name="sks_fabric_ti",
+    )  # fmt: skip
 
 
 def _train_with_progress(cfg: TrainConfig, run_dir: Path, label: str, **kwargs):
