@@ -71,10 +71,12 @@ class TokenEmbeddingWithNewRows(torch.nn.Module):
     def forward(self, ids):
         is_new = ids >= self.first_new_id
         out = self.base(torch.where(is_new, torch.zeros_like(ids), ids))
-        if bool(is_new.any()):
-            rows = self.new_rows.to(out.dtype)[(ids - self.first_new_id).clamp(min=0)]
-            out = torch.where(is_new.unsqueeze(-1), rows, out)
-        return out
+        # Always merged, even when no id is new: asking first (`if is_new.any()`) made the host wait for the GPU
+        # at every training step. A batch without the token then gives the rows a zero gradient, as a full
+        # embedding matrix would.
+        last = self.new_rows.shape[0] - 1
+        rows = self.new_rows.to(out.dtype)[(ids - self.first_new_id).clamp(min=0, max=last)]
+        return torch.where(is_new.unsqueeze(-1), rows, out)
 
 
 def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
