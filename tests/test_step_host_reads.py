@@ -18,7 +18,7 @@ import torch
 from conftest import tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainer.base_models.builtin import build_tiny
+from trainer.base_models.builtin import build_tiny, build_tiny_sdxl
 from trainer.training import loop
 
 # aten ops that copy a device value to the host, or whose output size depends on values (so they sync on CUDA)
@@ -80,7 +80,8 @@ def _count_step_ops(monkeypatch, cfg, run_dir) -> tuple[collections.Counter, loo
     monkeypatch.setattr(loop.Trainer, "_micro_batch", counted(micro_batch))
     monkeypatch.setattr(loop.Trainer, "_end_of_step", counted(end_of_step))
     monkeypatch.setattr(loop.Trainer, "_flush", uncounted_flush)
-    trainer = loop.Trainer(cfg, run_dir, comps=build_tiny(), bench=True)  # the same steps, without samples or export
+    comps = build_tiny_sdxl() if cfg.base_model == "tiny-sdxl" else build_tiny()
+    trainer = loop.Trainer(cfg, run_dir, comps=comps, bench=True)  # the same steps, without samples or export
     trainer.run()
     return counter.counts, trainer
 
@@ -90,6 +91,7 @@ CASES = {
     "lora fp16 text encoder, 2 micro-batches": dict(train_text_encoder=True, gradient_accumulation_steps=2),
     "ti fp16 clamp_norm": dict(method="ti", clamp_norm=True, learning_rate=5e-3),
     "full fp16 ema": dict(method="full", use_ema=True, learning_rate=1e-5, with_prior_preservation=False),
+    "sdxl lora fp16 text encoders": dict(base_model="tiny-sdxl", train_text_encoder=True),
     "lora fp32": dict(mixed_precision="no"),
 }
 
