@@ -1,12 +1,12 @@
 # Two commands do everything on a fresh machine:
-#   make demo   - set up .venv and run the fabric demo on the built-in tiny model (writes demo_output/)
+#   make demo   - set up .venv and run the fabric demo on the built-in tiny-fabric model (writes demo_output/)
 #   make test   - set up .venv, lint (ruff) and run the whole test suite, slow tests included
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dreamloom-installed
 
-.PHONY: venv demo lint test test-fast test-min-deps gpu-proof bench clean
+.PHONY: venv demo lint test test-fast test-min-deps gpu-proof clean
 
 venv: $(STAMP)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from .widgets import bool_widget, choice_widget, float_widget, int_widget
 
 CATEGORY = "DreamLoom/training"
+# gradient_checkpointing's choices and what TrainConfig takes for each (None: decided by the GPU's free memory)
+CHECKPOINTING = {"auto": None, "on": True, "off": False}
 
 
 class TrainingSettings:
@@ -48,7 +50,12 @@ class TrainingSettings:
                 "auto: bf16 on GPUs that have it, else fp16; 'no' (fp32) on the CPU. fp16 on the CPU falls back to "
                 "'no'.",
             ),
-            "gradient_checkpointing": bool_widget(False, "Trade speed for much less VRAM."),
+            "gradient_checkpointing": choice_widget(
+                CHECKPOINTING,
+                "auto",
+                "Trade speed for less VRAM (SD1.5 LoRA at 512 px: 3.9 -> 3.0 GiB). auto: on when the GPU has less "
+                "than 12 GiB free, off on the CPU.",
+            ),
             "use_8bit_adam": bool_widget(
                 False, "8-bit AdamW (bitsandbytes, CUDA only): less VRAM for optimizer state."
             ),
@@ -96,5 +103,16 @@ class TrainingSettings:
         }
         return {"required": required}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, gradient_checkpointing):
+        # Named here, so ComfyUI leaves its own list check to us: workflows saved when this was a boolean
+        # widget hold True/False, which still mean on/off.
+        if gradient_checkpointing in CHECKPOINTING or isinstance(gradient_checkpointing, bool):
+            return True
+        return f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}, not {gradient_checkpointing!r}."
+
     def build(self, **kwargs):
+        checkpointing = kwargs.get("gradient_checkpointing", "auto")
+        if not isinstance(checkpointing, bool):
+            kwargs["gradient_checkpointing"] = CHECKPOINTING[checkpointing]
         return (dict(kwargs),)

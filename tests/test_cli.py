@@ -104,6 +104,22 @@ def test_demo_defaults_are_the_tutorials(tmp_path):
     assert lora_config(tmp_path, "tiny-fabric", 128, 400, quick=True).max_train_steps == 400
 
 
+@pytest.mark.parametrize("model, native", [("tiny-fabric", 128), ("sd15.safetensors", 512)])
+def test_class_images_defaults_make_the_set_train_looks_for(model, native):
+    """`class-images` without options makes the set `train` without options reuses: same sampler, steps,
+    guidance, prompts, seed and resolution, so the same cache key (they once differed: 25 steps against 20)."""
+    from trainer.cli import build_parser
+    from trainer.cli.args import _config_from_args
+    from trainer.cli.commands import class_image_spec
+    from trainer.data.class_images import ClassImageSpec
+
+    parser = build_parser()
+    made = class_image_spec(parser.parse_args(["class-images", "--base-model", model]), "fp", native)
+    cfg = _config_from_args(parser.parse_args(["train", "--base-model", model, "--output-dir", "out"]))
+    assert made == ClassImageSpec.for_training(cfg, "fp")
+    assert made.key() == ClassImageSpec.for_training(cfg, "fp").key()
+
+
 def test_cli_morph_writes_looping_gif(tmp_path):
     out = tmp_path / "m.gif"
     r = run_cli("morph", "--seconds", "1", "--fps", "10", "--steps", "2", "--seeds", "1,2,3", "--out", str(out))

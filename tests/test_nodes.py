@@ -307,3 +307,35 @@ def test_builtin_tiny_fabric_is_offered_and_generates_class_images(fake_comfy):
     )
     assert dataset.count == 2 and preview.shape[1:] == (128, 128, 3)
     assert float(preview.std()) > 0.02  # a picture, not a flat field
+
+
+@pytest.mark.parametrize(
+    "widget, expected", [("auto", None), ("on", True), ("off", False), (True, True), (False, False)]
+)
+def test_training_settings_node_keeps_gradient_checkpointing_auto(fake_comfy, fabric_dir, widget, expected):
+    """A connected Training Settings node left at its defaults chooses checkpointing by the GPU's free memory, as
+    an unconnected one does (it was a boolean that turned it off); True/False from workflows saved then still
+    validate and mean on/off, as ComfyUI checks them through VALIDATE_INPUTS."""
+    from conftest import pack_module, pack_node
+
+    node = pack_node("DreamLoomTrainingSettings")
+    spec = node.INPUT_TYPES()["required"]
+    defaults = {k: v[1].get("default", v[0][0] if isinstance(v[0], list) else None) for k, v in spec.items()}
+    assert defaults["gradient_checkpointing"] == "auto" and list(spec["gradient_checkpointing"][0]) == [
+        "auto",
+        "on",
+        "off",
+    ]
+    assert node.VALIDATE_INPUTS(gradient_checkpointing=widget) is True
+    settings = node().build(**{**defaults, "gradient_checkpointing": widget})[0]
+    ((dataset, _),) = [pack_node("DreamLoomLoadTrainingImages")().load(str(fabric_dir), 64, "center", False, False)]
+    runner, training = pack_module("nodes.runner"), pack_module("nodes.training")
+    cfg = training._config("lora", runner.BUILTIN_TINY_FABRIC, dataset, settings)
+    assert cfg.gradient_checkpointing is expected
+
+
+def test_training_settings_node_refuses_an_unknown_checkpointing_value():
+    from conftest import pack_node
+
+    message = pack_node("DreamLoomTrainingSettings").VALIDATE_INPUTS(gradient_checkpointing="sometimes")
+    assert "auto, on, off" in message and "'sometimes'" in message

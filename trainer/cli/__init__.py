@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import DEFAULT_CACHE_DIR
+from ..config import DEFAULT_CACHE_DIR, TrainConfig
 from ..errors import DreamLoomError
 from .args import _add_config_flags, _config_from_args
 from .commands import (
@@ -60,16 +60,18 @@ def _add_train(sub) -> None:
 
 def _add_class_images(sub) -> None:
     p = sub.add_parser("class-images", help="generate (or complete) a cached set of class images")
+    # train's defaults (TrainConfig), so that a set made here with them is the cache train looks for
+    d = TrainConfig()
     p.add_argument("--base-model", default="tiny-fabric")
-    p.add_argument("--class-prompt", default="a fabric pattern")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--count", type=int, default=100)
+    p.add_argument("--class-prompt", default=d.class_prompt)
+    p.add_argument("--negative-prompt", default=d.class_negative_prompt)
+    p.add_argument("--count", type=int, default=d.num_class_images)
     p.add_argument("--resolution", type=int, default=0, help="default: the model's native size")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--sampler", default="dpmpp_2m")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=d.class_steps)
+    p.add_argument("--guidance", type=float, default=d.class_guidance)
+    p.add_argument("--sampler", default=d.class_sampler)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.class_batch_size)
     p.add_argument("--output-dir", default=None, help="folder (default: cache folder keyed by the settings)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
     p.set_defaults(func=cmd_class_images)
@@ -288,16 +290,17 @@ def _add_lab_commands(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer", description="DreamLoom: DreamBooth LoRA and Textual Inversion for SD1.5."
+        prog="python -m trainer",
+        description="DreamLoom: DreamBooth LoRA, textual inversion and full DreamBooth fine-tunes for SD1.5 and SDXL.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_class_images(sub)
     _add_generate(sub)
     _add_morph(sub)
     _add_lora_tools(sub)
     _add_lab_commands(sub)
-    p = sub.add_parser("worker", help=argparse.SUPPRESS)
+    p = sub.add_parser("worker")  # the pack's training job (jobs/worker.py); no help, so --help leaves it out
     p.add_argument("job")
     p.set_defaults(func=cmd_worker)
     return parser

@@ -12,9 +12,10 @@ from ..config import TrainConfig
 HELP = {
     "method": "lora (DreamBooth LoRA), ti (textual inversion) or full (DreamBooth full fine-tune: the whole UNet, "
     "one checkpoint file)",
-    "base_model": "'tiny-fabric' (built-in, pretrained), 'tiny' (random weights), an SD1.5 .safetensors "
-    "checkpoint, or a diffusers folder",
-    "instance_dir": "folder of 5-20 instance images (.jpg/.png/.webp, optional .txt captions)",
+    "base_model": "'tiny-fabric' (built-in, pretrained), 'tiny' or 'tiny-sdxl' (random weights), an SD1.5 or SDXL "
+    ".safetensors checkpoint, or a diffusers folder",
+    "instance_dir": "folder of 5-20 instance images (.jpg/.jpeg/.png/.webp/.bmp, any letter case; optional .txt "
+    "captions)",
     "instance_prompt": "prompt for the instance images; must contain the token",
     "token": "the rare word that stands for the subject",
     "use_captions": "read a .txt caption beside each image; '{token}' in it becomes the token, and a caption "
@@ -41,6 +42,9 @@ HELP = {
     "sample_every": "make a sample grid every N steps, and at the start and the end (0: no samples at all)",
     "checkpoint_every": "write a resumable checkpoint every N steps (0: only at the end)",
     "snr_gamma": "min-SNR gamma loss weighting (0 = off, 5 is typical)",
+    "prediction_type": "what the UNet predicts: auto (what the checkpoint declares, as ComfyUI's v_pred key; else "
+    "epsilon), epsilon or v_prediction (for a v-prediction fine-tune whose file does not say so)",
+    "sample_prompts": "one sample prompt; give several in a TOML file's list",
     "mixed_precision": "auto (bf16 on GPUs that have it, else fp16; no on a CPU), no, fp16 (CUDA) or bf16",
     "gradient_checkpointing": "true, false or auto (on when the GPU has less than 12 GiB free)",
     "half_frozen_convs": "fp32 training: keep frozen conv weights in the checkpoint's fp16/bf16 and widen each at its "
@@ -64,15 +68,22 @@ HELP = {
 }
 
 
+# Defaults the CLI sets itself (_config_from_args), not TrainConfig's
+CLI_DEFAULTS = {
+    "base_model": "'tiny-fabric'",
+    "resolution": "the base model's native size: tiny-fabric 128, tiny 64, SD1.5 512, SDXL 1024",
+    "sample_prompts": "the method's three",
+}
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training settings (also accepted in a TOML file via --config)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{HELP.get(f.name, '')} (default: {default!r})".strip()
-        group.add_argument(
-            flag, dest=f.name, default=None, metavar=str(f.type).upper().replace("LIST[STR]", "A,B"), help=help_text
-        )
+        help_text = f"{HELP.get(f.name, '')} (default: {CLI_DEFAULTS.get(f.name, repr(default))})".strip()
+        metavar = "PROMPT" if f.name == "sample_prompts" else str(f.type).upper().replace("LIST[STR]", "A,B")
+        group.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=help_text)
 
 
 def _toml_keys(path) -> set[str]:

@@ -111,6 +111,22 @@ class CtrlC:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def class_image_spec(args, fingerprint: str, native_resolution: int):
+    """The set `class-images` makes: with its defaults, the set `train` looks for (ClassImageSpec.for_training)."""
+    from ..data.class_images import ClassImageSpec
+
+    return ClassImageSpec(
+        fingerprint,
+        args.class_prompt,
+        args.negative_prompt,
+        args.sampler,
+        args.steps,
+        args.guidance,
+        args.resolution or native_resolution,
+        args.seed,
+    )
+
+
 def cmd_class_images(args) -> int:
     check_whole(args.count, "--count", 1, 100_000)
     check_sampling_args(args)
@@ -119,22 +135,13 @@ def cmd_class_images(args) -> int:
     root = check_output_folder(args.output_dir or args.cache_dir, "--output-dir" if args.output_dir else "--cache-dir")
 
     from ..base_models.load import load_base_model
-    from ..data.class_images import MANIFEST, ClassImageSpec, class_dir_for, generate_class_images
+    from ..data.class_images import MANIFEST, class_dir_for, generate_class_images
     from ..events import Events, TqdmListener
     from ..training.precision import inference_placement
 
     device, dtype = inference_placement()  # fp16/bf16 on a GPU, fp32 on a CPU; loaded so (no fp32 copy first)
     comps = load_base_model(args.base_model, dtype=dtype)
-    spec = ClassImageSpec(
-        comps.fingerprint,
-        args.class_prompt,
-        args.negative_prompt,
-        args.sampler,
-        args.steps,
-        args.guidance,
-        args.resolution or comps.native_resolution,
-        args.seed,
-    )
+    spec = class_image_spec(args, comps.fingerprint, comps.native_resolution)
     folder = root if args.output_dir else class_dir_for(root, spec)
     events = Events(None)
     listener = TqdmListener("class images")
