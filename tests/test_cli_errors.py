@@ -353,3 +353,37 @@ def test_bench_refuses_a_diffusers_script_it_cannot_run_before_any_work(tmp_path
     run = cli("bench", "--base-model", "tiny", "--compare-diffusers", script, "--json", tmp_path / "b.json")
     assert_refused(run, "import dreamloom_no_such_module failed", "torchvision built for the installed torch")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train_dreambooth_lora.py"]
+
+
+def test_a_lora_or_embedding_that_does_not_fit_the_model_is_refused_naming_both(finished_run, tmp_path):
+    """A LoRA trained on `tiny` used on the default tiny-fabric (other widths), or a LoRA given as an embedding,
+    was a 170-line traceback from the loaders; now one error naming the file, the model and the fix."""
+    lora = Path(finished_run["outputs"]["lora"])
+    out = tmp_path / "grid.png"
+    r = cli("generate", "--steps", "1", "--prompt", "a fabric", "--lora", lora, "--out", out)
+    assert_refused(r, f"{lora.name} does not fit the base model tiny-fabric", "trained on tiny", torch_free=False)
+    assert "fix: Pass the model it was trained on as --base-model (tiny)" in r.stderr
+    token_prompt = "a dress in the style of <sks-fabric>"
+    r = cli("generate", "--base-model", "tiny", "--steps", "1", "--prompt", token_prompt, "--embedding", lora)
+    assert_refused(r, f"{lora.name} does not fit the base model tiny", "embeddings to --embedding", torch_free=False)
+    assert not out.exists() and not (ROOT / "grid.png").exists()
+
+
+def test_generate_and_morph_never_replace_a_file_unasked(tmp_path):
+    for command, name in (("generate", "grid.png"), ("morph", "loop.gif")):
+        out = tmp_path / name
+        out.write_bytes(b"the user's picture")
+        r = cli(command, "--base-model", "tiny", "--steps", "1", "--out", out)
+        assert_refused(r, f"--out {out} already exists", "pass --overwrite to replace it")
+        assert out.read_bytes() == b"the user's picture"
+
+
+def test_an_embedding_whose_token_no_prompt_holds_is_refused(tmp_path):
+    """The default prompts hold the LoRA subject, not the embedding's token: the grid would be the base model's."""
+    emb = tmp_path / "emb.safetensors"
+    emb.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")  # a header only: the token check comes first
+    r = cli("generate", "--base-model", "tiny", "--embedding", emb, "--out", tmp_path / "g.png")
+    assert_refused(r, "No prompt contains the embedding's token '<sks-fabric>'", "in --prompt, or in --subject")
+    r = cli("morph", "--base-model", "tiny", "--embedding", emb, "--out", tmp_path / "m.gif")
+    assert_refused(r, "No prompt contains the embedding's token", "Put <sks-fabric> in --prompt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.safetensors"]

@@ -86,6 +86,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=3)
     p.add_argument("--title", default=None)
     p.add_argument("--out", default="grid.png")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_generate)
 
 
@@ -102,6 +103,7 @@ def _add_morph(sub) -> None:
     p.add_argument("--open", action="store_true", help="an open path instead of a seamless loop")
     p.add_argument("--batch-size", type=int, default=8, help="frames per pipeline call")
     p.add_argument("--out", default="morph.gif", help=".gif, .webp or .mp4")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_morph)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..errors import DreamLoomError
+from ..files.atomic import check_new_file
 from ..inference.prompts import GRID_CONTEXTS
 from .args import _config_from_args
 from .checks import (
@@ -211,6 +213,18 @@ def check_lora_family(path: str, comps) -> None:
         )
 
 
+def check_embedding_token_used(args, prompts: list[str], where: str) -> None:
+    """An --embedding changes only prompts that hold its token: refuse a run whose prompts all lack it (it would
+    render the base model's pictures and look like an embedding that learned nothing)."""
+    token = args.embedding_token
+    if args.embedding and not any(token in prompt for prompt in prompts):
+        raise DreamLoomError(
+            f"No prompt contains the embedding's token {token!r}, so --embedding would change nothing.",
+            f"Put {token} in {where} (e.g. 'a dress in the style of {token}'), or give --embedding-token the token "
+            "your prompts use.",
+        )
+
+
 def pipeline_with_adapters(args):
     """The base model as a pipeline on the best device, with --lora and --embedding applied."""
     from ..base_models.load import load_base_model
@@ -224,28 +238,55 @@ def pipeline_with_adapters(args):
     to_inference_device(pipe)
     if args.lora:
         check_lora_family(args.lora, comps)
-        load_lora_into_pipeline(pipe, args.lora, args.lora_scale)
+        with adapter_fit(args.lora, "--lora", comps):
+            load_lora_into_pipeline(pipe, args.lora, args.lora_scale)
     if args.embedding:
-        load_embedding_into_pipeline(pipe, args.embedding, args.embedding_token)
+        with adapter_fit(args.embedding, "--embedding", comps):
+            load_embedding_into_pipeline(pipe, args.embedding, args.embedding_token)
     return comps, pipe
+
+
+@contextlib.contextmanager
+def adapter_fit(path: str, flag: str, comps):
+    """Turn the loaders' errors for a file that does not fit the base model (another model of the family, at other
+    widths; an embedding given as a LoRA or the reverse) into one message naming both and the fix."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError) as err:
+        from ..files.safetensors_header import read_safetensors_header
+
+        meta = read_safetensors_header(path).get("__metadata__") or {}
+        base = Path(meta.get("dreamloom.base_model") or meta.get("ss_sd_model_name") or "").name
+        kind = "a LoRA" if flag == "--lora" else "a textual-inversion embedding"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "size mismatch" in str(err) or "incorrect shape" in reason:
+            reason = "its layers have other widths than this model's"
+        raise DreamLoomError(
+            f"{Path(path).name} does not fit the base model {Path(comps.source).name} ({reason[:200]})"
+            + (f"; it was trained on {base}." if base else "."),
+            f"Pass the model it was trained on as --base-model{f' ({base})' if base else ''}, and give {flag} "
+            f"{kind} (LoRAs go to --lora, embeddings to --embedding).",
+        ) from None
 
 
 def cmd_generate(args) -> int:
     check_sampling_args(args)
     check_adapter_args(args)
     check_output_file(args.out, "--out", (".png",))
-
-    from ..files.atomic import atomic_save
-    from ..inference.pipelines import generate
-    from ..pictures.grid import labelled_grid
-
-    comps, pipe = pipeline_with_adapters(args)
+    check_new_file(args.out, args.overwrite, "--out")
     subject = args.subject
     if args.prompt:
         prompts, labels = list(args.prompt), list(args.prompt)
     else:
         prompts = [tpl.format(s=subject) for _, tpl in GRID_CONTEXTS]
         labels = [f"{name}: {p}" for (name, _), p in zip(GRID_CONTEXTS, prompts)]
+    check_embedding_token_used(args, prompts, "--prompt, or in --subject")
+
+    from ..files.atomic import atomic_save
+    from ..inference.pipelines import generate
+    from ..pictures.grid import labelled_grid
+
+    comps, pipe = pipeline_with_adapters(args)
     seeds = [args.seed] * len(prompts)
     resolution = args.resolution or comps.native_resolution
     images = generate(
@@ -275,6 +316,8 @@ def cmd_morph(args) -> int:
     check_whole(args.hold_frames, "--hold-frames", 0, 10_000)
     seeds = parse_seeds(args.seeds)
     check_output_file(args.out, "--out", (".gif", ".webp", ".mp4"))
+    check_new_file(args.out, args.overwrite, "--out")
+    check_embedding_token_used(args, [args.prompt], "--prompt")
 
     from ..events import TqdmListener
     from ..inference.morph import MorphSpec, render_morph
