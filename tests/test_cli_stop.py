@@ -98,6 +98,7 @@ def test_a_failed_set_up_ends_events_with_an_error(tmp_path, fabric_dir):
         timeout=600,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.count("is 6 tokens") == 1, result.stderr[-2000:]  # said once, by the `error:` line
     assert (out / "events.jsonl").exists(), result.stderr[-2000:]
     last = json.loads((out / "events.jsonl").read_text().splitlines()[-1])
     assert last["event"] == "error" and "initializer" in last["message"]

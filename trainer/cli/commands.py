@@ -73,6 +73,7 @@ def cmd_train(args) -> int:
         print(f"\nstopped {where}.\nRun the same command again to resume.", file=sys.stderr)
         return 130
     except DreamLoomError as err:  # a failure before or during training: events.jsonl says so too
+        events.listeners.remove(listener)  # main() prints it, once, as `error:` and `fix:`
         events.emit("error", message=err.message, hint=err.hint)
         raise
     finally:
