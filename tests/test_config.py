@@ -153,3 +153,22 @@ def test_identity_ignores_settings_at_their_defaults():
     assert job_id(request, {}) == job_id({"kind": "train", "config": older}, {})
     assert job_id(request, {}) != job_id({"kind": "train", "config": {**older, "rank": 4}}, {})
     assert train_id_for(cfg, "d", "m") != train_id_for(TrainConfig(instance_dir="imgs", rank=4), "d", "m")
+
+
+@pytest.mark.parametrize(
+    "instance_prompt, class_prompt, method, warned",
+    [
+        ("a sks african fabric pattern", "a fabric pattern", "lora", False),  # the tutorial
+        ("a photo of sks dog", "a photo of a dog", "lora", False),
+        ("a photo of sks dog", "a fabric pattern", "lora", True),  # the default class prompt left for a dog
+        ("a photo of sks dog", "a fabric pattern", "full", True),
+        ("a photo of sks dog", "a fabric pattern", "ti", False),  # no class images
+    ],
+)
+def test_a_class_prompt_unrelated_to_the_subject_is_warned_about(instance_prompt, class_prompt, method, warned):
+    cfg = TrainConfig(instance_dir="x", instance_prompt=instance_prompt, class_prompt=class_prompt, method=method)
+    notes = cfg.class_prompt_notes()
+    assert bool(notes) == warned
+    if warned:
+        assert "'a fabric pattern' shares no word with instance_prompt 'a photo of sks dog'" in notes[0]
+        assert "perhaps 'a photo of dog'" in notes[0] and "--class-prompt" in notes[0]

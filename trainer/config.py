@@ -406,6 +406,25 @@ class TrainConfig:
                 f"Remove the token from class_prompt, for example {example!r}; or turn off with_prior_preservation.",
             )
 
+    def class_prompt_notes(self) -> list[str]:
+        """Warnings for a class prompt that shares no word with its instance prompt (past the token and small
+        words): most often the default 'a fabric pattern' left in place for another subject, which would make
+        prior images of fabric for a dog."""
+        if not (self.method in ("lora", "full") and self.with_prior_preservation and self.prior_loss_weight > 0):
+            return []
+        notes = []
+        for concept in self.concept_list():
+            instance_words = _content_words(_without_word(concept.instance_prompt, concept.token))
+            if instance_words and not instance_words & _content_words(concept.class_prompt):
+                where = f" of concept {concept.name!r}" if self.concepts else ""
+                suggestion = _without_word(concept.instance_prompt, concept.token)
+                notes.append(
+                    f"class_prompt{where} {concept.class_prompt!r} shares no word with instance_prompt "
+                    f"{concept.instance_prompt!r}: the class images should show the class the subject belongs "
+                    f"to (perhaps {suggestion!r}). Set class_prompt (--class-prompt) if this is not intended."
+                )
+        return notes
+
     def check_device(self, device_type: str) -> None:
         """Options that depend on the device the run will use."""
         if self.use_8bit_adam and device_type != "cuda":
@@ -487,6 +506,15 @@ def _has_word(text: str, word: str, ignore_case: bool = False) -> bool:
     import re
 
     return re.search(_word_pattern(word), text, flags=re.IGNORECASE if ignore_case else 0) is not None
+
+
+SMALL_WORDS = {"a", "an", "the", "of", "in", "on", "with", "and", "photo", "picture", "image", "style"}
+
+
+def _content_words(text: str) -> set[str]:
+    import re
+
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in SMALL_WORDS}
 
 
 def _without_word(text: str, word: str) -> str:

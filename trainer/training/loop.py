@@ -190,7 +190,7 @@ class Trainer:
         self.instance = self.instance or load_concept_images(cfg)
         self.dataset_fingerprint = self.instance.fingerprint()  # of every image given, held-out ones included
         self.instance, self.validation_set = self._validation_images()
-        for note in self.instance.warnings + self.validation_set.warnings:
+        for note in self.instance.warnings + self.validation_set.warnings + cfg.class_prompt_notes():
             events.log(note, level="warning")
 
         self.method = make_method(cfg)
