@@ -64,11 +64,16 @@ def test_every_bad_file_is_listed_with_its_reason(tmp_path):
     assert "1x1" in msg
 
 
-def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
-    _png(tmp_path / "bomb.png", size=(300, 300))
+def test_decompression_bomb_is_refused_but_a_large_photo_loads(tmp_path, monkeypatch):
+    """Pillow's limit scaled down: above twice it (a bomb) refused, between once and twice (as a 108-megapixel
+    phone photo is against the real limit of 89) loaded."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
-    with pytest.raises(DreamLoomError, match="bomb"):
+    _png(tmp_path / "large.png", size=(120, 120))  # 14,400 pixels: Pillow only warns
+    assert load_image_folder(tmp_path, 64).images[0].size == (120, 120)
+    _png(tmp_path / "bomb.png", size=(300, 300))
+    with pytest.raises(DreamLoomError, match="bomb") as refused:
         load_image_folder(tmp_path, 64)
+    assert "downscale a photo of more than 179 megapixels" in str(refused.value.hint)
 
 
 @pytest.mark.parametrize("mode", ["L", "I;16", "CMYK", "P-transparent", "RGBA", "LA", "1"])
@@ -231,3 +236,23 @@ def test_caption_token_count_agrees_with_the_shipped_tokenizer():
         assert (count > 77) == (real > 77), text
         if exact:
             assert count == real, text
+
+
+def test_captions_beside_the_images_are_named_when_not_used(tmp_path):
+    for i in range(5):
+        _png(tmp_path / f"img{i}.png", size=(64, 64))
+    (tmp_path / "img0.txt").write_text("a sks dog on a beach")
+    (tmp_path / "img3.txt").write_text("a sks dog in snow")
+    unused = load_image_folder(tmp_path, 64, use_captions=False)
+    assert any("2 caption file(s) (img0.txt, img3.txt) are not used" in n for n in unused.warnings)
+    used = load_image_folder(tmp_path, 64, use_captions=True)
+    assert not any("caption file(s)" in n for n in used.warnings) and used.captions[0] == "a sks dog on a beach"
+
+
+def test_a_kohya_style_folder_points_at_its_subfolder(tmp_path):
+    sub = tmp_path / "10_sks dog"
+    sub.mkdir()
+    _png(sub / "a.png", size=(64, 64))
+    with pytest.raises(DreamLoomError) as refused:
+        load_image_folder(tmp_path, 64)
+    assert "Images in subfolders (10_sks dog" in refused.value.message and "(it is empty)" not in refused.value.message

@@ -144,7 +144,9 @@ def open_image(path: str | os.PathLike):
     from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Pillow warns above 89 megapixels and refuses above twice that; phones take 108 and 200 MP photos, so
+        # only its refusal (DecompressionBombError, named by load_image_folder) stops a picture.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as im:
             im.load()
             return ImageOps.exif_transpose(im)
@@ -221,9 +223,16 @@ def load_image_folder(
         )
     if not files:
         others = [p.name for p in folder.iterdir() if p.is_file()][:5]
-        found = f" (found only: {', '.join(others)})" if others else " (it is empty)"
+        subfolders = [p.name for p in folder.iterdir() if p.is_dir() and list_image_files(p)][:3]
+        found = f" (found only: {', '.join(others)})" if others else "" if subfolders else " (it is empty)"
+        inside = (
+            f" Images in subfolders ({', '.join(subfolders)}, e.g. kohya's '10_sks dog') are not read: give that "
+            "folder itself, or one concept per subfolder (concepts)."
+            if subfolders
+            else ""
+        )
         raise DreamLoomError(
-            f"No images in {folder}{found}.",
+            f"No images in {folder}{found}.{inside}",
             "Put 5-20 .jpg, .png or .webp images of your subject in the folder.",
         )
     images, captions, paths, problems, mask_list, unmasked = [], [], [], [], [], []
@@ -242,9 +251,6 @@ def load_image_folder(
             raw = open_image(path)
             im = to_rgb(raw)
         except Image.DecompressionBombError as err:
-            problems.append(f"{path.name}: too many pixels ({err}); a possible decompression bomb")
-            continue
-        except Image.DecompressionBombWarning as err:
             problems.append(f"{path.name}: too many pixels ({err}); a possible decompression bomb")
             continue
         except UnidentifiedImageError:
@@ -281,8 +287,16 @@ def load_image_folder(
     if problems:
         raise DreamLoomError(
             f"{len(problems)} of {len(files)} images in {folder} cannot be used:\n  - " + "\n  - ".join(problems),
-            "Remove or replace the files listed (re-export them as PNG or JPEG).",
+            "Remove or replace the files listed (re-export them as PNG or JPEG; downscale a photo of more than "
+            "179 megapixels; copy a linked picture into the folder).",
         )
+    if not use_captions:
+        unused = [p.with_suffix(".txt") for p in files if p.with_suffix(".txt").is_file()]
+        if unused:
+            notes.append(
+                f"{len(unused)} caption file(s) ({_name_list(unused)}) are not used, as use_captions is off; turn "
+                "it on to train each image with its caption"
+            )
     if len(images) < MIN_INSTANCE_IMAGES:
         notes.append(
             f"only {len(images)} image(s) in {folder}; DreamBooth needs at least {MIN_INSTANCE_IMAGES} (5-20 is "
