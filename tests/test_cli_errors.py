@@ -387,3 +387,24 @@ def test_an_embedding_whose_token_no_prompt_holds_is_refused(tmp_path):
     r = cli("morph", "--base-model", "tiny", "--embedding", emb, "--out", tmp_path / "m.gif")
     assert_refused(r, "No prompt contains the embedding's token", "Put <sks-fabric> in --prompt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.safetensors"]
+
+
+def test_a_stopped_run_with_other_settings_is_refused_naming_them_before_loading(tmp_path):
+    """Checkpoints of a stopped run resume only that run: other settings are named, and the way to resume said."""
+    from conftest import tiny_config
+
+    from trainer.cli.checks import finished_outputs
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_00002").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00002" / "state.pt").write_bytes(b"x")
+    stopped = tiny_config(tmp_path / "images", max_train_steps=10)
+    (run_dir / "job.json").write_text(json.dumps({"config": stopped.to_dict(), "dataset_fingerprint": "fp"}))
+    assert finished_outputs(run_dir, stopped, "fp") is None  # the same run: it resumes
+    changed = tiny_config(tmp_path / "images", max_train_steps=10, learning_rate=2e-4)
+    with pytest.raises(Exception) as refused:
+        finished_outputs(run_dir, changed, "fp")
+    assert "checkpoints of a stopped run with other settings (changed: learning_rate)" in refused.value.message
+    assert "Run the same command as before to resume that run" in refused.value.hint
+    with pytest.raises(Exception, match="changed: the instance images"):
+        finished_outputs(run_dir, stopped, "other pictures")

@@ -196,27 +196,22 @@ def finished_outputs(run_dir: Path, cfg: TrainConfig, dataset_fingerprint: str) 
     """The outputs of the finished run of these settings in `run_dir`, None if there is none to reuse, or a
     DreamLoomError if `run_dir` holds the result of another run."""
     result_dir = run_dir / "result"
+    job = _read_json(run_dir / "job.json")
     if not result_dir.is_dir() or not any(p.is_file() for p in result_dir.iterdir()):
+        _check_stopped_run(run_dir, cfg, dataset_fingerprint, job)
         return None
     outputs = _last_done_outputs(run_dir / "events.jsonl")
-    job = _read_json(run_dir / "job.json")
-    old = job.get("config") if isinstance(job, dict) else None
     keep_both = (
         f"Pass another --output-dir (for example {_free_sibling(run_dir)}) to keep both; to replace the old "
         f"result, move or delete {run_dir} yourself first."
     )
-    if not isinstance(old, dict):
+    changed = _changed_settings(job, cfg, dataset_fingerprint)
+    if changed is None:
         raise DreamLoomError(
             f"{run_dir} already holds a result/ folder whose settings are unknown (job.json is missing or "
             "unreadable); training here could replace it.",
             keep_both,
         )
-    old, new = config_identity(old), cfg.identity()  # an option added since, at its default, is no change
-    changed = sorted(k for k in set(old) | set(new) if old.get(k, MISSING) != new.get(k, MISSING))
-    if job.get("dataset_fingerprint") != dataset_fingerprint:
-        changed.append("the instance images")
-    elif "instance_dir" in changed:  # the same pictures and captions, named by another path: the same data
-        changed.remove("instance_dir")
     if changed:
         state = "the finished result" if outputs is not None else "the result"
         raise DreamLoomError(
@@ -235,6 +230,36 @@ def finished_outputs(run_dir: Path, cfg: TrainConfig, dataset_fingerprint: str) 
         )
         return None
     return outputs
+
+
+def _changed_settings(job, cfg: TrainConfig, dataset_fingerprint: str) -> list[str] | None:
+    """What differs between the run job.json recorded and this one (settings by name, "the instance images");
+    None when job.json says nothing readable."""
+    old = job.get("config") if isinstance(job, dict) else None
+    if not isinstance(old, dict):
+        return None
+    old, new = config_identity(old), cfg.identity()  # an option added since, at its default, is no change
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, MISSING) != new.get(k, MISSING))
+    if job.get("dataset_fingerprint") != dataset_fingerprint:
+        changed.append("the instance images")
+    elif "instance_dir" in changed:  # the same pictures and captions, named by another path: the same data
+        changed.remove("instance_dir")
+    return changed
+
+
+def _check_stopped_run(run_dir: Path, cfg: TrainConfig, dataset_fingerprint: str, job) -> None:
+    """A folder with checkpoints of a stopped run resumes only that run: refuse other settings now, naming them,
+    before the model loads (the trainer would refuse them too, after loading, without the names)."""
+    checkpoints = run_dir / "checkpoints"
+    if not checkpoints.is_dir() or not any(checkpoints.iterdir()):
+        return
+    changed = _changed_settings(job, cfg, dataset_fingerprint)
+    if changed:
+        raise DreamLoomError(
+            f"{run_dir} holds checkpoints of a stopped run with other settings (changed: {', '.join(changed)}).",
+            f"Run the same command as before to resume that run, or pass another --output-dir (for example "
+            f"{_free_sibling(run_dir)}) for this one.",
+        )
 
 
 def _rebased(outputs: dict, run_dir: Path) -> dict:

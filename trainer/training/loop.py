@@ -473,7 +473,8 @@ class Trainer:
         if ckpt["meta"].get("train_id") != self.train_id:
             raise DreamLoomError(
                 f"{self.run_dir} holds checkpoints of a different run (other settings, images or base model).",
-                "Use a new output folder (the old one keeps its checkpoints and any result).",
+                "Run it with the settings, images and base model it had to resume it, or use a new output folder "
+                "(the old one keeps its checkpoints and any result).",
             )
         self.method.load_trainable_state(comps, ckpt["trainable"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
