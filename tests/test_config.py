@@ -172,3 +172,20 @@ def test_a_class_prompt_unrelated_to_the_subject_is_warned_about(instance_prompt
     if warned:
         assert "'a fabric pattern' shares no word with instance_prompt 'a photo of sks dog'" in notes[0]
         assert "perhaps 'a photo of dog'" in notes[0] and "--class-prompt" in notes[0]
+
+
+def test_config_files_that_cannot_be_read_are_named(tmp_path):
+    with pytest.raises(DreamLoomError, match="is a folder"):
+        TrainConfig.from_toml(tmp_path)
+    utf16 = tmp_path / "utf16.toml"
+    utf16.write_text("rank = 8\n", encoding="utf-16")
+    with pytest.raises(DreamLoomError, match="is not UTF-8 text") as refused:
+        TrainConfig.from_toml(utf16)
+    assert "Save it as UTF-8" in refused.value.hint
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text("rank = 8\n[train]\nmax_train_steps = 10\n")
+    with pytest.raises(DreamLoomError, match=r"both in a \[train\] table and outside it \(rank\)"):
+        TrainConfig.from_toml(mixed)
+    table = tmp_path / "table.toml"
+    table.write_text("[train]\nrank = 8\n")
+    assert TrainConfig.from_toml(table).rank == 8

@@ -473,17 +473,35 @@ class TrainConfig:
         else:  # pragma: no cover
             import tomli as tomllib
 
-        path = Path(path)
+        path = Path(path).expanduser()
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DreamLoomError(f"Config file not found: {path}", "Check the path passed to --config.") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        except IsADirectoryError:
+            raise DreamLoomError(f"--config {path} is a folder.", "Give the TOML file itself.") from None
+        except PermissionError:
+            raise DreamLoomError(
+                f"Config file {path} cannot be read: this user has no permission to read it.",
+                "Change the file's permissions, or copy it somewhere you can read.",
+            ) from None
+        except UnicodeDecodeError as err:
+            raise DreamLoomError(
+                f"Config file {path} is not UTF-8 text ({err.reason} at byte {err.start}).",
+                "Save it as UTF-8 (TOML files are UTF-8; some editors save UTF-16 by default).",
+            ) from None
+        except tomllib.TOMLDecodeError as err:
             raise DreamLoomError(
                 f"Config file {path} is not valid TOML: {err}", "Fix the syntax at the position shown."
             ) from None
-        # Allow an optional [train] table.
-        if set(data) == {"train"} and isinstance(data["train"], dict):
+        # Allow an optional [train] table, holding every setting.
+        if "train" in data and isinstance(data["train"], dict):
+            if set(data) != {"train"}:
+                others = ", ".join(sorted(k for k in data if k != "train"))
+                raise DreamLoomError(
+                    f"Config file {path} has settings both in a [train] table and outside it ({others}).",
+                    "Put every setting under [train], or drop the [train] line and keep them all at the top.",
+                )
             data = data["train"]
         return cls.from_dict(data)
 

@@ -89,7 +89,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def _toml_keys(path) -> set[str]:
     import tomllib
 
-    raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    raw = tomllib.loads(Path(path).expanduser().read_text(encoding="utf-8"))
     return set(raw["train"] if set(raw) == {"train"} and isinstance(raw["train"], dict) else raw)
 
 
