@@ -307,3 +307,16 @@ def test_cudnn_benchmark_is_cuda_only_searches_once_per_shape_and_is_put_back(mo
     finally:
         on.restore()
     assert torch.backends.cudnn.benchmark == before
+
+
+@pytest.mark.parametrize("targets, missing", [(["to_q", "to_kk"], "'to_kk' names"), (["foo"], "'foo' names")])
+def test_lora_targets_that_name_no_layer_are_refused(tiny, targets, missing):
+    """A typo in lora_targets trained fewer layers without a word (or, when nothing matched, ended in peft's
+    traceback); now it is refused, naming it and the UNet's layer names."""
+    from trainer.config import TrainConfig
+
+    cfg = TrainConfig(base_model="tiny", instance_dir="x", lora_targets=targets)
+    with pytest.raises(DreamLoomError) as refused:
+        LoRAMethod(cfg).setup(tiny)
+    assert missing in refused.value.message and "to_out.0" in refused.value.hint and "net.2" in refused.value.hint
+    assert not any("lora_" in name for name, _ in tiny.unet.named_parameters())  # refused before any adapter

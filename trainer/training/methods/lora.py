@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from ...config import LORA_TARGETS
 from ...errors import DreamLoomError
 from ...formats.lora_export import kohya_metadata, save_diffusers, save_kohya
 from ..merged_lora import use_merged_weight_forward
@@ -30,6 +31,24 @@ def add_fp32_adapter(module: torch.nn.Module, config: LoraConfig) -> None:
     module.add_adapter(config)
 
 
+def check_targets_exist(unet: torch.nn.Module, targets: list[str]) -> None:
+    """Every name in lora_targets must name layers of the UNet (peft's rule: the whole name or its last parts); a
+    typo would otherwise train fewer layers without a word, or end in peft's traceback when none matches."""
+    names = [name for name, layer in unet.named_modules() if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        # the layers' short names: "to_q", "proj_in", and "to_out.0" or "net.2" for a layer inside a list
+        common = sorted(
+            {".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in names}
+        )
+        verb = "names" if len(missing) == 1 else "name"
+        raise DreamLoomError(
+            f"lora_targets {', '.join(map(repr, missing))} {verb} no layer of the UNet.",
+            f"Use the UNet's layer names, e.g. {', '.join(LORA_TARGETS)} (attention; the default), or others it has: "
+            f"{', '.join(common[:24])}.",
+        )
+
+
 class LoRAMethod(Method):
     name = "lora"
 
@@ -47,12 +66,8 @@ class LoRAMethod(Method):
         return self.cfg.train_text_encoder
 
     def setup(self, comps) -> None:
+        check_targets_exist(comps.unet, self.cfg.lora_targets)
         add_fp32_adapter(comps.unet, self.lora_config(self.cfg.lora_targets))
-        if not any("lora_" in n for n, _ in comps.unet.named_parameters()):
-            raise DreamLoomError(
-                f"No UNet module matches lora_targets {self.cfg.lora_targets}.",
-                "Use attention projections such as to_q, to_k, to_v, to_out.0.",
-            )
         for text_encoder in self._text_encoders(comps).values():
             add_fp32_adapter(text_encoder, self.lora_config(TEXT_LORA_TARGETS))
         for module in self.trainable_modules(comps).values():
