@@ -369,6 +369,26 @@ def test_a_lora_or_embedding_that_does_not_fit_the_model_is_refused_naming_both(
     assert not out.exists() and not (ROOT / "grid.png").exists()
 
 
+@pytest.mark.parametrize(
+    "command, flag, value, needle",
+    [
+        ("demo", "--steps", "0", "Invalid value --steps 0"),  # it ran the default 800 steps
+        ("demo", "--steps", "-3", "Invalid value --steps -3"),
+        ("quality", "--training-seeds", "a,b", "Seed 'a' is not a whole number"),
+        ("quality", "--sample-seeds", "", "No seed given"),
+        ("quality", "--lora-steps", "-5", "Invalid value --lora-steps -5"),
+        ("pretrain-tiny", "--per-family", "0", "Invalid value --per-family 0"),
+        ("pretrain-tiny", "--vae-steps", "-1", "Invalid value --vae-steps -1"),
+        ("pretrain-tiny", "--threads", "-2", "Invalid value --threads -2"),
+    ],
+)
+def test_lab_commands_check_their_numbers_before_writing(tmp_path, command, flag, value, needle):
+    out = tmp_path / "out"
+    r = cli(command, "--output-dir", out, flag, value)
+    assert_refused(r, needle)
+    assert not out.exists()
+
+
 def test_generate_and_morph_never_replace_a_file_unasked(tmp_path):
     for command, name in (("generate", "grid.png"), ("morph", "loop.gif")):
         out = tmp_path / name

@@ -508,6 +508,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.steps is not None:
+        check_whole(args.steps, "--steps", 1, 1_000_000)
     check_base_model(args.base_model)
     check_output_folder(args.output_dir, "--output-dir")
     from ..lab.demo import run_demo
@@ -517,6 +519,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_pretrain_tiny(args) -> int:
+    check_whole(args.per_family, "--per-family", 1, 1_000_000)
+    check_whole(args.vae_steps, "--vae-steps", 0 if args.resume_vae else 1, 10_000_000)
+    check_whole(args.unet_steps, "--unet-steps", 1, 10_000_000)
+    check_whole(args.crop_steps, "--crop-steps", 0, 10_000_000)
+    check_whole(args.threads, "--threads", 0, 4096)
+    check_number(args.time_budget, "--time-budget", 0.0, 100_000.0)
     check_output_folder(args.output_dir, "--output-dir")
     from ..lab.pretrain import PretrainConfig, pretrain
 
@@ -544,14 +552,24 @@ def cmd_pretrain_tiny(args) -> int:
 
 
 def cmd_quality(args) -> int:
+    from ..inference.slerp import parse_seeds  # no torch
+
+    training_seeds, sample_seeds = parse_seeds(args.training_seeds, 1), parse_seeds(args.sample_seeds, 1)
+    for value, flag in (
+        (args.lora_steps, "--lora-steps"),
+        (args.ti_steps, "--ti-steps"),
+        (args.gen_steps, "--gen-steps"),
+    ):
+        check_whole(value, flag, 1, 1_000_000)
+    check_whole(args.class_images, "--class-images", 0, 100_000)
     check_base_model(args.base_model)
     check_output_folder(args.output_dir, "--output-dir")
     from ..lab.quality import QualitySpec, run_quality
 
     spec = QualitySpec(
         base_model=args.base_model,
-        training_seeds=tuple(int(s) for s in args.training_seeds.split(",")),
-        sample_seeds=tuple(int(s) for s in args.sample_seeds.split(",")),
+        training_seeds=tuple(training_seeds),
+        sample_seeds=tuple(sample_seeds),
         lora_steps=args.lora_steps,
         ti_steps=args.ti_steps,
         num_class_images=args.class_images,

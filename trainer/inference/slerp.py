@@ -121,7 +121,8 @@ def morph_noise_from_seeds(seeds: Sequence[int], latent_shape: Sequence[int], sc
     return morph_latents(keys, schedule)
 
 
-def parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str, at_least: int = 2) -> list[int]:
+    """Comma-separated whole-number seeds; a morph needs two (the default), a list of training seeds one."""
     from ..errors import DreamLoomError
 
     seeds = []
@@ -138,6 +139,8 @@ def parse_seeds(text: str) -> list[int]:
         if not 0 <= value < 2**64:
             raise DreamLoomError(f"Seed {value} is out of range.", "Use seeds from 0 to 2**64-1.")
         seeds.append(value)
-    if len(seeds) < 2:
-        raise DreamLoomError("A morph needs at least two seeds.", "Write two or more seeds separated by commas.")
+    if len(seeds) < at_least:
+        if at_least == 2:
+            raise DreamLoomError("A morph needs at least two seeds.", "Write two or more seeds separated by commas.")
+        raise DreamLoomError(f"No seed given ({text!r}).", "Write seeds separated by commas, e.g. 0, 1, 2.")
     return seeds
