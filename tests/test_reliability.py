@@ -320,3 +320,25 @@ def test_no_eval_exec_or_runtime_pip_in_the_code():
             for m in re.finditer(pattern, text):
                 offenders.append(f"{path.relative_to(ROOT)}: {text[m.start() : m.start() + 60]!r}")
     assert offenders == []
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_written_files_and_checkpoints_get_the_umasks_permissions(tmp_path):
+    """Results and checkpoints were 0600/0700 (safetensors replaces the temporary file it is given, mkdtemp makes
+    0700 folders), unreadable by a ComfyUI run as another user."""
+    from safetensors.torch import save_file
+
+    from trainer.training.checkpoint import save_checkpoint
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
+    out = atomic_save(tmp_path / "lora.safetensors", lambda tmp: save_file({"w": torch.ones(2)}, str(tmp)))
+    assert out.stat().st_mode & 0o777 == file_mode
+    folder = save_checkpoint(tmp_path / "run", 3, {"w": torch.ones(2)}, {}, {}, {}, {}, keep=2)
+    assert folder.stat().st_mode & 0o777 == dir_mode
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
+        "trainable.safetensors": file_mode,
+        "state.pt": file_mode,
+        "state.json": file_mode,
+    }

@@ -18,6 +18,21 @@ from .names import safe_name
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
+_DIR_MODE = 0o777 & ~_UMASK
+
+
+def give_usual_permissions(path: str | os.PathLike) -> None:
+    """The permissions open() and mkdir() would give under the umask, for a file or a folder and all it holds:
+    mkstemp/mkdtemp (and libraries writing through their own temporary files, as safetensors does) leave 0600 and
+    0700, which a ComfyUI run by another user could not read."""
+    path = Path(path)
+    if path.is_dir():
+        for root, _dirs, files in os.walk(path):
+            os.chmod(root, _DIR_MODE)
+            for name in files:
+                os.chmod(os.path.join(root, name), _FILE_MODE)
+    else:
+        os.chmod(path, _FILE_MODE)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -45,6 +60,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
     os.chmod(tmp_path, _FILE_MODE)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _FILE_MODE)  # again: a writer may have replaced the file (safetensors does)
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, dest)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..base_models.builtin import save_builtin_finetune
+from ..files.atomic import give_usual_permissions
 from .ldm_layout import write_ldm_checkpoint, write_sdxl_checkpoint
 
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -119,6 +120,7 @@ def write_diffusers_folder(folder, comps, scheduler) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        give_usual_permissions(tmp)
         if folder.exists():  # an earlier export of the same run
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import installed_version
 from ..errors import DreamLoomError
+from ..files.atomic import give_usual_permissions
 
 _STEP_DIR = re.compile(r"^step_(\d{5,})$")
 
@@ -81,6 +82,7 @@ def save_checkpoint(
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state}, tmp / "state.pt")
         # state.json is written last: its presence marks a complete checkpoint.
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+        give_usual_permissions(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
