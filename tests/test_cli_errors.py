@@ -428,3 +428,28 @@ def test_a_stopped_run_with_other_settings_is_refused_naming_them_before_loading
     assert "Run the same command as before to resume that run" in refused.value.hint
     with pytest.raises(Exception, match="changed: the instance images"):
         finished_outputs(run_dir, stopped, "other pictures")
+
+
+def test_folders_that_would_mix_outputs_and_images_are_refused(fabric_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(fabric_dir, images)
+    before = tree(tmp_path)
+    r = cli("train", "--base-model", "tiny", "--output-dir", images, "--instance-dir", images)
+    assert_refused(r, "is the folder of the training images", "folder of its own")
+    r = cli(*train_args(tmp_path / "run", images, "--class-dir", str(images)))
+    assert_refused(r, f"--class-dir {images} is the folder of the training images", "own prior")
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "job.json").write_text("[1, 2]")
+    r = cli(*train_args(foreign, images))
+    assert_refused(r, "is not a DreamLoom job file", "does not replace files it did not write")
+    assert tree(tmp_path) == {**before, "theirs": None, "theirs/job.json": b"[1, 2]"}
+
+
+def test_the_trainer_refuses_a_job_file_it_did_not_write(tmp_path):
+    from trainer.training.loop import read_job_file
+
+    assert read_job_file(tmp_path / "job.json") == {}
+    (tmp_path / "job.json").write_text("not json")
+    with pytest.raises(Exception, match="is not a DreamLoom job file"):
+        read_job_file(tmp_path / "job.json")

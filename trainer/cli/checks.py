@@ -175,6 +175,28 @@ def check_train_paths(cfg: TrainConfig, args) -> Path:
             "Pass --instance-dir FOLDER with 5-20 images of your subject, or [[concepts]] tables in a --config file.",
         )
     run_dir = check_output_folder(args.output_dir, "--output-dir")
+    job_file = run_dir / "job.json"
+    if job_file.exists() and not isinstance(_read_json(job_file), dict):
+        raise DreamLoomError(
+            f"{job_file} is not a DreamLoom job file (not a JSON object), so --output-dir holds something else.",
+            "Give an empty or new --output-dir; DreamLoom does not replace files it did not write.",
+        )
+    for concept in cfg.concept_list():
+        images = _resolved(concept.instance_dir)
+        if images is not None and images == _resolved(run_dir):
+            raise DreamLoomError(
+                f"--output-dir {run_dir} is the folder of the training images; the run's loss plot and samples "
+                "would be trained on next time.",
+                "Give --output-dir a folder of its own, e.g. beside the images.",
+            )
+        if uses_prior(cfg) and concept.class_dir and images is not None and _resolved(concept.class_dir) == images:
+            flag = "--class-dir" if not cfg.concepts else f"class_dir of concept {concept.name!r}"
+            raise DreamLoomError(
+                f"{flag} {concept.class_dir} is the folder of the training images, so the subject would be its "
+                "own prior.",
+                f"Give {flag} a folder for pictures of the class ({concept.class_prompt!r}), or leave it out to have "
+                "them made.",
+            )
     check_base_model(cfg.base_model)
     if uses_prior(cfg):
         for concept in cfg.concept_list():
@@ -276,6 +298,13 @@ def _rebased(outputs: dict, run_dir: Path) -> dict:
         return value
 
     return {k: [rebase(v) for v in value] if isinstance(value, list) else rebase(value) for k, value in outputs.items()}
+
+
+def _resolved(path) -> Path | None:
+    try:
+        return Path(path).expanduser().resolve() if path else None
+    except OSError:
+        return None
 
 
 def _read_json(path: Path):

@@ -506,7 +506,7 @@ class Trainer:
         }
         if acc.is_main_process:
             job_file = self.run_dir / "job.json"
-            existing = json.loads(job_file.read_text()) if job_file.exists() else {}
+            existing = read_job_file(job_file)
             atomic_write_text(job_file, json.dumps({**existing, **self.job}, indent=2, default=str))
         prior = f" + {len(self.class_images)} class images" if self.use_prior else ""
         self.events.log(
@@ -732,6 +732,23 @@ class Trainer:
             # a grid costs minutes for SD1.5 on a CPU: the log says how long, so a user can weigh sample_every
             self.events.emit("sample", step=step, path=str(path), seconds=round(time.perf_counter() - started, 1))
         acc.wait_for_everyone()
+
+
+def read_job_file(job_file: Path) -> dict:
+    """A run folder's job.json ({} when absent); a file of that name DreamLoom did not write is refused, never
+    replaced."""
+    if not job_file.exists():
+        return {}
+    try:
+        job = json.loads(job_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        job = None
+    if not isinstance(job, dict):
+        raise DreamLoomError(
+            f"{job_file} is not a DreamLoom job file (not a JSON object), so this folder holds something else.",
+            "Give an empty or new output folder; DreamLoom does not replace files it did not write.",
+        )
+    return job
 
 
 def _gb(n_bytes: float) -> str:
