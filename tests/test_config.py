@@ -189,3 +189,13 @@ def test_config_files_that_cannot_be_read_are_named(tmp_path):
     table = tmp_path / "table.toml"
     table.write_text("[train]\nrank = 8\n")
     assert TrainConfig.from_toml(table).rank == 8
+
+
+def test_wrong_types_are_explained_in_words_and_none_means_the_default():
+    with pytest.raises(DreamLoomError) as refused:
+        TrainConfig.from_dict({"max_train_steps": "many"})
+    assert "expected a whole number" in refused.value.message and "as a whole number" in refused.value.hint
+    with pytest.raises(DreamLoomError, match="expected true, false or auto"):
+        TrainConfig.from_dict({"gradient_checkpointing": "sometimes"})
+    assert TrainConfig.from_dict({"checkpoints_keep": "none"}).checkpoints_keep is None
+    assert TrainConfig.from_dict({"gradient_checkpointing": "None"}).gradient_checkpointing is None

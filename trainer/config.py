@@ -556,6 +556,8 @@ def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
     """Convert TOML/CLI values to the field's type; wrong types are a DreamLoomError."""
     type_name = str(f.type)
     try:
+        if type_name.endswith(" | None") and isinstance(value, str) and value.strip().lower() == "none":
+            return None  # --help shows these as TYPE | NONE
         if type_name == "bool | None" and (value is None or (isinstance(value, str) and value.lower() == "auto")):
             return None
         if type_name in ("bool", "bool | None"):
@@ -604,4 +606,18 @@ def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
             "Give the concepts as [[concepts]] tables in a TOML file (--config), or --concepts as a JSON list of "
             'objects, e.g. \'[{"instance_dir": "dog", "instance_prompt": "a sks dog"}]\'.',
         )
-    raise DreamLoomError(f"Invalid setting {name} = {value!r}: expected {type_name}.", f"Give {name} as a {type_name}.")
+    wanted = TYPE_WORDS.get(type_name, type_name)
+    raise DreamLoomError(f"Invalid setting {name} = {value!r}: expected {wanted}.", f"Give {name} as {wanted}.")
+
+
+# what each field type takes, in words, for the message of a value of the wrong type
+TYPE_WORDS = {
+    "int": "a whole number",
+    "int | None": "a whole number (or none for the default)",
+    "float": "a number",
+    "float | None": "a number (or none for the default)",
+    "bool": "true or false",
+    "bool | None": "true, false or auto",
+    "str": "text",
+    "list[str]": "a comma-separated list",
+}
