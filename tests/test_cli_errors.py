@@ -447,7 +447,7 @@ def test_folders_that_would_mix_outputs_and_images_are_refused(fabric_dir, tmp_p
 
 
 def test_the_trainer_refuses_a_job_file_it_did_not_write(tmp_path):
-    from trainer.training.loop import read_job_file
+    from trainer.files.job_file import read_job_file
 
     assert read_job_file(tmp_path / "job.json") == {}
     (tmp_path / "job.json").write_text("not json")

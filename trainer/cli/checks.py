@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..config import BUILTIN_RESOLUTION, DEFAULT_CACHE_DIR, SAMPLERS, TrainConfig, config_identity
 from ..errors import DreamLoomError
+from ..files.job_file import read_job_file
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -175,12 +176,7 @@ def check_train_paths(cfg: TrainConfig, args) -> Path:
             "Pass --instance-dir FOLDER with 5-20 images of your subject, or [[concepts]] tables in a --config file.",
         )
     run_dir = check_output_folder(args.output_dir, "--output-dir")
-    job_file = run_dir / "job.json"
-    if job_file.exists() and not isinstance(_read_json(job_file), dict):
-        raise DreamLoomError(
-            f"{job_file} is not a DreamLoom job file (not a JSON object), so --output-dir holds something else.",
-            "Give an empty or new --output-dir; DreamLoom does not replace files it did not write.",
-        )
+    read_job_file(run_dir / "job.json")  # refuses a job.json DreamLoom did not write, before anything loads
     for concept in cfg.concept_list():
         images = _resolved(concept.instance_dir)
         if images is not None and images == _resolved(run_dir):

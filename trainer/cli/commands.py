@@ -194,6 +194,12 @@ def _remove_if_unused(folder: Path, created: list[Path], had_manifest: bool, man
             break
 
 
+def trained_on(header: dict) -> str:
+    """The name of the model an adapter file says it was trained on (DreamLoom's or kohya's metadata), or ''."""
+    meta = header.get("__metadata__") or {}
+    return Path(meta.get("dreamloom.base_model") or meta.get("ss_sd_model_name") or "").name
+
+
 def check_lora_family(path: str, comps) -> None:
     """Refuse a LoRA made for another model family (an SD1.5 LoRA on SDXL), naming both, before any sampling."""
     from ..files.safetensors_header import read_safetensors_header
@@ -204,8 +210,7 @@ def check_lora_family(path: str, comps) -> None:
     header = read_safetensors_header(path)
     made_for = lora_family(header)
     if made_for and made_for != comps.family.name:
-        meta = header.get("__metadata__") or {}
-        base = Path(meta.get("dreamloom.base_model") or meta.get("ss_sd_model_name") or "").name  # the file's model
+        base = trained_on(header)
         raise DreamLoomError(
             f"{Path(path).name} was trained on {made_for}{f' ({base})' if base else ''}; the base model "
             f"{Path(comps.source).name} is {comps.family.name}.",
@@ -256,8 +261,7 @@ def adapter_fit(path: str, flag: str, comps):
     except (RuntimeError, ValueError, KeyError) as err:
         from ..files.safetensors_header import read_safetensors_header
 
-        meta = read_safetensors_header(path).get("__metadata__") or {}
-        base = Path(meta.get("dreamloom.base_model") or meta.get("ss_sd_model_name") or "").name
+        base = trained_on(read_safetensors_header(path))
         kind = "a LoRA" if flag == "--lora" else "a textual-inversion embedding"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "size mismatch" in str(err) or "incorrect shape" in reason:

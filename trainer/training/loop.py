@@ -31,6 +31,7 @@ from ..data.images import ImageSet, load_image_folder
 from ..errors import DreamLoomError, StopRequested
 from ..events import Events
 from ..files.atomic import atomic_save, atomic_write_text
+from ..files.job_file import read_job_file
 from ..inference.pipelines import generate, make_pipeline
 from ..pictures.grid import labelled_grid
 from .checkpoint import (
@@ -732,23 +733,6 @@ class Trainer:
             # a grid costs minutes for SD1.5 on a CPU: the log says how long, so a user can weigh sample_every
             self.events.emit("sample", step=step, path=str(path), seconds=round(time.perf_counter() - started, 1))
         acc.wait_for_everyone()
-
-
-def read_job_file(job_file: Path) -> dict:
-    """A run folder's job.json ({} when absent); a file of that name DreamLoom did not write is refused, never
-    replaced."""
-    if not job_file.exists():
-        return {}
-    try:
-        job = json.loads(job_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        job = None
-    if not isinstance(job, dict):
-        raise DreamLoomError(
-            f"{job_file} is not a DreamLoom job file (not a JSON object), so this folder holds something else.",
-            "Give an empty or new output folder; DreamLoom does not replace files it did not write.",
-        )
-    return job
 
 
 def _gb(n_bytes: float) -> str:
