@@ -75,3 +75,11 @@ def test_folder_of_other_settings_is_refused(tiny, tmp_path):
     generate_class_images(tiny, _spec(tiny), 1, tmp_path / "c")
     with pytest.raises(DreamLoomError, match="different settings"):
         generate_class_images(tiny, _spec(tiny, prompt="a cloth"), 1, tmp_path / "c")
+
+
+@pytest.mark.parametrize("text", ['{"photos": ["a.jpg"]}', "[1, 2]", "not json"])
+def test_a_manifest_json_dreamloom_did_not_write_is_never_replaced(tiny, tmp_path, text):
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(DreamLoomError, match="was not written by DreamLoom"):
+        generate_class_images(tiny, _spec(tiny), 2, tmp_path)
+    assert (tmp_path / "manifest.json").read_text() == text and not list(tmp_path.glob("class_*.png"))

@@ -157,6 +157,28 @@ def test_a_damaged_safetensors_file_is_refused_before_torch(tmp_path):
     assert_refused(r, "LoRA file not found")
 
 
+def test_several_adapters_are_each_checked_before_torch(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    lora, emb = tmp_path / "style.safetensors", tmp_path / "emb.safetensors"
+    for path in (lora, emb):
+        save_file({"w": torch.zeros(1)}, str(path))
+    out = tmp_path / "grid.png"
+    for args, needles in (
+        (["merge-lora", "--checkpoint", lora, "--lora", f"{lora}:0,7", "--out", out], ["decimal comma", ":0.7"]),
+        (["generate", "--lora", f"{lora}:0,5", "--out", out], ["decimal comma", ":0.5"]),
+        (["generate", "--lora", lora, "--lora", tmp_path / "none.safetensors"], ["LoRA file not found"]),
+        (["generate", "--embedding", emb, "--embedding", emb], ["2 --embedding files and 0 --embedding-token"]),
+        (
+            ["generate", "--embedding", emb, "--embedding", emb, *["--embedding-token", "<a>"] * 2],
+            ["the same --embedding-token"],
+        ),
+    ):
+        assert_refused(cli(*args), *needles)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "command,flag,value",
     [
@@ -184,6 +206,7 @@ def test_a_damaged_safetensors_file_is_refused_before_torch(tmp_path):
         ("morph", "--seconds", "-1"),
         ("morph", "--seeds", "7"),
         ("morph", "--out", "m.avi"),
+        ("morph", "--hold-frames", "90"),  # 15 s x 30 fps over 5 keyframes: 90 frames each, none left to morph
     ],
 )
 def test_generation_settings_are_checked_before_anything_runs(tmp_path, command, flag, value):
@@ -403,9 +426,13 @@ def test_an_embedding_whose_token_no_prompt_holds_is_refused(tmp_path):
     emb = tmp_path / "emb.safetensors"
     emb.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")  # a header only: the token check comes first
     r = cli("generate", "--base-model", "tiny", "--embedding", emb, "--out", tmp_path / "g.png")
-    assert_refused(r, "No prompt contains the embedding's token '<sks-fabric>'", "in --prompt, or in --subject")
+    assert_refused(
+        r,
+        "No prompt contains the token '<sks-fabric>' of the embedding emb.safetensors",
+        "in --prompt, or in --subject",
+    )
     r = cli("morph", "--base-model", "tiny", "--embedding", emb, "--out", tmp_path / "m.gif")
-    assert_refused(r, "No prompt contains the embedding's token", "Put <sks-fabric> in --prompt")
+    assert_refused(r, "No prompt contains the token", "Put <sks-fabric> in --prompt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.safetensors"]
 
 
@@ -453,3 +480,40 @@ def test_the_trainer_refuses_a_job_file_it_did_not_write(tmp_path):
     (tmp_path / "job.json").write_text("not json")
     with pytest.raises(Exception, match="is not a DreamLoom job file"):
         read_job_file(tmp_path / "job.json")
+
+
+def test_a_resolution_far_from_the_models_is_noted(tmp_path, capsys):
+    from trainer.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--base-model", "tiny", "--steps", "1", "--prompt", "a cloth", "--resolution", "256",
+                 "--out", str(out)]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "note: --resolution 256 is far from the model's native 64 px: expect repeated subjects" in err, err
+    assert out.stat().st_size > 0  # a note, not a refusal: some want it
+
+
+def test_library_noise_is_hidden_and_other_warnings_are_kept():
+    import logging
+    import warnings
+
+    from trainer.base_models.offline import hide_known_noise
+
+    hide_known_noise()
+    hide_known_noise()  # idempotent: one filter per message
+    imports = logging.getLogger("transformers.utils.import_utils")
+    models = logging.getLogger("diffusers.models.modeling_utils")
+    assert len(imports.filters) == len(models.filters) == 1
+
+    def shown(logger, message: str) -> bool:  # the logger's own filters decide (diffusers does not propagate)
+        return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 1, message, None, None)))
+
+    assert not shown(imports, "`CLIPImageProcessor` requires torchvision (not installed); falling back to `...Pil`")
+    assert not shown(models, "There are modules in AutoencoderKL that should be kept in float32: []. Casting")
+    assert shown(models, "There are modules in UNet that should be kept in float32: ['norm']. Casting")
+    assert shown(imports, "Some other warning")
+    with warnings.catch_warnings(record=True) as seen:
+        hide_known_noise()  # inside catch_warnings, whose filters it resets
+        warnings.warn("Already found a `peft_config` attribute in the model.", UserWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something else"]

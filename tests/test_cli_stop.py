@@ -102,3 +102,104 @@ def test_a_failed_set_up_ends_events_with_an_error(tmp_path, fabric_dir):
     assert (out / "events.jsonl").exists(), result.stderr[-2000:]
     last = json.loads((out / "events.jsonl").read_text().splitlines()[-1])
     assert last["event"] == "error" and "initializer" in last["message"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_the_first_signal_asks_to_stop_and_a_second_stops_at_once(signum):
+    from trainer.stop_signals import GracefulStop, Terminated
+
+    previous = signal.getsignal(signum)
+    announced = []
+    with GracefulStop(announce=announced.append) as stop:
+        assert not stop.requested()
+        signal.raise_signal(signum)  # handled between bytecodes: the trainer sees it at its next poll
+        assert stop.requested() and announced == [{signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[signum]]
+        expected = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt) as second:
+            signal.raise_signal(signum)
+        assert type(second.value) is expected
+    assert stop.exit_code() == 128 + signum  # what a shell reports: 130 for Ctrl-C, 143 for SIGTERM
+    assert signal.getsignal(signum) is previous  # the handler is put back
+
+
+def test_after_the_packs_stop_its_sigterm_stops_at_once():
+    """The pack writes its Stop file, waits, then sends SIGTERM: that SIGTERM must end the worker (clean-up runs)."""
+    from trainer.stop_signals import GracefulStop, Terminated
+
+    with GracefulStop() as stop:
+        stop.ask()  # what the worker does on seeing the Stop file
+        with pytest.raises(Terminated):
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_events_outlive_a_closed_reader_and_say_so(tmp_path):
+    """ComfyUI ended: the worker's stdout pipe is closed. Events still reach events.jsonl; the worker learns to stop."""
+    from trainer.events import Events
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    events = Events(tmp_path, stream=ClosedPipe())
+    events.emit("progress", step=1)
+    events.emit("progress", step=2)
+    assert events.reader_gone and [json.loads(line)["step"] for line in (tmp_path / "events.jsonl").open()] == [1, 2]
+
+
+def test_sigterm_to_any_command_runs_its_clean_up(monkeypatch, tmp_path, capsys):
+    """Python's default SIGTERM ends the process with no `finally`: bench left its temporary folder behind."""
+    from trainer.cli import main
+    from trainer.lab import bench
+
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+    started = []
+
+    def prepare_then_sigterm(work, *args):
+        started.append(work)
+        signal.raise_signal(signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the bench")
+
+    monkeypatch.setattr(bench, "_prepare_in_process", prepare_then_sigterm)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        code = main(["bench", "--base-model", "tiny", "--steps", "1", "--warmup", "1", "--repeats", "1"])
+        assert signal.getsignal(signal.SIGTERM) is previous  # main() puts the handler back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143 and "stopped by SIGTERM" in capsys.readouterr().err
+    assert started and not started[0].exists() and not list(tmp_path.iterdir())
+
+
+def test_bench_keeps_its_folder_when_a_contender_fails(monkeypatch, tmp_path):
+    from trainer.lab import bench
+    from trainer.lab.bench_measure import ContenderFailed
+
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+
+    def failing_contender(work, *args):
+        (work / "prepare.log").write_text("what went wrong")
+        raise ContenderFailed("bench: the prepare process failed", "Fix what the log says.")
+
+    monkeypatch.setattr(bench, "_prepare_in_process", failing_contender)
+    with pytest.raises(ContenderFailed):
+        bench.bench("tiny", steps=1, warmup=1, repeats=1)
+    assert [p.read_text() for p in tmp_path.glob("dreamloom-bench-*/prepare.log")] == ["what went wrong"]
+
+
+def test_a_contender_is_killed_when_the_bench_is_interrupted():
+    from trainer.lab.bench_measure import kill_on_interrupt
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+
+    def interrupted_wait():
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            kill_on_interrupt(child, interrupted_wait)
+        assert child.poll() is not None  # ended, not left running
+    finally:
+        child.kill()

@@ -179,6 +179,9 @@ def test_each_concepts_prior_rows_use_its_own_class_images(two_subjects, tmp_pat
     assert seen_concepts == {0, 1} and len(trainer.seen) == 6
     job = json.loads((tmp_path / "run" / "job.json").read_text())
     assert job["class_dirs"] == [str(two_subjects["fabric_class"]), str(two_subjects["stripes_class"])]
+    warnings = [e["message"] for e in map(json.loads, (tmp_path / "run" / "events.jsonl").read_text().splitlines())
+                if e.get("level") == "warning" and "num_class_images" in e.get("message", "")]  # fmt: skip
+    assert [w.split(" holds ")[1].split(",")[0] for w in warnings] == ["3 images", "2 images"]  # of 4 asked for
 
 
 def _fixed_loss(trainer, folder, prompt):

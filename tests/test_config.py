@@ -167,11 +167,17 @@ def test_identity_ignores_settings_at_their_defaults():
 )
 def test_a_class_prompt_unrelated_to_the_subject_is_warned_about(instance_prompt, class_prompt, method, warned):
     cfg = TrainConfig(instance_dir="x", instance_prompt=instance_prompt, class_prompt=class_prompt, method=method)
-    notes = cfg.class_prompt_notes()
+    notes = cfg.notes()
     assert bool(notes) == warned
     if warned:
         assert "'a fabric pattern' shares no word with instance_prompt 'a photo of sks dog'" in notes[0]
         assert "perhaps 'a photo of dog'" in notes[0] and "--class-prompt" in notes[0]
+
+
+def test_mask_from_alpha_without_masked_loss_is_warned_about():
+    assert TrainConfig(instance_dir="x", mask_from_alpha=True, masked_loss=True).notes() == []
+    (note,) = TrainConfig(instance_dir="x", mask_from_alpha=True).notes()
+    assert "masked_loss is off, so no mask is used" in note and "--masked-loss true" in note
 
 
 def test_config_files_that_cannot_be_read_are_named(tmp_path):
@@ -199,3 +205,24 @@ def test_wrong_types_are_explained_in_words_and_none_means_the_default():
         TrainConfig.from_dict({"gradient_checkpointing": "sometimes"})
     assert TrainConfig.from_dict({"checkpoints_keep": "none"}).checkpoints_keep is None
     assert TrainConfig.from_dict({"gradient_checkpointing": "None"}).gradient_checkpointing is None
+
+
+def test_a_home_folder_tilde_in_a_config_file_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path))  # what expanduser reads on Windows
+    toml = tmp_path / "run.toml"
+    toml.write_text('instance_dir = "~/photos"\nclass_dir = "~/class"\nvalidation_dir = "~/held-out"\n')
+    cfg = TrainConfig.from_toml(toml).validate()
+    assert [cfg.instance_dir, cfg.class_dir, cfg.validation_dir] == [
+        str(tmp_path / "photos"),
+        str(tmp_path / "class"),
+        str(tmp_path / "held-out"),
+    ]
+    two = tmp_path / "two.toml"
+    two.write_text(
+        '[[concepts]]\ninstance_dir = "~/dog"\ninstance_prompt = "a sks dog"\nclass_dir = "~/dogs"\n'
+        '[[concepts]]\ninstance_dir = "~/cat"\ninstance_prompt = "a zwx cat"\ntoken = "zwx"\n'
+    )
+    concepts = TrainConfig.from_toml(two).validate().concept_list()
+    assert [c.instance_dir for c in concepts] == [str(tmp_path / "dog"), str(tmp_path / "cat")]
+    assert concepts[0].class_dir == str(tmp_path / "dogs")

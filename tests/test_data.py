@@ -256,3 +256,19 @@ def test_a_kohya_style_folder_points_at_its_subfolder(tmp_path):
     with pytest.raises(DreamLoomError) as refused:
         load_image_folder(tmp_path, 64)
     assert "Images in subfolders (10_sks dog" in refused.value.message and "(it is empty)" not in refused.value.message
+
+
+def test_animated_pictures_are_named_as_trained_on_their_first_frame(tmp_path):
+    for i in range(3):
+        _png(tmp_path / f"still{i}.png", size=(64, 64))
+    red, blue = Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))
+    red.save(tmp_path / "moving.webp", save_all=True, append_images=[blue], duration=100)
+    red.save(tmp_path / "moving.png", save_all=True, append_images=[blue], duration=100)  # APNG
+    red.save(tmp_path / "one.gif", save_all=True, duration=100)  # one frame: not animated
+    red.save(tmp_path / "phone.jpg", "MPO", save_all=True, append_images=[blue])  # a JPEG with an MPF preview
+    assert Image.open(tmp_path / "phone.jpg").n_frames == 2
+    loaded = load_image_folder(tmp_path, 64)
+    (note,) = [n for n in loaded.warnings if "animated" in n]
+    assert note.startswith("2 animated picture(s) (moving.png, moving.webp): only the first frame"), note
+    first = loaded.images[loaded.paths.index(str(tmp_path / "moving.webp"))]
+    assert first.getpixel((32, 32))[0] > 200  # the red first frame

@@ -63,7 +63,7 @@ def test_report_names_versions_and_cpu(cpu_only):
     assert "(predicted, +-25%, on a GPU" in report
     assert "fp16       on " in report and "bf16       off" in report and "fp32 (no)" in report
     assert "about" in report and "in RAM" in report  # the CPU note
-    assert "mixed_precision fp16/bf16" in report  # the hint
+    assert "mixed_precision fp16 or bf16" in report  # the hint
     # an SD1.5 checkpoint is fp16, so fp32 training on the CPU keeps its frozen convs so: 1.1 GiB less
     assert "half_frozen_convs       on (auto: on for fp32 training on the CPU)" in report
     assert "fp32 (frozen convs in fp16)" in " ".join(report.split())

@@ -11,7 +11,7 @@ from trainer.jobs.parent import JobInterrupted, RunLock, finished_outputs, folde
 
 
 def _train_request(fabric_dir, **kw):
-    cfg = tiny_config(fabric_dir, max_train_steps=8, checkpoint_every=2, sample_every=4, **kw).validate()
+    cfg = tiny_config(fabric_dir, **{"max_train_steps": 8, "checkpoint_every": 2, "sample_every": 4, **kw}).validate()
     return {"kind": "train", "config": cfg.to_dict()}
 
 
@@ -87,6 +87,24 @@ def test_sigkill_gives_clear_error_and_next_run_resumes(fabric_dir, tmp_path):
     assert os.path.exists(outputs["lora"])
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_worker_stops_it_with_a_checkpoint(fabric_dir, tmp_path):
+    """systemd, `docker stop` or Ctrl-C in ComfyUI's console signal the worker itself: it must stop as Stop does."""
+    run_dir = _run_dir(tmp_path, fabric_dir, max_train_steps=200, checkpoint_every=0, sample_every=0)
+
+    def on_event(e):
+        if e["event"] == "progress" and e.get("phase") == "training" and e["step"] == 2:
+            os.kill(int((run_dir / "worker.pid").read_text()), signal.SIGTERM)
+
+    with pytest.raises(JobInterrupted) as info:
+        run_job(run_dir, on_event=on_event)
+    checkpoint = info.value.checkpoint
+    assert checkpoint and os.path.isdir(checkpoint) and finished_outputs(run_dir) is None
+    assert "SIGTERM: stopping after this step" in (run_dir / "events.jsonl").read_text()
+    stopped_at = int(os.path.basename(checkpoint).split("_")[1])
+    assert 2 <= stopped_at < 200
+
+
 def test_worker_user_error_is_reported_with_hint(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -158,6 +176,7 @@ def test_class_image_job_loads_and_generates_in_the_inference_dtype(tmp_path, mo
     import trainer.training.precision as precision
     from trainer.events import Events
     from trainer.jobs.worker import _run
+    from trainer.stop_signals import GracefulStop
 
     monkeypatch.setattr(precision, "inference_dtype", lambda device: torch.bfloat16)
     seen = {}
@@ -176,7 +195,7 @@ def test_class_image_job_loads_and_generates_in_the_inference_dtype(tmp_path, mo
     spec = dict(prompt="a fabric pattern", negative_prompt="", sampler="ddim", steps=2, guidance=1.0)
     job = {"kind": "class_images", "base_model": "tiny", "count": 2, "folder": str(tmp_path / "class"),
            "batch_size": 2, "spec": {**spec, "resolution": 64, "seed": 1}}  # fmt: skip
-    outputs = _run(job, tmp_path, Events(tmp_path))
+    outputs = _run(job, tmp_path, Events(tmp_path), GracefulStop())  # not entered: no signal handlers
     assert seen == {"load": torch.bfloat16, "generate": torch.bfloat16}
     assert len(outputs["images"]) == 2 and all(os.path.getsize(p) > 0 for p in outputs["images"])
 

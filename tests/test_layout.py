@@ -19,6 +19,7 @@ LAYERS = [
     "config",
     "events",
     "cpu_malloc",
+    "stop_signals",
     "base_models",
     "pictures",
     "inference",

@@ -163,3 +163,11 @@ def test_text_encoder_keys_and_old_processor_format():
 def test_malformed_modules_are_clear_errors(sd, needle):
     with pytest.raises(DreamLoomError, match=needle):
         convert_state_dict(sd)
+
+
+@pytest.mark.parametrize("keys", [["emb_params"], ["clip_g", "clip_l"]])
+def test_an_embedding_given_as_a_lora_is_named_as_an_embedding(keys):
+    with pytest.raises(DreamLoomError) as refused:
+        convert_state_dict({key: torch.zeros(2, 8) for key in keys})
+    assert f"is a textual-inversion embedding (keys {', '.join(keys)}), not a LoRA" in refused.value.message
+    assert "embedding:" in refused.value.hint and "--embedding" in refused.value.hint

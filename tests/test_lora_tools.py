@@ -228,26 +228,31 @@ def test_merge_then_extract_round_trips(tiny_files, tmp_path, family):
     assert "lora.safetensors" in _metadata(merged)["dreamloom.merged_loras"]
 
 
-def test_a_merged_checkpoint_equals_diffusers_loading_the_lora(tiny_files, tmp_path):
-    """The same kohya file through our loading path (diffusers' load_lora_weights, fused at strength 0.7) and
-    through merge_loras gives the same UNet and text-encoder weights."""
+def test_a_merged_checkpoint_equals_generate_loading_the_loras(tiny_files, tmp_path):
+    """Two kohya files through `generate`'s loading path (--lora FILE:0.7 --lora FILE at --lora-scale 0.4: diffusers'
+    load_lora_weights, both adapters fused) and through merge_loras give the same UNet and text-encoder weights."""
     from trainer.base_models.builtin import build_tiny
     from trainer.base_models.components import text_model_path
+    from trainer.cli import build_parser
+    from trainer.cli.checks import check_adapter_args
+    from trainer.cli.commands import pipeline_with_adapters
     from trainer.formats.ldm_layout import split_ldm_state_dict, unet_from_ldm
-    from trainer.inference.pipelines import load_lora_into_pipeline, make_pipeline
 
     base = tiny_files["sd15"]
     layout = checkpoint_layout(base)
     names = [n for n, t in layout.targets.items() if t.attention]
-    lora = tmp_path / "lora.safetensors"
-    save_file(_random_lora(layout, names, 2, 4.0, seed=5), str(lora), SD15_META)
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    save_file(_random_lora(layout, names, 2, 4.0, seed=5), str(first), SD15_META)
+    unet_half = [n for n in names if n.startswith("lora_unet_")][::2]  # the UNet only, half its layers
+    save_file(_random_lora(layout, unet_half, 4, 2.0, seed=6), str(second), SD15_META)
     merged = tmp_path / "merged.safetensors"
-    merge_loras(base, [(lora, 0.7)], merged)
+    merge_loras(base, [(first, 0.7), (second, 0.4)], merged)
 
-    comps = build_tiny()
-    pipe = make_pipeline(comps, "euler")
-    load_lora_into_pipeline(pipe, str(lora), 1.0)
-    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=0.7)
+    argv = ["generate", "--base-model", "tiny", "--lora", f"{first}:0.7", "--lora", str(second), "--lora-scale", "0.4"]
+    args = build_parser().parse_args(argv)
+    check_adapter_args(args)
+    comps, pipe = pipeline_with_adapters(args)
+    pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=["lora_0", "lora_1"])
     pipe.unload_lora_weights()
     parts = split_ldm_state_dict(load_file(str(merged)))
     ours_unet = unet_from_ldm(parts["unet"], dict(comps.unet.config))
@@ -466,3 +471,15 @@ def test_full_size_sd15_merge_and_extract_load_offline(sd15_checkpoint, tmp_path
         base = f.get_tensor(to_q.key).float()
     delta = want["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
     torch.testing.assert_close(weight - base, delta, atol=2e-3, rtol=0)
+
+
+def test_a_built_in_models_fine_tune_is_named_as_such(tmp_path):
+    """Its family reads as SD1.5 (from the metadata), but it is kept in diffusers' layout: say that, not 'SD1.5'."""
+    from trainer.base_models.detect import BUILTIN_BASE_KEY, BUILTIN_FINETUNE_FORMAT
+
+    tuned = tmp_path / "sks_fabric.safetensors"
+    meta = {"format": BUILTIN_FINETUNE_FORMAT, BUILTIN_BASE_KEY: "tiny"}
+    save_file({"unet.conv_in.weight": torch.zeros(8, 4, 3, 3), "text_encoder.x": torch.zeros(2)}, str(tuned), meta)
+    with pytest.raises(DreamLoomError, match=r"fine-tune of DreamLoom's built-in test model 'tiny'") as refused:
+        checkpoint_layout(tuned)
+    assert "looks like SD1.5" not in refused.value.message

@@ -99,6 +99,22 @@ def comfy_prepare_noise(latent, seed):
     return torch.randn(latent.size(), dtype=latent.dtype, layout=latent.layout, generator=generator, device="cpu")
 
 
+def test_morph_lengths_that_leave_no_frame_to_morph_are_refused():
+    from trainer.inference.morph import MorphSpec
+
+    MorphSpec(seeds=[1, 2, 3, 4, 5], hold_frames=89).check()  # 90 frames per keyframe: one morph frame each
+    for spec, needles in (
+        (MorphSpec(seeds=[1, 2, 3, 4, 5], hold_frames=90), ["90 per keyframe", "--hold-frames 89 or less"]),
+        (MorphSpec(seeds=[1, 2], seconds=0.05, fps=30, hold_frames=1), ["2 frames, 1 per keyframe", "Leave out"]),
+        (MorphSpec(seeds=[1, 2, 3], seconds=0.05, fps=30), ["not one frame", "more --seconds"]),
+        (MorphSpec(seeds=[7], loop=False), ["one keyframe has nothing to morph to"]),
+    ):
+        with pytest.raises(DreamLoomError) as refused:
+            spec.check()
+        for needle in needles:
+            assert needle in str(refused.value), str(refused.value)
+
+
 def test_keyframe_noise_equals_comfyui_noise():
     seeds = [1, 42, 100, 256, 512]
     sched = keyframe_schedule(len(seeds), 6, "cosine")

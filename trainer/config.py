@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -202,7 +203,19 @@ class TrainConfig:
         self._check_lists_and_names()
         self._check_concepts()
         self._check_method_settings()
+        self._expand_home()
         return self
+
+    def _expand_home(self) -> None:
+        """'~' in a folder setting is the home folder, as a shell would read it: a TOML file, a quoted flag or a
+        node's text box has no shell to expand it."""
+        for name in ("instance_dir", "class_dir", "validation_dir"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
+        for concept in self.concepts:
+            for name in ("instance_dir", "class_dir"):
+                if isinstance(concept.get(name), str):
+                    concept[name] = os.path.expanduser(concept[name])
 
     # -- the checks validate() runs ------------------------------------------------------------------------
     def _bad(self, name: str, fix: str) -> DreamLoomError:
@@ -406,10 +419,20 @@ class TrainConfig:
                 f"Remove the token from class_prompt, for example {example!r}; or turn off with_prior_preservation.",
             )
 
-    def class_prompt_notes(self) -> list[str]:
-        """Warnings for a class prompt that shares no word with its instance prompt (past the token and small
-        words): most often the default 'a fabric pattern' left in place for another subject, which would make
-        prior images of fabric for a dog."""
+    def notes(self) -> list[str]:
+        """Warnings for settings that are valid but most likely not what was meant (logged when a run starts)."""
+        notes = self._class_prompt_notes()
+        if self.mask_from_alpha and not self.masked_loss:
+            notes.append(
+                "mask_from_alpha is on but masked_loss is off, so no mask is used. Turn masked_loss on "
+                "(--masked-loss true) to weight the loss by the images' alpha."
+            )
+        return notes
+
+    def _class_prompt_notes(self) -> list[str]:
+        """A class prompt that shares no word with its instance prompt (past the token and small words): most often
+        the default 'a fabric pattern' left in place for another subject, which would make prior images of fabric
+        for a dog."""
         if not (self.method in ("lora", "full") and self.with_prior_preservation and self.prior_loss_weight > 0):
             return []
         notes = []

@@ -19,6 +19,7 @@ class Events:
     def __init__(self, run_dir: str | Path | None = None, stream: TextIO | None = None, enabled: bool = True):
         self.path = Path(run_dir) / "events.jsonl" if run_dir else None
         self.stream = stream
+        self.reader_gone = False  # the stream's reader closed its end (the pack's process ended)
         self.enabled = enabled
         self.listeners: list[Callable[[dict], None]] = []
         if self.path and enabled:
@@ -33,8 +34,11 @@ class Events:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
         if self.stream:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):  # the reader is gone (BrokenPipeError; EINVAL on Windows)
+                self.stream, self.reader_gone = None, True  # events.jsonl still gets every event
         for listener in self.listeners:
             listener(record)
         return record

@@ -9,6 +9,7 @@ import sys
 from ..config import DEFAULT_CACHE_DIR, TrainConfig
 from ..errors import DreamLoomError
 from .args import _add_config_flags, _config_from_args
+from .checks import DEFAULT_EMBEDDING_TOKEN
 from .commands import (
     cmd_bench,
     cmd_class_images,
@@ -31,10 +32,20 @@ __all__ = ["build_parser", "main", "_config_from_args"]
 def _add_pipeline_flags(p: argparse.ArgumentParser, sampler_help: str = "") -> None:
     """Flags shared by the commands that generate pictures with a base model and optional adapters."""
     p.add_argument("--base-model", default="tiny-fabric")
-    p.add_argument("--lora", help="LoRA .safetensors to apply (kohya or diffusers format)")
-    p.add_argument("--lora-scale", type=float, default=1.0)
-    p.add_argument("--embedding", help="textual inversion .safetensors")
-    p.add_argument("--embedding-token", default="<sks-fabric>", help="token the embedding is used as in prompts")
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:STRENGTH]",
+        help="LoRA .safetensors to apply (kohya, diffusers or PEFT format); repeat for several",
+    )
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of each --lora given without one")
+    p.add_argument("--embedding", action="append", metavar="FILE", help="textual inversion .safetensors; repeatable")
+    p.add_argument(
+        "--embedding-token",
+        action="append",
+        metavar="TOKEN",
+        help=f"the token each --embedding is used as in prompts, in the same order (default {DEFAULT_EMBEDDING_TOKEN})",
+    )
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -171,6 +182,7 @@ def _add_lab_commands(sub) -> None:
         "--base-model", default="tiny-fabric", help="tiny-fabric (pretrained), tiny (random weights) or an SD1.5 file"
     )
     p.add_argument("--steps", type=int, default=None, help="override the demo's training steps")
+    p.add_argument("--ti-steps", type=int, default=None, help="textual inversion's steps (default: --steps, or 600)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster demo (used by the tests)")
     p.set_defaults(func=cmd_demo)
 
@@ -309,18 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..base_models.offline import set_offline
+    from ..base_models.offline import hide_known_noise, set_offline
+    from ..stop_signals import Terminated, terminate_as_interrupt
 
     set_offline()
+    hide_known_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with terminate_as_interrupt():  # SIGTERM stops as Ctrl-C does: clean-up runs; `train` checkpoints first
+            return args.func(args)
     except DreamLoomError as err:
         print(f"error: {err.message}", file=sys.stderr)
         if err.hint:
             print(f"fix: {err.hint}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("stopped by SIGTERM", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a shell reports a process it ended
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

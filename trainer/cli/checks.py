@@ -148,20 +148,37 @@ def check_sampling_args(args) -> None:
     check_base_model(args.base_model)
 
 
+DEFAULT_EMBEDDING_TOKEN = "<sks-fabric>"
+
+
 def check_adapter_args(args) -> None:
-    """--lora and --embedding (generate, morph): .safetensors files only, checked without torch."""
+    """--lora and --embedding (generate, morph): .safetensors files only, checked without torch. Sets args.loras
+    [(file, strength)] and args.embeddings [(file, token)]."""
     check_number(args.lora_scale, "--lora-scale", -16.0, 16.0)
-    if args.lora:
-        check_safetensors_file(
-            args.lora, "LoRA file", "Give the .safetensors file written by training (result/<name>.safetensors)."
+    args.loras = []
+    for spec in args.lora or []:
+        path, strength = parse_lora_strength(spec, default=args.lora_scale)
+        check_number(strength, f"--lora {spec} strength", -16.0, 16.0)
+        hint = "Give the .safetensors file written by training (result/<name>.safetensors)."
+        args.loras.append((str(check_safetensors_file(path, "LoRA file", hint)), strength))
+    files = args.embedding or []
+    tokens = args.embedding_token or ([DEFAULT_EMBEDDING_TOKEN] if len(files) == 1 else [])
+    if files and len(tokens) != len(files):
+        raise DreamLoomError(
+            f"{len(files)} --embedding files and {len(tokens)} --embedding-token values: each embedding needs the "
+            "token it is used as in the prompts.",
+            "Give one --embedding-token per --embedding, in the same order.",
         )
-    if args.embedding:
-        check_safetensors_file(args.embedding, "Embedding file", "Give the .safetensors file written by TI training.")
-        token = args.embedding_token
+    if len(set(tokens)) < len(tokens):
+        raise DreamLoomError("Two embeddings were given the same --embedding-token.", "Give each its own token.")
+    args.embeddings = []
+    for path, token in zip(files, tokens):
+        path = str(check_safetensors_file(path, "Embedding file", "Give the .safetensors file written by TI training."))
         if not token.strip() or any(c.isspace() for c in token):
             raise DreamLoomError(
                 f"Invalid value --embedding-token {token!r}.", "Use one word with no spaces, e.g. '<sks-fabric>'."
             )
+        args.embeddings.append((path, token))
 
 
 def uses_prior(cfg: TrainConfig) -> bool:
@@ -341,13 +358,18 @@ def _free_sibling(run_dir: Path) -> Path:
     return run_dir.with_name(f"{run_dir.name}-new")
 
 
-def parse_lora_strength(spec: str) -> tuple[str, float]:
+def parse_lora_strength(spec: str, default: float = 1.0) -> tuple[str, float]:
     """'style.safetensors:0.7' -> ('style.safetensors', 0.7); without a number after the last colon (a Windows
-    drive, a plain name) the strength is 1."""
+    drive, a plain name) the strength is `default`. A decimal comma ('style.safetensors:0,7') is refused by name."""
     path, sep, tail = spec.rpartition(":")
     if sep and path and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?\s*", tail, re.IGNORECASE):
         return path, float(tail)
-    return spec, 1.0
+    if sep and path and re.fullmatch(r"\s*[-+]?\d*,\d+\s*", tail) and not Path(spec).exists():
+        raise DreamLoomError(
+            f"Invalid strength in {spec!r}: {tail!r} has a decimal comma.",
+            f"Write the strength with a point: {path}:{tail.strip().replace(',', '.')}",
+        )
+    return spec, default
 
 
 def check_lora_tool_output(args, inputs) -> Path:

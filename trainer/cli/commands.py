@@ -49,20 +49,21 @@ def cmd_train(args) -> int:
 
     from ..errors import StopRequested
     from ..events import Events, TqdmListener
+    from ..stop_signals import GracefulStop, tell_user
     from ..training.loop import train
 
     events = Events(run_dir)
     listener = TqdmListener("train")
     events.listeners.append(listener)
     try:
-        with CtrlC() as ctrl_c:
+        with GracefulStop(announce=tell_user) as stop_signal:
             result = train(
                 cfg,
                 run_dir,
                 events=events,
                 cache_root=args.cache_dir,
                 instance_set=instance,
-                should_stop=ctrl_c.pressed,
+                should_stop=stop_signal.requested,
             )
     except (StopRequested, InterruptedError) as stopped:
         where = (
@@ -71,7 +72,7 @@ def cmd_train(args) -> int:
             else (f"while making class images ({stopped}); the images made so far are kept")
         )
         print(f"\nstopped {where}.\nRun the same command again to resume.", file=sys.stderr)
-        return 130
+        return stop_signal.exit_code()
     except DreamLoomError as err:  # a failure before or during training: events.jsonl says so too
         events.listeners.remove(listener)  # main() prints it, once, as `error:` and `fix:`
         events.emit("error", message=err.message, hint=err.hint)
@@ -81,37 +82,6 @@ def cmd_train(args) -> int:
     if result.outputs:  # only the main process of a distributed run has outputs
         print(json.dumps(result.outputs, indent=2))
     return 0
-
-
-class CtrlC:
-    """The first Ctrl-C asks the trainer to finish its step, checkpoint and stop; a second one stops at once."""
-
-    def __init__(self):
-        self.count = 0
-
-    def pressed(self) -> bool:
-        return self.count > 0
-
-    def _handler(self, signum, frame):
-        self.count += 1
-        if self.count > 1:
-            raise KeyboardInterrupt
-        print("\nstopping after this step to save a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def class_image_spec(args, fingerprint: str, native_resolution: int):
@@ -222,17 +192,18 @@ def check_lora_family(path: str, comps) -> None:
 def check_embedding_token_used(args, prompts: list[str], where: str) -> None:
     """An --embedding changes only prompts that hold its token: refuse a run whose prompts all lack it (it would
     render the base model's pictures and look like an embedding that learned nothing)."""
-    token = args.embedding_token
-    if args.embedding and not any(token in prompt for prompt in prompts):
-        raise DreamLoomError(
-            f"No prompt contains the embedding's token {token!r}, so --embedding would change nothing.",
-            f"Put {token} in {where} (e.g. 'a dress in the style of {token}'), or give --embedding-token the token "
-            "your prompts use.",
-        )
+    for path, token in args.embeddings:
+        if not any(token in prompt for prompt in prompts):
+            raise DreamLoomError(
+                f"No prompt contains the token {token!r} of the embedding {Path(path).name}, so it would change "
+                "nothing.",
+                f"Put {token} in {where} (e.g. 'a dress in the style of {token}'), or give --embedding-token the "
+                "token your prompts use.",
+            )
 
 
 def pipeline_with_adapters(args):
-    """The base model as a pipeline on the best device, with --lora and --embedding applied."""
+    """The base model as a pipeline on the best device, with every --lora (at its strength) and --embedding."""
     from ..base_models.load import load_base_model
     from ..formats.embeddings import load_embedding_into_pipeline
     from ..inference.pipelines import load_lora_into_pipeline, make_pipeline
@@ -242,13 +213,24 @@ def pipeline_with_adapters(args):
     comps = load_base_model(args.base_model, dtype=dtype)  # on a GPU in fp16/bf16 at once: no fp32 copy first
     pipe = make_pipeline(comps, args.sampler)
     to_inference_device(pipe)
-    if args.lora:
-        check_lora_family(args.lora, comps)
-        with adapter_fit(args.lora, "--lora", comps):
-            load_lora_into_pipeline(pipe, args.lora, args.lora_scale)
-    if args.embedding:
-        with adapter_fit(args.embedding, "--embedding", comps):
-            load_embedding_into_pipeline(pipe, args.embedding, args.embedding_token)
+    names = []
+    for i, (path, _) in enumerate(args.loras):
+        check_lora_family(path, comps)
+        with adapter_fit(path, "--lora", comps):
+            names.append(load_lora_into_pipeline(pipe, path, adapter_name=f"lora_{i}"))
+    if names:
+        pipe.set_adapters(names, adapter_weights=[strength for _, strength in args.loras])
+    for path, token in args.embeddings:
+        with adapter_fit(path, "--embedding", comps):
+            load_embedding_into_pipeline(pipe, path, token)
+    native = comps.native_resolution
+    if args.resolution and not native / 2 <= args.resolution <= native * 2:
+        expect = "repeated subjects and broken layouts" if args.resolution > native else "blurred, broken pictures"
+        print(
+            f"note: --resolution {args.resolution} is far from the model's native {native} px: expect {expect}. "
+            f"Generate at {native} (and upscale for a big picture).",
+            file=sys.stderr,
+        )
     return comps, pipe
 
 
@@ -320,21 +302,17 @@ def cmd_morph(args) -> int:
     check_whole(args.keyframes, "--keyframes", 0, 1000)
     check_whole(args.hold_frames, "--hold-frames", 0, 10_000)
     seeds = parse_seeds(args.seeds)
-    check_output_file(args.out, "--out", (".gif", ".webp", ".mp4"))
-    check_new_file(args.out, args.overwrite, "--out")
-    check_embedding_token_used(args, [args.prompt], "--prompt")
-
-    from ..events import TqdmListener
-    from ..inference.morph import MorphSpec, render_morph
-    from ..pictures.animation import write_animation
-
-    comps, pipe = pipeline_with_adapters(args)
     if args.keyframes and args.keyframes != len(seeds):
         seeds = (
             (seeds * args.keyframes)[: args.keyframes]
             if args.keyframes < len(seeds)
             else seeds + [seeds[-1] + 1000 * i for i in range(1, args.keyframes - len(seeds) + 1)]
         )
+    check_output_file(args.out, "--out", (".gif", ".webp", ".mp4"))
+    check_new_file(args.out, args.overwrite, "--out")
+    check_embedding_token_used(args, [args.prompt], "--prompt")
+    from ..inference.morph import MorphSpec
+
     spec = MorphSpec(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -346,9 +324,16 @@ def cmd_morph(args) -> int:
         loop=not args.open,
         steps=args.steps,
         guidance=args.guidance,
-        resolution=args.resolution or comps.native_resolution,
         sampler=args.sampler,
     )
+    spec.check()
+
+    from ..events import TqdmListener
+    from ..inference.morph import render_morph
+    from ..pictures.animation import write_animation
+
+    comps, pipe = pipeline_with_adapters(args)
+    spec.resolution = args.resolution or comps.native_resolution
     bar = TqdmListener("morph")
     frames = render_morph(
         pipe,
@@ -512,13 +497,16 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    if args.steps is not None:
-        check_whole(args.steps, "--steps", 1, 1_000_000)
+    for value, flag in ((args.steps, "--steps"), (args.ti_steps, "--ti-steps")):
+        if value is not None:
+            check_whole(value, flag, 1, 1_000_000)
     check_base_model(args.base_model)
     check_output_folder(args.output_dir, "--output-dir")
     from ..lab.demo import run_demo
 
-    run_demo(Path(args.output_dir), steps=args.steps, quick=args.quick, base_model=args.base_model)
+    run_demo(
+        Path(args.output_dir), steps=args.steps, quick=args.quick, base_model=args.base_model, ti_steps=args.ti_steps
+    )
     return 0
 
 

@@ -60,6 +60,16 @@ def existing_class_images(folder: Path, count: int) -> list[Path]:
     return [folder / f"class_{i:05d}.png" for i in range(count) if (folder / f"class_{i:05d}.png").exists()]
 
 
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest.json DreamLoom wrote in a class-image folder ({"spec", "key"}); None if absent or not ours."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not JSON, not UTF-8
+        return None
+    ours = isinstance(manifest, dict) and isinstance(manifest.get("spec"), dict) and "key" in manifest
+    return manifest if ours else None
+
+
 def generate_class_images(
     comps,
     spec: ClassImageSpec,
@@ -80,11 +90,14 @@ def generate_class_images(
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path = folder / MANIFEST
     if manifest_path.exists():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
-            old = None
-        if old is not None and old.get("spec") != asdict(spec) and existing_class_images(folder, count):
+        old = read_manifest(folder)
+        if old is None:
+            raise DreamLoomError(
+                f"{manifest_path} is unreadable or was not written by DreamLoom; making class images there would "
+                "replace it.",
+                "Give an empty folder or one DreamLoom made class images in, or move that manifest.json away.",
+            )
+        if old.get("spec") != asdict(spec) and existing_class_images(folder, count):
             raise DreamLoomError(
                 f"The class-image folder {folder} was made with different settings.",
                 "Use an empty folder, or leave class_dir unset so DreamLoom picks a cached folder for these settings.",
@@ -133,8 +146,7 @@ def prepare_class_images(
     """
     spec = ClassImageSpec.for_training(cfg, comps.fingerprint)
     folder = class_dir or class_dir_for(cache_root, spec)
-    manifest = folder / MANIFEST
-    ours = manifest.exists() and json.loads(manifest.read_text()).get("spec") == asdict(spec)
+    ours = (read_manifest(folder) or {}).get("spec") == asdict(spec)
     given = class_dir is not None and folder.is_dir() and bool(list_image_files(folder)) and not ours
     if not given and accelerator.is_main_process:
         # On a GPU, generated in the training precision (diffusers' --prior_generation_precision): a fp32
@@ -158,6 +170,13 @@ def prepare_class_images(
     accelerator.wait_for_everyone()
     images = load_image_folder(folder, cfg.resolution, use_captions=False)
     n = min(len(images), cfg.num_class_images) if cfg.num_class_images else len(images)
+    if given and n < cfg.num_class_images and events:
+        events.log(
+            f"the class folder {folder} holds {n} images, fewer than num_class_images {cfg.num_class_images}: "
+            f"prior preservation uses these {n}. Add images to it, or leave class_dir unset and DreamLoom makes "
+            f"{cfg.num_class_images} with the base model.",
+            level="warning",
+        )
     return images.images[:n], folder
 
 

@@ -148,8 +148,12 @@ def open_image(path: str | os.PathLike):
         # only its refusal (DecompressionBombError, named by load_image_folder) stops a picture.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as im:
+            # an animated WebP or APNG: its first frame is decoded (a JPEG's MPF preview or gain map is no animation)
+            frames = getattr(im, "n_frames", 1) if im.format in ("GIF", "WEBP", "PNG") else 1
             im.load()
-            return ImageOps.exif_transpose(im)
+            upright = ImageOps.exif_transpose(im)
+    upright.info["frames"] = frames
+    return upright
 
 
 def alpha_of(im):
@@ -235,7 +239,7 @@ def load_image_folder(
             f"No images in {folder}{found}.{inside}",
             "Put 5-20 .jpg, .png or .webp images of your subject in the folder.",
         )
-    images, captions, paths, problems, mask_list, unmasked = [], [], [], [], [], []
+    images, captions, paths, problems, mask_list, unmasked, animated = [], [], [], [], [], [], []
     notes = [skipped_files_warning(skipped)] if skipped else []
     if mask_of and not masks:
         notes.append(
@@ -259,6 +263,8 @@ def load_image_folder(
         except (OSError, ValueError, SyntaxError, EOFError) as err:
             problems.append(f"{path.name}: unreadable or truncated ({err})")
             continue
+        if raw.info.get("frames", 1) > 1:
+            animated.append(path)
         w, h = im.size
         if min(w, h) < MIN_SIDE:
             problems.append(f"{path.name}: only {w}x{h} pixels; at least {MIN_SIDE} px on the short side is needed")
@@ -289,6 +295,11 @@ def load_image_folder(
             f"{len(problems)} of {len(files)} images in {folder} cannot be used:\n  - " + "\n  - ".join(problems),
             "Remove or replace the files listed (re-export them as PNG or JPEG; downscale a photo of more than "
             "179 megapixels; copy a linked picture into the folder).",
+        )
+    if animated:
+        notes.append(
+            f"{len(animated)} animated picture(s) ({_name_list(animated)}): only the first frame of each is trained "
+            "on; save the frames you want as separate images"
         )
     if not use_captions:
         unused = [p.with_suffix(".txt") for p in files if p.with_suffix(".txt").is_file()]

@@ -21,6 +21,7 @@ import torch
 from ..base_models.components import text_model_path
 from ..errors import DreamLoomError
 from ..files.safetensors_header import read_safetensors_header
+from .embeddings import EMBEDDING_KEY, SDXL_EMBEDDING_KEYS
 from .kohya_names import kohya_module_name
 
 _DOWN_UP = [
@@ -139,6 +140,12 @@ def convert_state_dict(sd: dict, metadata: dict | None = None, adapter_config: d
     if not sd:
         raise DreamLoomError("The LoRA file is empty.", "Pick a LoRA .safetensors file that holds weights.")
     fmt = detect_format(sd.keys())
+    if fmt == "unknown" and set(sd) & {EMBEDDING_KEY, *SDXL_EMBEDDING_KEYS}:
+        raise DreamLoomError(
+            f"This file is a textual-inversion embedding (keys {', '.join(sorted(sd)[:5])}), not a LoRA.",
+            "Use it as an embedding: in ComfyUI write embedding:<file name> in the prompt; on the command line "
+            "give it to generate or morph as --embedding. The LoRA tools and loaders take LoRA files.",
+        )
     if fmt == "unknown":
         sample = ", ".join(sorted(sd)[:5])
         raise DreamLoomError(

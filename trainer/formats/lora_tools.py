@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..base_models.components import text_model_path
-from ..base_models.detect import detect_family
+from ..base_models.detect import builtin_base_of, detect_family
 from ..base_models.sd15 import SD15
 from ..base_models.sdxl import SDXL
 from ..errors import DreamLoomError
@@ -96,6 +96,13 @@ def checkpoint_layout(path: str | Path, header: dict | None = None) -> Checkpoin
         family = SDXL
     elif _keys(header, TEXT_PREFIX) and unet and not any(k.startswith("conditioner.") for k in header):
         family = SD15
+    elif builtin_base_of(header):
+        raise DreamLoomError(
+            f"{path.name} is a fine-tune of DreamLoom's built-in test model {builtin_base_of(header)!r}, kept in "
+            "diffusers' layout; the LoRA tools read SD1.5 and SDXL single-file checkpoints (original layout).",
+            "Use them on a fine-tune of a real SD1.5 or SDXL checkpoint (the built-in models are for tests and the "
+            "demo).",
+        )
     else:
         raise DreamLoomError(
             f"{path.name} looks like {detected}; the LoRA tools read SD1.5 and SDXL single-file checkpoints (original "

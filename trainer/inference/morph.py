@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..errors import DreamLoomError
 from .slerp import keyframe_schedule, morph_noise_from_seeds
 
 TUTORIAL_SEEDS = [1, 42, 100, 256, 512]
@@ -30,6 +31,32 @@ class MorphSpec:
         transitions = len(self.seeds) if self.loop else len(self.seeds) - 1
         total = round(self.seconds * self.fps)
         return max(1, total // transitions - self.hold_frames)
+
+    def check(self) -> None:
+        """Refuse lengths that leave no frame for the morph between keyframes (the animation would be longer than
+        asked and all holds); the CLI calls it before loading anything."""
+        transitions = len(self.seeds) if self.loop else len(self.seeds) - 1
+        if transitions < 1:
+            raise DreamLoomError(
+                "An open morph (--open) with one keyframe has nothing to morph to.",
+                "Give two or more seeds (--seeds) or --keyframes 2 or more, or leave out --open.",
+            )
+        total = round(self.seconds * self.fps)
+        per_keyframe = total // transitions
+        if per_keyframe - self.hold_frames >= 1:
+            return
+        what = f"{self.seconds:g} s at {self.fps:g} fps is {total} frames, {per_keyframe} per keyframe"
+        if self.hold_frames and per_keyframe >= 1:
+            raise DreamLoomError(
+                f"{what}: --hold-frames {self.hold_frames} leaves none for the morph between keyframes.",
+                f"Use --hold-frames {per_keyframe - 1} or less, or more --seconds."
+                if per_keyframe > 1
+                else "Leave out --hold-frames, or give more --seconds or fewer keyframes.",
+            )
+        raise DreamLoomError(
+            f"{what} for {len(self.seeds)} keyframes: not one frame for the morph between them.",
+            "Give more --seconds or a higher --fps, or fewer keyframes.",
+        )
 
 
 def morph_noise(pipe, spec: MorphSpec):

@@ -113,12 +113,14 @@ def _restore_decoding(vae, state: dict) -> None:
         vae.tile_latent_min_size = state["tile_sample_min_size"] // 8
 
 
-def load_lora_into_pipeline(pipe, lora_path: str, scale: float = 1.0) -> None:
+def load_lora_into_pipeline(pipe, lora_path: str, adapter_name: str = "dreamloom") -> str:
+    """Load a LoRA file into the pipeline as the adapter `adapter_name` (returned); the caller sets its strength
+    with pipe.set_adapters, together with the other LoRAs loaded."""
     path = Path(lora_path)
     if not path.exists():
         raise DreamLoomError(
             f"LoRA file not found: {lora_path}",
             "Give the .safetensors file written by training (result/<name>.safetensors).",
         )
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="dreamloom")
-    pipe.set_adapters(["dreamloom"], adapter_weights=[scale])
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+    return adapter_name

@@ -15,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from ..errors import DreamLoomError, StopRequested
+from ..errors import OUT_OF_MEMORY_HINT, DreamLoomError, StopRequested
 
 EXIT_OK, EXIT_CRASH, EXIT_USER_ERROR, EXIT_STOPPED = 0, 1, 2, 3
 STOP_FILE = "STOP"
@@ -50,9 +50,13 @@ def install_offline_guard() -> None:
     socket.socket.connect_ex = connect_ex
 
 
-def _run(job: dict, run_dir: Path, events) -> dict:
+def _run(job: dict, run_dir: Path, events, stop_signal) -> dict:
     def should_stop() -> bool:
-        return (run_dir / STOP_FILE).exists()
+        """Ctrl-C or SIGTERM reached this process, the pack asked (a file in the run folder), or the pack is gone
+        (its end of our stdout is closed: ComfyUI ended). The pack's SIGTERM after its Stop then stops at once."""
+        if (run_dir / STOP_FILE).exists() or events.reader_gone:
+            stop_signal.ask()
+        return stop_signal.requested()
 
     kind = job.get("kind")
     if kind == "train":
@@ -100,6 +104,7 @@ def main(job_path: str) -> int:
     from ..base_models.offline import set_offline
     from ..events import Events
     from ..files.atomic import atomic_write_text
+    from ..stop_signals import GracefulStop, Terminated
 
     set_offline()
     install_offline_guard()
@@ -109,7 +114,8 @@ def main(job_path: str) -> int:
     try:
         job = json.loads(job_path.read_text(encoding="utf-8"))
         _quiet_libraries()
-        outputs = _run(job, run_dir, events)
+        with GracefulStop(announce=lambda name: events.log(f"{name}: stopping after this step")) as stop_signal:
+            outputs = _run(job, run_dir, events, stop_signal)
         atomic_write_text(run_dir / DONE_FILE, json.dumps({"outputs": outputs}, indent=2))
         # The trainer already emitted "done"; class-image jobs emit theirs here.
         if job.get("kind") != "train":
@@ -122,15 +128,21 @@ def main(job_path: str) -> int:
     except DreamLoomError as err:
         events.emit("error", message=err.message, hint=err.hint)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt as stop:  # a second Ctrl-C or SIGTERM: stopped at once
+        name = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+        events.emit(
+            "error",
+            message=f"The training process was stopped at once by {name}, before it could save a checkpoint.",
+            hint="Run it again: it resumes from the last checkpoint written.",
+        )
+        return EXIT_CRASH
     except BaseException as err:  # noqa: BLE001 - the parent must learn of every failure
         tb = traceback.format_exc()
         sys.stderr.write(tb)
         message = f"{type(err).__name__}: {err}"
         hint = "See the log for the traceback."
         if "out of memory" in str(err).lower():
-            hint = (
-                "Out of memory: lower the resolution or batch size, or turn on gradient checkpointing and 8-bit Adam."
-            )
+            hint = OUT_OF_MEMORY_HINT
         events.emit("error", message=message, hint=hint, traceback=tb[-4000:])
         return EXIT_CRASH
     finally:
@@ -138,6 +150,9 @@ def main(job_path: str) -> int:
 
 
 def _quiet_libraries() -> None:
+    from ..base_models.offline import hide_known_noise
+
+    hide_known_noise()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         from diffusers.utils import logging as dlog

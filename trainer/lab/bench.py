@@ -43,9 +43,11 @@ from .bench_diffusers import check_script, run_diffusers
 from .bench_measure import (
     NOT_ON_CPU,
     PHASES,
+    ContenderFailed,
     ProcSampler,
     StepMarks,
     child_env,
+    kill_on_interrupt,
     log_tail,
     malloc_label,
     measure,
@@ -472,9 +474,10 @@ def _spawn(role: str, spec_path: Path, work: Path, tag: str, env: dict | None = 
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env or child_env(), cwd=work)
         with ProcSampler(proc.pid, gpu=gpu) as sampler:
-            rc = proc.wait()
+            kill_on_interrupt(proc, proc.wait)
+            rc = proc.returncode
     if rc != 0 or not out.exists():
-        raise DreamLoomError(
+        raise ContenderFailed(
             f"bench: the {tag} process failed (exit code {rc}). The end of its log ({log}):\n{log_tail(log)}",
             "Fix what the log says; the bench's folder is kept for inspection.",
         )
@@ -579,33 +582,41 @@ def bench(
     """
     script = _check_args(steps, warmup, repeats, malloc, compare_diffusers)
     work = Path(tempfile.mkdtemp(prefix="dreamloom-bench-"))
-    spec, morph_result = _prepare_in_process(
-        work, base_model, resolution, cfg_overrides, script, morph, repeats, compare_buckets
-    )
-    spec.update(warmup=warmup, steps=steps, repeats=repeats, compile=compile_unet)
-    spec_path = work / "spec.json"
-    spec_path.write_text(json.dumps(spec))
-    if malloc is None:
-        malloc = "both" if spec["device"] == "cpu" and sys.platform.startswith("linux") else "tuned"
-    plan = contender_plan(malloc, script, compare_buckets)
-    plan = [c for c in plan if contenders is None or c[0] in ("ours", *contenders)]
-    print(
-        f"bench: {base_model} at {spec['resolution']}px on {spec['device']}, rank 4, batch 1, prior preservation on; "
-        f"{warmup} warm-up + {steps} timed steps; {repeats} rounds of {', '.join(name for name, _, _ in plan)}, "
-        f"each in a fresh process; malloc {malloc}",
-        file=sys.stderr,
-    )
-    runs = _run_rounds(plan, script, spec, spec_path, work)
-    report = build_report(base_model, spec, malloc, script, runs)
-    if morph_result is not None:
-        report["morph"] = morph_result
-    print(format_report(report))
-    if out:
-        from ..files.atomic import atomic_write_text
+    keep = False
+    try:  # removed however the bench ends (an error, Ctrl-C, SIGTERM), unless a contender's log is to be read
+        spec, morph_result = _prepare_in_process(
+            work, base_model, resolution, cfg_overrides, script, morph, repeats, compare_buckets
+        )
+        spec.update(warmup=warmup, steps=steps, repeats=repeats, compile=compile_unet)
+        spec_path = work / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        if malloc is None:
+            malloc = "both" if spec["device"] == "cpu" and sys.platform.startswith("linux") else "tuned"
+        plan = contender_plan(malloc, script, compare_buckets)
+        plan = [c for c in plan if contenders is None or c[0] in ("ours", *contenders)]
+        print(
+            f"bench: {base_model} at {spec['resolution']}px on {spec['device']}, rank 4, batch 1, "
+            "prior preservation on; "
+            f"{warmup} warm-up + {steps} timed steps; {repeats} rounds of {', '.join(name for name, _, _ in plan)}, "
+            f"each in a fresh process; malloc {malloc}",
+            file=sys.stderr,
+        )
+        runs = _run_rounds(plan, script, spec, spec_path, work)
+        report = build_report(base_model, spec, malloc, script, runs)
+        if morph_result is not None:
+            report["morph"] = morph_result
+        print(format_report(report))
+        if out:
+            from ..files.atomic import atomic_write_text
 
-        atomic_write_text(out, json.dumps(report, indent=2))
-        print(f"wrote {out}", file=sys.stderr)
-    shutil.rmtree(work, ignore_errors=True)
+            atomic_write_text(out, json.dumps(report, indent=2))
+            print(f"wrote {out}", file=sys.stderr)
+    except ContenderFailed:
+        keep = True
+        raise
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
     return report
 
 

@@ -16,7 +16,17 @@ from pathlib import Path
 
 from .. import installed_version
 from ..errors import DreamLoomError
-from .bench_measure import ProcSampler, child_env, log_tail, malloc_label, measure, read_counters, read_status
+from .bench_measure import (
+    ContenderFailed,
+    ProcSampler,
+    child_env,
+    kill_on_interrupt,
+    log_tail,
+    malloc_label,
+    measure,
+    read_counters,
+    read_status,
+)
 
 STEP_LINE = re.compile(r"Steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 
@@ -189,17 +199,17 @@ def run_diffusers(script: Path, spec: dict, work: Path, tag: str, env: dict) -> 
     t_start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=work, bufsize=0)
     with ProcSampler(proc.pid, gpu=spec["device"] == "cuda") as sampler:
-        _follow(proc, log, marks, hwm)
-        rc = proc.wait()
+        kill_on_interrupt(proc, lambda: (_follow(proc, log, marks, hwm), proc.wait()))
+        rc = proc.returncode
     if rc != 0:
-        raise DreamLoomError(
+        raise ContenderFailed(
             f"bench: diffusers' script {script} failed (exit code {rc}). The end of its log ({log}):\n{log_tail(log)}",
             "Install the example's requirements (examples/dreambooth/requirements.txt: torchvision, matching your "
             "torch, and the others) and use the train_dreambooth_lora.py of the installed diffusers version (its "
             "check_min_version must pass).",
         )
     if len(marks) < 2:
-        raise DreamLoomError(
+        raise ContenderFailed(
             f"bench: found no tqdm step lines ('Steps: ... n/N') in the output of {script} ({log}).",
             "Give diffusers' examples/dreambooth/train_dreambooth_lora.py, which shows a 'Steps' progress bar.",
         )

@@ -29,6 +29,21 @@ MB = 2**20
 
 
 # --------------------------------------------------------------------------------------------- /proc readers
+class ContenderFailed(DreamLoomError):
+    """A contender's process failed; the bench keeps its folder, where that process's log is."""
+
+
+def kill_on_interrupt(proc: subprocess.Popen, wait) -> None:
+    """Run `wait()` (which waits for `proc`); if Ctrl-C or SIGTERM reaches the bench meanwhile, end `proc` too
+    (SIGTERM reaches the bench's process alone) and re-raise."""
+    try:
+        wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
 def read_status(pid: int | str = "self") -> tuple[int, int] | None:
     """(VmRSS, VmHWM) in bytes from /proc/<pid>/status; None where there is no /proc or the process is gone."""
     try:

@@ -77,7 +77,15 @@ def _train_with_progress(cfg: TrainConfig, run_dir: Path, label: str, **kwargs):
         listener.close()
 
 
-def run_demo(out: Path, steps: int | None = None, quick: bool = False, base_model: str = "tiny-fabric") -> dict:
+def run_demo(
+    out: Path,
+    steps: int | None = None,
+    quick: bool = False,
+    base_model: str = "tiny-fabric",
+    ti_steps: int | None = None,
+) -> dict:
+    """The tutorial on `base_model`: LoRA (`steps`, default 800), TI (`ti_steps`, default `steps` or 600), grids,
+    the comparisons and a morph; writes summary.json in `out`."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"base_model": base_model}
@@ -86,7 +94,7 @@ def run_demo(out: Path, steps: int | None = None, quick: bool = False, base_mode
     print(f"[demo] sample set: {samples_dir} (10 images, 512 px)")
     resolution = load_base_model(base_model).native_resolution
     pipe = _lora(out, samples_dir, base_model, resolution, steps, quick, summary)
-    _ti(out, samples_dir, base_model, resolution, steps, quick, pipe, summary)
+    _ti(out, samples_dir, base_model, resolution, ti_steps or steps, quick, pipe, summary)
     _morph(out, pipe, resolution, summary)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))

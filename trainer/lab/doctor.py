@@ -71,7 +71,7 @@ from ..base_models.load import (
     stored_dtype,
 )
 from ..config import BUILTIN_RESOLUTION
-from ..errors import DreamLoomError
+from ..errors import OUT_OF_MEMORY_HINT, DreamLoomError
 from ..files.safetensors_header import read_safetensors_header
 from ..training.half_convs import HALF_DTYPES, resolve_half_frozen_convs
 from ..training.precision import CHECKPOINTING_FREE_GIB, resolve_gradient_checkpointing, resolve_mixed_precision
@@ -144,11 +144,7 @@ CONTEXT_GIB = 0.75  # the CUDA context and PyTorch's cache on top of the allocat
 
 PRECISIONS = ("fp16", "bf16", "no")
 ROW_LABELS = {"fp16": "fp16", "bf16": "bf16", "no": "fp32 (no)"}
-HINT = (
-    "If it does not fit, in order of what they save: mixed_precision fp16/bf16 (auto does), gradient_checkpointing "
-    "true (512 px LoRA: 3.9 -> 3.1 GiB), a lower resolution, a smaller batch; 8-bit Adam saves almost nothing for a "
-    "LoRA; close other GPU programs."
-)
+HINT = "If it does not fit: " + OUT_OF_MEMORY_HINT
 
 
 @dataclass(frozen=True)

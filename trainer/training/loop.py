@@ -28,7 +28,7 @@ from ..data.caches import LatentSource, PromptEmbeddings
 from ..data.class_images import prepare_class_images
 from ..data.concepts import ClassSets, describe_concepts, epoch_entries, load_concept_images
 from ..data.images import ImageSet, load_image_folder
-from ..errors import DreamLoomError, StopRequested
+from ..errors import OUT_OF_MEMORY_HINT, DreamLoomError, StopRequested
 from ..events import Events
 from ..files.atomic import atomic_save, atomic_write_text
 from ..files.job_file import read_job_file
@@ -140,10 +140,7 @@ class Trainer:
         except torch.cuda.OutOfMemoryError as err:
             raise DreamLoomError(
                 f"Out of GPU memory at step {step}: {err}",
-                "Use mixed_precision fp16 or bf16 (auto does), turn on gradient_checkpointing (SD1.5 512 px LoRA: "
-                "3.9 -> 3.1 GiB), lower the resolution or batch size, or close other GPU programs. 8-bit AdamW "
-                "saves almost nothing for a LoRA (its optimizer state is a few MB), but 6 bytes per weight for a "
-                "full fine-tune (SD1.5: 5.2 GB): turn use_8bit_adam on there.",
+                OUT_OF_MEMORY_HINT,
             ) from None
         return self.finish()
 
@@ -191,7 +188,7 @@ class Trainer:
         self.instance = self.instance or load_concept_images(cfg)
         self.dataset_fingerprint = self.instance.fingerprint()  # of every image given, held-out ones included
         self.instance, self.validation_set = self._validation_images()
-        for note in self.instance.warnings + self.validation_set.warnings + cfg.class_prompt_notes():
+        for note in self.instance.warnings + self.validation_set.warnings + cfg.notes():
             events.log(note, level="warning")
 
         self.method = make_method(cfg)
