@@ -58,8 +58,9 @@ def test_cli_train_then_generate(fabric_dir, tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     """The demo's whole pipeline (class images, LoRA, grids, TI, comparison, morph) at half the tutorial's LoRA steps,
-    100 TI steps (TI learns the colours fast) and 8 class images: the tutorial's 800 + 600 steps and 100 class images take 8 minutes on one core, and their
-    settings are checked without training in test_demo_defaults_are_the_tutorials."""
+    100 TI steps (TI learns the colours fast) and 8 class images: the tutorial's 800 + 600 steps and 100 class images
+    take 8 minutes on one core, and their settings are checked without training in
+    test_demo_defaults_are_the_tutorials."""
     out = tmp_path / "demo_output"
     r = run_cli("demo", "--quick", "--steps", "400", "--ti-steps", "100", "--output-dir", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
