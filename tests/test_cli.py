@@ -49,7 +49,8 @@ def test_cli_train_then_generate(fabric_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     outputs = json.loads(r.stdout)
     assert Path(outputs["lora"]).exists() and Path(outputs["lora_diffusers"]).exists()
-    r = run_cli("generate", "--lora", outputs["lora"], "--steps", "2", "--out", str(tmp_path / "grid.png"))
+    grid_args = ["--steps", "2", "--resolution", "64", "--out", str(tmp_path / "grid.png")]  # as trained
+    r = run_cli("generate", "--lora", outputs["lora"], *grid_args)
     assert r.returncode == 0, r.stderr
     grid = Image.open(tmp_path / "grid.png")
     assert grid.width > 3 * 160 and grid.height > 3 * 160  # a labelled 3x3 grid

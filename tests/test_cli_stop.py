@@ -39,7 +39,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(fabric_dir, tmp_
         "--instance-dir",
         str(fabric_dir),
         "--max-train-steps",
-        "150",
+        "40",
         "--with-prior-preservation",
         "false",
         "--sample-every",
@@ -62,7 +62,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(fabric_dir, tmp_
     checkpoints = sorted((out / "checkpoints").glob("step_*"))
     assert checkpoints and not (out / "result").exists()
     stopped_at = int(checkpoints[-1].name.split("_")[1])
-    assert 2 <= stopped_at < 150
+    assert 2 <= stopped_at < 40
 
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]

@@ -129,7 +129,9 @@ def test_interrupt_keeps_checkpoint_and_resumes_to_same_weights(fake_comfy, fabr
     out = _train_lora(fake_comfy, ds, output_name="cut")
     resumed = load_file(str(fake_comfy.models / "loras" / out["result"][0]))
     assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
-    assert "resumed from checkpoint" in (cut_run / "events.jsonl").read_text()
+    events = (cut_run / "events.jsonl").read_text()
+    assert "resumed from checkpoint" in events
+    assert events.count('"event": "stopped"') == 1  # written once, by the trainer, with its checkpoint
 
 
 @pytest.mark.slow
@@ -153,6 +155,9 @@ def test_killed_worker_gives_clear_node_error_then_resumes(fake_comfy, fabric_di
     monkeypatch.setattr(jobs, "run_job", real_run_job)
     out = _train_lora(fake_comfy, ds, output_name="killed")
     assert (fake_comfy.models / "loras" / out["result"][0]).exists()
+    runs = fake_comfy.root / "output" / "dreamloom" / "runs"
+    killed_run = next(p for p in runs.iterdir() if p.name.startswith("killed-"))
+    assert "resumed from checkpoint at step 4" in (killed_run / "events.jsonl").read_text()
 
 
 @pytest.mark.slow
