@@ -213,11 +213,11 @@ def pipeline_with_adapters(args):
     comps = load_base_model(args.base_model, dtype=dtype)  # on a GPU in fp16/bf16 at once: no fp32 copy first
     pipe = make_pipeline(comps, args.sampler)
     to_inference_device(pipe)
-    names = []
-    for i, (path, _) in enumerate(args.loras):
+    names = [f"lora_{i}" for i in range(len(args.loras))]
+    for name, (path, _) in zip(names, args.loras):
         check_lora_family(path, comps)
         with adapter_fit(path, "--lora", comps):
-            names.append(load_lora_into_pipeline(pipe, path, adapter_name=f"lora_{i}"))
+            load_lora_into_pipeline(pipe, path, adapter_name=name)
     if names:
         pipe.set_adapters(names, adapter_weights=[strength for _, strength in args.loras])
     for path, token in args.embeddings:
@@ -311,7 +311,7 @@ def cmd_morph(args) -> int:
     check_output_file(args.out, "--out", (".gif", ".webp", ".mp4"))
     check_new_file(args.out, args.overwrite, "--out")
     check_embedding_token_used(args, [args.prompt], "--prompt")
-    from ..inference.morph import MorphSpec
+    from ..inference.morph import MorphSpec, render_morph  # no torch
 
     spec = MorphSpec(
         prompt=args.prompt,
@@ -329,7 +329,6 @@ def cmd_morph(args) -> int:
     spec.check()
 
     from ..events import TqdmListener
-    from ..inference.morph import render_morph
     from ..pictures.animation import write_animation
 
     comps, pipe = pipeline_with_adapters(args)

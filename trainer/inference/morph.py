@@ -27,22 +27,23 @@ class MorphSpec:
     resolution: int = 512
     sampler: str = "dpmpp_2m"
 
+    @property
+    def transitions(self) -> int:
+        return len(self.seeds) if self.loop else len(self.seeds) - 1
+
     def frames_per_transition(self) -> int:
-        transitions = len(self.seeds) if self.loop else len(self.seeds) - 1
-        total = round(self.seconds * self.fps)
-        return max(1, total // transitions - self.hold_frames)
+        return max(1, round(self.seconds * self.fps) // self.transitions - self.hold_frames)
 
     def check(self) -> None:
         """Refuse lengths that leave no frame for the morph between keyframes (the animation would be longer than
         asked and all holds); the CLI calls it before loading anything."""
-        transitions = len(self.seeds) if self.loop else len(self.seeds) - 1
-        if transitions < 1:
+        if self.transitions < 1:
             raise DreamLoomError(
                 "An open morph (--open) with one keyframe has nothing to morph to.",
                 "Give two or more seeds (--seeds) or --keyframes 2 or more, or leave out --open.",
             )
         total = round(self.seconds * self.fps)
-        per_keyframe = total // transitions
+        per_keyframe = total // self.transitions
         if per_keyframe - self.hold_frames >= 1:
             return
         what = f"{self.seconds:g} s at {self.fps:g} fps is {total} frames, {per_keyframe} per keyframe"

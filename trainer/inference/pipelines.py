@@ -113,9 +113,9 @@ def _restore_decoding(vae, state: dict) -> None:
         vae.tile_latent_min_size = state["tile_sample_min_size"] // 8
 
 
-def load_lora_into_pipeline(pipe, lora_path: str, adapter_name: str = "dreamloom") -> str:
-    """Load a LoRA file into the pipeline as the adapter `adapter_name` (returned); the caller sets its strength
-    with pipe.set_adapters, together with the other LoRAs loaded."""
+def load_lora_into_pipeline(pipe, lora_path: str, adapter_name: str = "dreamloom") -> None:
+    """Load a LoRA file into the pipeline as the adapter `adapter_name`; the caller sets its strength with
+    pipe.set_adapters, together with the other LoRAs loaded."""
     path = Path(lora_path)
     if not path.exists():
         raise DreamLoomError(
@@ -123,4 +123,3 @@ def load_lora_into_pipeline(pipe, lora_path: str, adapter_name: str = "dreamloom
             "Give the .safetensors file written by training (result/<name>.safetensors).",
         )
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
-    return adapter_name
