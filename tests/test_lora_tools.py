@@ -228,47 +228,104 @@ def test_merge_then_extract_round_trips(tiny_files, tmp_path, family):
     assert "lora.safetensors" in _metadata(merged)["dreamloom.merged_loras"]
 
 
-def test_a_merged_checkpoint_equals_generate_loading_the_loras(tiny_files, tmp_path):
-    """Two kohya files through `generate`'s loading path (--lora FILE:0.7 --lora FILE at --lora-scale 0.4: diffusers'
-    load_lora_weights, both adapters fused) and through merge_loras give the same UNet and text-encoder weights."""
-    from trainer.base_models.builtin import build_tiny
-    from trainer.base_models.components import text_model_path
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_generate_fuses_loras_as_merge_loras_writes_them(tiny_files, tmp_path, family):
+    """Two kohya files through `generate`'s loading path (--lora FILE:0.7 --lora FILE at --lora-scale 0.4) change the
+    model's UNet and text encoders as merge_loras changes the checkpoint file, and only the layers they name. The
+    first trains the text encoders' q/k/v but not out_proj, as many trainers do: diffusers' kohya loader refused such
+    a file ("could not automatically infer state dict type")."""
+    from trainer.base_models.components import match_text_model_level
     from trainer.cli import build_parser
     from trainer.cli.checks import check_adapter_args
     from trainer.cli.commands import pipeline_with_adapters
-    from trainer.formats.ldm_layout import split_ldm_state_dict, unet_from_ldm
+    from trainer.formats.ldm_layout import from_sdxl_ldm_state_dict, split_ldm_state_dict, unet_from_ldm
 
-    base = tiny_files["sd15"]
+    base = tiny_files[family]
     layout = checkpoint_layout(base)
-    names = [n for n, t in layout.targets.items() if t.attention]
+    names = [n for n, t in layout.targets.items() if t.attention and not n.endswith("out_proj")]
+    assert any(n.startswith("lora_te") for n in names)
+    meta = SD15_META if family == "sd15" else SDXL_META
     first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
-    save_file(_random_lora(layout, names, 2, 4.0, seed=5), str(first), SD15_META)
+    save_file(_random_lora(layout, names, 2, 4.0, seed=5), str(first), meta)
     unet_half = [n for n in names if n.startswith("lora_unet_")][::2]  # the UNet only, half its layers
-    save_file(_random_lora(layout, unet_half, 4, 2.0, seed=6), str(second), SD15_META)
+    save_file(_random_lora(layout, unet_half, 4, 2.0, seed=6), str(second), meta)
     merged = tmp_path / "merged.safetensors"
     merge_loras(base, [(first, 0.7), (second, 0.4)], merged)
 
-    argv = ["generate", "--base-model", "tiny", "--lora", f"{first}:0.7", "--lora", str(second), "--lora-scale", "0.4"]
+    builtin = {"sd15": "tiny", "sdxl": "tiny-sdxl"}[family]
+    argv = ["generate", "--base-model", builtin, "--lora", f"{first}:0.7", "--lora", str(second), "--lora-scale", "0.4"]
     args = build_parser().parse_args(argv)
     check_adapter_args(args)
-    comps, pipe = pipeline_with_adapters(args)
-    pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=["lora_0", "lora_1"])
+    comps, _ = pipeline_with_adapters(args)
+    if family == "sd15":
+        parts = split_ldm_state_dict(load_file(str(merged)))
+        want = {"unet": unet_from_ldm(parts["unet"], dict(comps.unet.config)), "text_encoder": parts["text"]}
+        base_parts = split_ldm_state_dict(load_file(str(base)))
+        before = {
+            "unet": unet_from_ldm(base_parts["unet"], dict(comps.unet.config)),
+            "text_encoder": base_parts["text"],
+        }
+    else:
+        configs = dict(comps.unet.config), dict(comps.vae.config)
+        parts, base_parts = (from_sdxl_ldm_state_dict(load_file(str(f)), *configs) for f in (merged, base))
+        want = {"unet": parts["unet"], "text_encoder": parts["text"], "text_encoder_2": parts["text_2"]}
+        before = {
+            "unet": base_parts["unet"],
+            "text_encoder": base_parts["text"],
+            "text_encoder_2": base_parts["text_2"],
+        }
+    changed = 0
+    for component, expected in want.items():
+        model = getattr(comps, component)
+        expected = match_text_model_level(expected, model) if component != "unet" else expected
+        original = match_text_model_level(before[component], model) if component != "unet" else before[component]
+        got = model.state_dict()
+        for key, value in got.items():
+            if key in expected:
+                torch.testing.assert_close(value, expected[key].to(value.dtype), atol=1e-5, rtol=0)
+                changed += not torch.equal(expected[key], original[key])
+    assert changed == len(names)  # every module of the first file (the second's are a subset), nothing else
+
+
+def test_fused_lora_equals_diffusers_load_lora_weights_and_fuse_lora(tiny_files, tmp_path):
+    """Our fusing applies a kohya file (UNet and text encoder) at strength 0.6 as diffusers' own loader does."""
+    from trainer.base_models.builtin import build_tiny
+    from trainer.formats.lora_fuse import fuse_lora
+    from trainer.inference.pipelines import make_pipeline
+
+    layout = checkpoint_layout(tiny_files["sd15"])
+    names = [n for n, t in layout.targets.items() if t.attention]
+    lora = tmp_path / "style.safetensors"
+    save_file(_random_lora(layout, names, 3, 1.5, seed=7), str(lora), SD15_META)
+    ours = build_tiny()
+    assert fuse_lora(ours, lora, 0.6, "tiny") == len(names)
+    pipe = make_pipeline(build_tiny())
+    pipe.load_lora_weights(str(tmp_path), weight_name=lora.name, adapter_name="style")
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=0.6, adapter_names=["style"])
     pipe.unload_lora_weights()
-    parts = split_ldm_state_dict(load_file(str(merged)))
-    ours_unet = unet_from_ldm(parts["unet"], dict(comps.unet.config))
-    theirs_unet = comps.unet.state_dict()
-    base_unet = build_tiny().unet.state_dict()
-    changed = [k for k in theirs_unet if not torch.equal(theirs_unet[k], base_unet[k])]
-    assert len(changed) == sum(t.part == "UNet" for t in map(layout.targets.get, names))
-    for key in theirs_unet:
-        torch.testing.assert_close(ours_unet[key], theirs_unet[key], atol=1e-5, rtol=0)
-    theirs_text = comps.text_encoder.state_dict()
-    for key, value in theirs_text.items():
-        if key.endswith("q_proj.weight"):
-            torch.testing.assert_close(parts["text"][text_model_path(key)], value, atol=1e-5, rtol=0)
-    base_text = load_file(str(base))
-    key = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
-    assert not torch.allclose(base_text[key], parts["text"][key.removeprefix("cond_stage_model.transformer.")])
+    for component in ("unet", "text_encoder"):
+        theirs = getattr(pipe, component).state_dict()
+        for key, value in getattr(ours, component).state_dict().items():
+            torch.testing.assert_close(value, theirs[key], atol=1e-5, rtol=0)
+
+
+def test_generate_refuses_a_lora_with_layers_the_model_lacks_and_changes_nothing(tiny_files, tmp_path):
+    """A module name the model has no layer for is named (never dropped), before any LoRA is fused."""
+    from trainer.base_models.builtin import build_tiny
+    from trainer.formats.lora_fuse import fuse_lora
+
+    layout = checkpoint_layout(tiny_files["sd15"])
+    names = [n for n, t in layout.targets.items() if t.attention][:3]
+    tensors = _random_lora(layout, names, 2, 2.0)
+    odd = "lora_unet_down_blocks_9_attentions_0_proj_in"  # the tiny UNet has 2 down blocks
+    tensors.update({k.replace(names[0], odd): v.clone() for k, v in tensors.items() if k.startswith(names[0])})
+    lora = tmp_path / "odd.safetensors"
+    save_file(tensors, str(lora), SD15_META)
+    comps = build_tiny()
+    before = {k: v.clone() for k, v in comps.unet.state_dict().items()}
+    with pytest.raises(DreamLoomError, match=r"odd.safetensors does not fit the base model tiny: 1 of its 4 modules"):
+        fuse_lora(comps, lora, 1.0, "tiny")
+    assert all(torch.equal(v, before[k]) for k, v in comps.unet.state_dict().items())
 
 
 def test_resize_keeps_the_share_it_reports_and_the_scale(tiny_files, tmp_path):

@@ -206,22 +206,20 @@ def pipeline_with_adapters(args):
     """The base model as a pipeline on the best device, with every --lora (at its strength) and --embedding."""
     from ..base_models.load import load_base_model
     from ..formats.embeddings import load_embedding_into_pipeline
-    from ..inference.pipelines import load_lora_into_pipeline, make_pipeline
+    from ..formats.lora_fuse import fuse_lora
+    from ..inference.pipelines import make_pipeline
     from ..training.precision import inference_placement, to_inference_device
 
     _, dtype = inference_placement()
     comps = load_base_model(args.base_model, dtype=dtype)  # on a GPU in fp16/bf16 at once: no fp32 copy first
     pipe = make_pipeline(comps, args.sampler)
     to_inference_device(pipe)
-    names = [f"lora_{i}" for i in range(len(args.loras))]
-    for name, (path, _) in zip(names, args.loras):
+    for path, _ in args.loras:  # every file checked before any is fused: a refusal leaves nothing half-applied
         check_lora_family(path, comps)
-        with adapter_fit(path, "--lora", comps):
-            load_lora_into_pipeline(pipe, path, adapter_name=name)
-    if names:
-        pipe.set_adapters(names, adapter_weights=[strength for _, strength in args.loras])
+    for path, strength in args.loras:
+        fuse_lora(comps, path, strength, Path(comps.source).name)
     for path, token in args.embeddings:
-        with adapter_fit(path, "--embedding", comps):
+        with embedding_fit(path, comps):
             load_embedding_into_pipeline(pipe, path, token)
     native = comps.native_resolution
     if args.resolution and not native / 2 <= args.resolution <= native * 2:
@@ -235,24 +233,23 @@ def pipeline_with_adapters(args):
 
 
 @contextlib.contextmanager
-def adapter_fit(path: str, flag: str, comps):
-    """Turn the loaders' errors for a file that does not fit the base model (another model of the family, at other
-    widths; an embedding given as a LoRA or the reverse) into one message naming both and the fix."""
+def embedding_fit(path: str, comps):
+    """Turn the embedding loader's errors for a file that does not fit the base model (another model's widths, a LoRA
+    given as an embedding) into one message naming both and the fix."""
     try:
         yield
     except (RuntimeError, ValueError, KeyError) as err:
         from ..files.safetensors_header import read_safetensors_header
 
         base = trained_on(read_safetensors_header(path))
-        kind = "a LoRA" if flag == "--lora" else "a textual-inversion embedding"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "size mismatch" in str(err) or "incorrect shape" in reason:
-            reason = "its layers have other widths than this model's"
+            reason = "its vectors have another width than this model's"
         raise DreamLoomError(
             f"{Path(path).name} does not fit the base model {Path(comps.source).name} ({reason[:200]})"
             + (f"; it was trained on {base}." if base else "."),
-            f"Pass the model it was trained on as --base-model{f' ({base})' if base else ''}, and give {flag} "
-            f"{kind} (LoRAs go to --lora, embeddings to --embedding).",
+            f"Pass the model it was trained on as --base-model{f' ({base})' if base else ''}, and give --embedding "
+            "a textual-inversion embedding (LoRAs go to --lora, embeddings to --embedding).",
         ) from None
 
 

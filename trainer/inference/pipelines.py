@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import diffusers
 import torch
@@ -111,15 +110,3 @@ def _restore_decoding(vae, state: dict) -> None:
             setattr(vae, key, value)
     if state.get("tile_sample_min_size") is not None:
         vae.tile_latent_min_size = state["tile_sample_min_size"] // 8
-
-
-def load_lora_into_pipeline(pipe, lora_path: str, adapter_name: str = "dreamloom") -> None:
-    """Load a LoRA file into the pipeline as the adapter `adapter_name`; the caller sets its strength with
-    pipe.set_adapters, together with the other LoRAs loaded."""
-    path = Path(lora_path)
-    if not path.exists():
-        raise DreamLoomError(
-            f"LoRA file not found: {lora_path}",
-            "Give the .safetensors file written by training (result/<name>.safetensors).",
-        )
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
