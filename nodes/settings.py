@@ -47,14 +47,14 @@ class TrainingSettings:
             "mixed_precision": choice_widget(
                 MIXED_PRECISION,
                 "auto",
-                "auto: bf16 on GPUs that have it, else fp16; 'no' (fp32) on the CPU. fp16 on the CPU falls back to "
-                "'no'.",
+                "auto: bf16 on Ampere and newer GPUs (RTX 30xx+), else fp16; 'no' (fp32) on the CPU. fp16 on the CPU "
+                "falls back to 'no'.",
             ),
             "gradient_checkpointing": choice_widget(
                 CHECKPOINTING,
                 "auto",
-                "Trade speed for less VRAM (SD1.5 LoRA at 512 px: 3.9 -> 3.0 GiB). auto: on when the GPU has less "
-                "than 12 GiB free, off on the CPU.",
+                "Trade speed for less VRAM (SD1.5 LoRA at 512 px: 3.9 -> 3.0 GiB). auto: on when the training "
+                "steps would not fit the GPU's free memory without it (as `doctor` predicts), off on the CPU.",
             ),
             "use_8bit_adam": bool_widget(
                 False, "8-bit AdamW (bitsandbytes, CUDA only): less VRAM for optimizer state."

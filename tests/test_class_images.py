@@ -83,3 +83,17 @@ def test_a_manifest_json_dreamloom_did_not_write_is_never_replaced(tiny, tmp_pat
     with pytest.raises(DreamLoomError, match="was not written by DreamLoom"):
         generate_class_images(tiny, _spec(tiny), 2, tmp_path)
     assert (tmp_path / "manifest.json").read_text() == text and not list(tmp_path.glob("class_*.png"))
+
+
+def test_making_class_images_in_bf16_gives_the_model_back_bit_for_bit(tiny, tmp_path):
+    """On a GPU the set is made in the training dtype (bf16 on Ampere and newer). Casting the fp32 (or fp16) model
+    there and back rounded it for good: a full fine-tune then started from, and exported, a bf16-rounded model."""
+    import torch
+
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in tiny.modules().items()}
+    generate_class_images(
+        tiny, _spec(tiny, steps=1), 1, tmp_path / "c", batch_size=1, device="cpu", dtype=torch.bfloat16
+    )
+    for name, module in tiny.modules().items():
+        for key, value in module.state_dict().items():
+            assert value.dtype == before[name][key].dtype and torch.equal(value, before[name][key]), f"{name}.{key}"

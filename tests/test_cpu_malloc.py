@@ -41,6 +41,17 @@ def test_who_gets_tuned():
     assert not cpu_malloc.cuda_expected({"CUDA_VISIBLE_DEVICES": ""})
 
 
+def test_a_wsl2_gpu_counts_as_cuda(monkeypatch):
+    """WSL2 has CUDA through /dev/dxg, without the Linux driver's /dev/nvidiactl: GPU runs there were given the
+    CPU allocator tuning."""
+    import pathlib
+
+    monkeypatch.setattr(pathlib.Path, "exists", lambda self: str(self) == "/dev/dxg")
+    assert cpu_malloc.cuda_expected({})
+    monkeypatch.setattr(pathlib.Path, "exists", lambda self: False)
+    assert not cpu_malloc.cuda_expected({})
+
+
 @linux_only
 def test_large_blocks_stay_in_the_heap_once_asked():
     code = (

@@ -203,6 +203,34 @@ def test_verdict_suggests_the_first_change_that_fits(monkeypatch):
     assert "does not fit: even the smallest settings do not fit" in report
 
 
+@pytest.mark.parametrize(
+    "free_gib, family_args, on",
+    [
+        (7.0, {}, False),  # an 8 GB card: SD1.5 LoRA batch 1 + prior fits without (3.87 GiB measured on an H100)
+        (5.0, {}, True),
+        (15.0, {"base_model": "sdxl", "batch_size": 2}, True),  # a 16 GB card: SDXL batch 2 + prior needs it
+        (15.0, {"base_model": "sd15", "batch_size": 6}, True),  # the old rule (on below 12 GiB free) left it off
+        (22.0, {"base_model": "sd15", "batch_size": 4}, False),
+    ],
+)
+def test_auto_checkpointing_is_on_when_the_steps_would_not_fit_without_it(monkeypatch, free_gib, family_args, on):
+    fake_gpu(monkeypatch, free_gib=free_gib)
+    report = " ".join(doctor(mixed_precision="bf16", **family_args).split())
+    assert f"gradient_checkpointing {'on' if on else 'off'} (auto: the steps need about" in report
+    assert f"{free_gib:.1f} GiB free)" in report
+
+
+def test_auto_checkpointing_rules_outside_the_memory_model():
+    from trainer.training.precision import resolve_gradient_checkpointing
+
+    assert resolve_gradient_checkpointing(True, "cpu") == (True, "set")
+    assert resolve_gradient_checkpointing(None, "cpu")[0] is False
+    assert resolve_gradient_checkpointing(None, "cuda", None, free_gib=2.0) == (
+        False,
+        "auto: a built-in model needs well under 1 GB",
+    )
+
+
 PROBE = """
 import atexit, json, os, sys
 import torch

@@ -159,7 +159,14 @@ def test_inference_dtype_is_half_on_a_gpu_and_fp32_on_the_cpu(monkeypatch):
     import trainer.training.precision as precision
 
     assert precision.inference_dtype(torch.device("cpu")) is None  # the models' own fp32
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert precision.inference_dtype("cuda") == torch.float16
+    # torch says yes to bf16 on a Turing card (RTX 20xx, T4: compute capability 7.5), where it is only emulated
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
+    assert precision.inference_dtype("cuda") == torch.float16
+    assert precision.resolve_mixed_precision("auto", "cuda") == (
+        "fp16",
+        "auto: the GPU has no bf16 (compute capability under 8.0)",
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 6))  # an RTX 30xx
     assert precision.inference_dtype("cuda") == torch.bfloat16
+    assert precision.resolve_mixed_precision("auto", "cuda")[0] == "bf16"

@@ -148,7 +148,8 @@ def test_tiny_sdxl_lora_trains_both_text_encoders_and_exports_kohya_ldm_names(fa
     )
     te1 = {m for m in modules if m.startswith("lora_te1_")}
     te2 = {m for m in modules if m.startswith("lora_te2_")}
-    assert len(te1) == len(te2) == 2 * 4  # 2 layers x q, k, v, out per encoder
+    # q, k, v, out of each layer: CLIP-L's 2 but its last (SDXL takes its penultimate layer), OpenCLIP's 2
+    assert len(te1) == 1 * 4 and len(te2) == 2 * 4
     assert not modules - unet_names - te1 - te2
     for module in modules:  # one down/up/alpha triple per module
         assert {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"} <= kohya.keys()
@@ -317,20 +318,20 @@ def test_sdxl_diffusers_folder_loads_and_a_refiner_folder_is_refused(tmp_path):
 def test_large_images_decode_in_tiles_on_a_gpu_and_the_vae_is_restored():
     """generate() decodes images above 512 px in 512 px tiles on CUDA (SDXL's fp32 VAE at 1024 px measured 11.6 ->
     8.6 GiB whole-run peak on an H100); a CPU and small images decode whole, and the VAE's settings come back."""
-    from trainer.inference.pipelines import _decode_in_pieces, _restore_decoding
+    from trainer.inference.pipelines import _decoding
 
     vae = build_tiny_sdxl().vae
     before = (vae.use_slicing, vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
     for device, resolution, tiled in (("cpu", 1024, False), ("cuda", 512, False), ("cuda", 1024, True)):
-        state = _decode_in_pieces(vae, resolution, device)
-        assert vae.use_slicing and vae.use_tiling == tiled
-        if tiled:
-            assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == (512, 64)
-            z = torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0))
-            with torch.no_grad():
-                assert vae.decode(z).sample.shape == (1, 3, 1024, 1024)
-        _restore_decoding(vae, state)
+        with _decoding(vae, resolution, device):
+            assert vae.use_slicing and vae.use_tiling == tiled
+            if tiled:
+                assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == (512, 64)
+                z = torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0))
+                with torch.no_grad():
+                    assert vae.decode(z).sample.shape == (1, 3, 1024, 1024)
         assert (vae.use_slicing, vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size) == before
+        assert "decode" not in vae.__dict__  # the class's decode again
 
 
 @pytest.mark.slow
@@ -418,12 +419,54 @@ def test_a_lora_of_the_other_family_is_refused_naming_both(tmp_path):
     check_lora_family(tiny, comps)  # nothing says: the loader's own checks decide
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_every_trained_text_encoder_parameter_gets_a_gradient(fabric_dir, method):
+    """SDXL conditions on CLIP-L's penultimate layer, so its last layer's adapters (or weights) got no gradient: on
+    one GPU they trained nothing and were exported as they started; under multi-GPU (DDP) training the run ended at
+    its second step ("parameters that were not used in producing loss")."""
+    from trainer.training.methods import make_method
+
+    comps = build_tiny_sdxl()
+    cfg = sdxl_config(fabric_dir, method=method, train_text_encoder=True, with_prior_preservation=False)
+    trainer_method = make_method(cfg)
+    trainer_method.setup(comps)
+    embeddings = SDXL.encode_prompts(comps, ["a sks fabric pattern"], "cpu")
+    (embeddings["hidden"].square().mean() + embeddings["pooled"].square().mean()).backward()
+    for name, encoder in comps.text_encoders().items():
+        trained = [(k, p) for k, p in encoder.named_parameters() if p.requires_grad]
+        assert trained, name
+        assert [k for k, p in trained if p.grad is None] == [], name
+    last = comps.text_encoder.config.num_hidden_layers - 1
+    assert not any(f"layers.{last}." in k for k, p in comps.text_encoder.named_parameters() if p.requires_grad)
+    assert any(f"layers.{last}." in k for k, p in comps.text_encoder_2.named_parameters() if p.requires_grad)
+
+
 def test_class_images_are_made_at_most_2_at_a_time_at_1024_px_on_a_gpu():
     from trainer.data.class_images import class_batch_for
 
     assert class_batch_for(4, 512, "cuda") == 4  # SD1.5's measured 2.67 GiB setting is unchanged
     assert class_batch_for(4, 1024, "cuda") == 2 and class_batch_for(4, 2048, "cuda") == 1
     assert class_batch_for(8, 1024, "cpu") == 8  # RAM, not a 12 GB card, is the limit there
+
+
+def test_every_way_of_making_class_images_gets_the_gpu_cap(monkeypatch, tmp_path):
+    """The Generate Class Images node's job and `class-images` passed the batch size as asked (the node's default 4:
+    about 11.2 GiB at SDXL's 1024 px, a whole 12 GB card); only training capped it. The cap now lives where they all
+    go through."""
+    import trainer.data.class_images as class_images
+    from trainer.events import Events
+
+    batches = []
+    monkeypatch.setattr(
+        class_images, "_generate_missing", lambda comps, spec, missing, folder, batch, *a: batches.append(batch)
+    )
+    comps = build_tiny_sdxl()
+    spec = class_images.ClassImageSpec(comps.fingerprint, "a fabric pattern", "", "ddim", 2, 5.0, 1024, 0)
+    events = Events(tmp_path)
+    class_images.generate_class_images(comps, spec, 4, tmp_path / "c", 4, device="cuda", events=events)
+    assert batches == [2]
+    log = (tmp_path / "events.jsonl").read_text()
+    assert "class images are made 2 at a time at 1024 px (batch size 4)" in log
 
 
 def test_cli_trains_tiny_sdxl_then_generates_and_refuses_its_lora_on_sd15(fabric_dir, tmp_path):

@@ -275,6 +275,32 @@ def test_min_snr_weights_are_finite_at_zero_terminal_snr(prediction):
     assert float(weights[-1]) == (1.0 if prediction == "epsilon" else 0.0)  # SNR 0: the weights' limits
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_the_noisy_input_is_made_in_fp32_for_bf16_training(prediction):
+    """diffusers' add_noise works in its inputs' dtype: in bf16, sqrt(1 - alphas_cumprod) rounds to 0 at timesteps 0
+    and 1 (the UNet got a clean latent and was asked for the noise) and is off by over 5% at a dozen more."""
+    from diffusers import DDPMScheduler
+
+    from trainer.base_models.sd15 import sd15_scheduler_config
+    from trainer.training.loss import noisy_latents_and_target
+
+    scheduler = DDPMScheduler.from_config({**sd15_scheduler_config(), "prediction_type": prediction})
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn((40, 4, 8, 8), generator=g), torch.randn((40, 4, 8, 8), generator=g)
+    t = torch.arange(40)
+    noisy, target = noisy_latents_and_target(scheduler, latents.bfloat16(), noise.bfloat16(), t)
+    assert noisy.dtype == torch.bfloat16 and target.dtype == torch.float32
+    exact = scheduler.add_noise(latents.bfloat16().double(), noise.bfloat16().double(), t)
+    added = (noisy.double() - latents.bfloat16().double()).flatten(1).norm(dim=1)
+    wanted = (exact - latents.bfloat16().double()).flatten(1).norm(dim=1)
+    assert ((added / wanted - 1).abs() < 0.05).all()  # within bf16's rounding of the sum at every timestep
+    if prediction == "v_prediction":
+        velocity = scheduler.get_velocity(latents.bfloat16().double(), noise.bfloat16().double(), t)
+        torch.testing.assert_close(target.double(), velocity, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(target, noise.bfloat16().float())
+
+
 def test_prediction_type_setting_trains_a_v_prediction_model(fabric_dir, tmp_path):
     from trainer.base_models.builtin import build_tiny
 
@@ -320,3 +346,23 @@ def test_lora_targets_that_name_no_layer_are_refused(tiny, targets, missing):
         LoRAMethod(cfg).setup(tiny)
     assert missing in refused.value.message and "to_out.0" in refused.value.hint and "net.2" in refused.value.hint
     assert not any("lora_" in name for name, _ in tiny.unet.named_parameters())  # refused before any adapter
+
+
+def test_a_bitsandbytes_that_fails_to_start_is_a_clear_error(monkeypatch):
+    """Old or mismatched bitsandbytes builds (Windows especially) fail with their own errors, not ImportError."""
+    import sys
+    import types
+
+    from trainer.config import TrainConfig
+    from trainer.training.precision import make_optimizer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA Setup failed despite GPU being available")
+
+    fake = types.ModuleType("bitsandbytes")
+    fake.optim = types.SimpleNamespace(AdamW8bit=broken)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(DreamLoomError, match="bitsandbytes does not work here .RuntimeError: CUDA Setup failed") as err:
+        make_optimizer(TrainConfig(use_8bit_adam=True), [{"params": params}])
+    assert "turn use_8bit_adam off" in err.value.hint

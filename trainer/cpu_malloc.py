@@ -65,7 +65,8 @@ def cuda_expected(env: Mapping[str, str] = os.environ) -> bool:
     """A guess, without importing torch, that training will run on an NVIDIA GPU (then we leave malloc alone)."""
     if env.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia").exists()
+    # /dev/dxg: WSL2's GPU, where CUDA runs without the Linux driver's nodes
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/dxg"))
 
 
 def cuda_in_this_process() -> bool:

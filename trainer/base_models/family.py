@@ -51,6 +51,12 @@ class ModelFamily:
         maps a Components attribute to the handle to run instead (the trainer's DDP-wrapped module)."""
         raise NotImplementedError
 
+    def unused_text_modules(self, name: str, text_encoder) -> list[str]:
+        """Modules of the text encoder `name` (paths without `text_model.`) whose output never reaches the UNet's
+        conditioning: nothing there can learn, and under multi-GPU training a parameter that gets no gradient ends
+        the run at its second step."""
+        return []
+
     def unet_conditioning(self, embeddings: dict, size_ids, dtype) -> tuple:
         """(encoder_hidden_states, extra UNet keyword arguments) for a batch. `size_ids` holds each row's
         (original height, original width, crop top, crop left, target height, target width): SDXL's time ids."""

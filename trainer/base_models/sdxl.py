@@ -130,6 +130,13 @@ class SDXLFamily(ModelFamily):
                 pooled = out[0]  # CLIPTextModelWithProjection's text_embeds
         return {"hidden": torch.cat(hidden, dim=-1), "pooled": pooled}
 
+    def unused_text_modules(self, name: str, text_encoder) -> list[str]:
+        """CLIP-L's last layer and final norm: encode_prompts takes its penultimate hidden states. (The second
+        encoder's last layer makes the pooled embedding, so all of it is used.)"""
+        if name != "text_encoder":
+            return []
+        return [f"encoder.layers.{text_encoder.config.num_hidden_layers - 1}", "final_layer_norm"]
+
     def unet_conditioning(self, embeddings: dict, size_ids, dtype) -> tuple:
         pooled = embeddings["pooled"]
         added = {"text_embeds": pooled.to(dtype), "time_ids": size_ids.to(pooled.device, dtype)}

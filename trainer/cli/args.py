@@ -45,8 +45,9 @@ HELP = {
     "prediction_type": "what the UNet predicts: auto (what the checkpoint declares, as ComfyUI's v_pred key; else "
     "epsilon), epsilon or v_prediction (for a v-prediction fine-tune whose file does not say so)",
     "sample_prompts": "one sample prompt; give several in a TOML file's list",
-    "mixed_precision": "auto (bf16 on GPUs that have it, else fp16; no on a CPU), no, fp16 (CUDA) or bf16",
-    "gradient_checkpointing": "true, false or auto (on when the GPU has less than 12 GiB free)",
+    "mixed_precision": "auto (bf16 on Ampere and newer GPUs, else fp16; no on a CPU), no, fp16 (CUDA) or bf16",
+    "gradient_checkpointing": "true, false or auto (on when the training steps would not fit the GPU's free memory "
+    "without it, as `doctor` predicts)",
     "half_frozen_convs": "fp32 training: keep frozen conv weights in the checkpoint's fp16/bf16 and widen each at its "
     "call; the same numbers, about 1.1 GiB less for SD1.5, steps 1.13x as long at 128 px on a CPU. true, false or auto "
     "(on for fp32 training on a CPU)",

@@ -84,7 +84,8 @@ def generate_class_images(
     """Make sure `folder` holds class_00000.png ... for `count` images of `spec`; generate what is missing.
 
     Each image is written atomically as soon as its batch is done, so an interrupted run keeps what it
-    made and the next call generates only the rest. A folder made for another spec is refused.
+    made and the next call generates only the rest. A folder made for another spec is refused. On a GPU the batch
+    is capped (class_batch_for) for every caller: training, the Generate Class Images node and `class-images`.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,14 +108,19 @@ def generate_class_images(
     done = count - len(missing)
     if events:
         events.emit("progress", phase="class images", step=done, total=count)
+    device = torch.device(device or "cpu")
+    batch = class_batch_for(batch_size, spec.resolution, device.type)
+    if missing and batch < batch_size and events:
+        note = f"class images are made {batch} at a time at {spec.resolution} px (batch size {batch_size}) "
+        events.log(note + "to stay within a 12 GB card")
     if missing:
         _generate_missing(
             comps,
             spec,
             missing,
             folder,
-            batch_size,
-            device or torch.device("cpu"),
+            batch,
+            device,
             dtype,
             events,
             should_stop,
@@ -152,16 +158,12 @@ def prepare_class_images(
         # On a GPU, generated in the training precision (diffusers' --prior_generation_precision): a fp32
         # SD1.5 pipeline at 512 px needs about 8 GB. On a CPU in fp32, whatever dtype the model was loaded in.
         dtype = weight_dtype if accelerator.device.type == "cuda" else torch.float32
-        batch = class_batch_for(cfg.class_batch_size, cfg.resolution, accelerator.device.type)
-        if batch < cfg.class_batch_size and events:
-            note = f"class images are made {batch} at a time at {cfg.resolution} px (class_batch_size "
-            events.log(note + f"{cfg.class_batch_size}) to stay within a 12 GB card")
         generate_class_images(
             comps,
             spec,
             cfg.num_class_images,
             folder,
-            batch,
+            cfg.class_batch_size,
             device=accelerator.device,
             dtype=dtype,
             events=events,
@@ -181,9 +183,16 @@ def prepare_class_images(
 
 
 def _generate_missing(comps, spec, missing, folder, batch_size, device, dtype, events, should_stop, done, count):
-    """Generate the missing images on `device` in `dtype`, then give the modules back as they were (device and
-    dtype), so training places them itself and nothing of the pipeline stays on the GPU."""
+    """Generate the missing images on `device` in `dtype`, then give the modules back as they were, bit for bit, so
+    training places them itself and nothing of the pipeline stays on the GPU. A module cast to another dtype gets its
+    own tensors back (a round trip through bf16 would round a fp16 or fp32 model that a full fine-tune then trains
+    and exports); the others are only moved back."""
     home = {name: (next(m.parameters()).device, next(m.parameters()).dtype) for name, m in comps.modules().items()}
+    originals = {
+        name: [(t, t.data) for t in (*m.parameters(), *m.buffers())]
+        for name, m in comps.modules().items()
+        if dtype is not None and any(p.dtype != dtype for p in m.parameters())
+    }
     pipe = make_pipeline(comps, spec.sampler)
     pipe.to(device, dtype) if dtype is not None else pipe.to(device)
     try:
@@ -210,6 +219,10 @@ def _generate_missing(comps, spec, missing, folder, batch_size, device, dtype, e
     finally:
         del pipe
         for name, module in comps.modules().items():
-            module.to(*home[name])
+            if name in originals:
+                for tensor, data in originals.pop(name):
+                    tensor.data = data
+            else:
+                module.to(*home[name])
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()

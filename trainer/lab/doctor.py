@@ -1,53 +1,7 @@
 """`python -m trainer doctor`: will a run fit? Versions, the device, the settings `auto` picks and the predicted
 peak GPU memory, in a second or two and without loading any model weights.
 
-The memory prediction is a small model of an SD1.5-family run, calibrated to these runs, measured by
-tests/test_cuda.py on an H100 with torch 2.11 (SD1.5 at 512 px, LoRA rank 4, batch 1 instance + 1 prior image
-= 2 UNet rows; the peak of `torch.cuda.max_memory_allocated()` over the whole run, sample grids included):
-
-    LoRA fp16                              3.87 GiB    LoRA bf16 + checkpointing            2.95 GiB
-    LoRA fp16 + checkpointing              3.11 GiB    LoRA + text-encoder LoRA, fp16 + ckpt 3.11 GiB
-    LoRA bf16                              3.87 GiB    TI fp16 + checkpointing (1 row)       3.10 GiB
-    class images, 4 at a time, fp16        2.67 GiB
-
-It is approximate: expect +-25% away from those settings (other GPUs, torch versions and attention kernels
-differ). A run goes through phases and its peak is the largest of them:
-
-    training      = UNet weights + trainable state + rows x A x p          (+ text encoder, when it is on the GPU)
-    samples       = UNet + text encoder + VAE weights + trainable state + S x p
-    class images  = UNet + text encoder + VAE weights + C x p               (LoRA with prior preservation)
-
-where p = (resolution / 512)^2 (activations grow with the pixel count), rows = batch size x 2 with prior
-preservation (LoRA's default) and x 1 without (TI), weights are counted as parameters x bytes: frozen weights in
-the training dtype (fp32 when mixed_precision is no), the VAE in fp32 under fp16 (place_modules), and trainable
-parameters as 16 bytes each (fp32 weight, gradient and AdamW's two moments). During training the VAE (latents
-cached) and a frozen, cached text encoder wait on the CPU, so they count only in the sampling phases.
-
-Fitted constants (GiB at 512 px, fp16/bf16):
-    A = 1.13 per UNet row without checkpointing: (3.87 - 1.60 UNet - 0.01 LoRA state) / 2; bf16 measured the same.
-    A = 0.29 per UNet row with checkpointing. The measured checkpointed runs peak while sampling, so they only
-        bound it (<= 0.6); 0.29 is A x 0.26, the ratio of saved activations with and without checkpointing in a
-        FakeTensor trace of the SD1.5 UNet with rank-4 LoRA under bf16 autocast (torch 2.13, diffusers 0.42).
-    T = 0.03 per row for a text encoder that trains (TI, text-encoder LoRA): 77 tokens, so no p; from the same kind
-        of trace (about 0.025), too small to show in the measured peaks.
-    S = 0.95 for the sample grid (4 prompts with CFG, one batch, decoded one image at a time): the mean of the four
-        checkpointed runs after their weights (0.96, 0.95, 0.95, 0.96).
-    C = 0.68 for class images (4 at a time with CFG, all modules in fp16): 2.67 - 1.99 weights.
-fp32 (mixed_precision no) is extrapolated, not measured: weights x2 and activations x2.
-
-The full fine-tune (method full) uses the same activations (the UNet saves the same inputs of its layers for the
-weight gradients as a LoRA's backward needs for the input gradients) and counts every trained weight as fp32 master
-weight 4 B + gradient 4 B + AdamW's moments 8 B (bitsandbytes' 8-bit AdamW: 2 B) + EMA 4 B when on + the fp16/bf16
-copy autocast keeps of each fp32 weight during a step (2 B, not under fp32); the samples phase has no gradients
-(they are freed after each step). Predicted, not measured (no GPU run yet): SD1.5, fp16, gradient checkpointing,
-8-bit AdamW, batch 1 + 1 prior comes to about 10.2 GiB, in line with the ~10 GB the DreamBooth Colab reports on a T4
-for the same settings.
-
-SDXL uses the same model with its own sizes (p = (resolution / 1024)^2; two text encoders; UNet 2.57 B parameters,
-rank-4 LoRA 5.8 M), fitted to tests/test_cuda_sdxl.py on the same H100 (1024 px, batch 1 + 1 prior, checkpointing):
-training 6.36 GiB in bf16 and in fp16, so A = (6.36 - 4.78 UNet - 0.09 LoRA state) / 2 = 0.75 per row; a whole run
-with 2 class images (batch 2) and 2 sample grids 8.45 GiB bf16 / 8.61 fp16, so S = C = 1.98 after the weights (both
-precisions give the same). Without checkpointing SDXL was not measured: A = 0.75 x 3.9, SD1.5's ratio (predicted).
+The memory model it reports is trainer/training/memory.py (its docstring has the calibration).
 """
 
 from __future__ import annotations
@@ -74,156 +28,23 @@ from ..config import BUILTIN_RESOLUTION
 from ..errors import OUT_OF_MEMORY_HINT, DreamLoomError
 from ..files.safetensors_header import read_safetensors_header
 from ..training.half_convs import HALF_DTYPES, resolve_half_frozen_convs
-from ..training.precision import CHECKPOINTING_FREE_GIB, resolve_gradient_checkpointing, resolve_mixed_precision
+from ..training.memory import (
+    CONTEXT_GIB,
+    ERROR,
+    FAMILY_SIZES,
+    FULL_OPTIMIZER_BYTES,
+    GIB,
+    predict_memory,
+)
+from ..training.precision import gpu_has_bf16, resolve_gradient_checkpointing, resolve_mixed_precision
 
-GIB = 2**30
 SD15_NAME = "sd15"  # the CLI's default: the SD1.5 architecture, no file
 FAMILY_ARCHITECTURES = {SD15_NAME: "SD1.5", "sdxl": "SDXL"}  # architecture names the CLI takes without a file
 
 
-@dataclass(frozen=True)
-class FamilySize:
-    """What the memory model needs of a model family: parameter counts, its native size, fitted activations."""
-
-    name: str
-    resolution: int  # p = (resolution / this)^2
-    unet: float
-    text_encoders: float  # all of them
-    vae: float
-    lora_unet: int  # DreamLoom's rank-4 LoRA: to_q/k/v/out.0 on the UNet
-    lora_text: int  # q/k/v/out_proj on every text encoder
-    ti_row: int  # one TI vector in every text encoder
-    row_gib: dict  # per UNet row at `resolution`, without / with gradient checkpointing
-    text_row_gib: float  # per row, when the text encoders train
-    samples_gib: float  # the sample grid
-    class_images_gib: float  # class images, 4 at a time (SDXL: 2 measured) with CFG
-    measured: bool = True  # False: extrapolated
-    conv_weights: float = 0.0  # the UNet's Conv2d weights (half_frozen_convs keeps them 16-bit under fp32)
-
-
-# Fitted activation constants, GiB at the family's native size in fp16/bf16 (see the module docstring).
-SD15_SIZE = FamilySize(
-    "SD1.5",
-    512,
-    859.5e6,
-    123.1e6,
-    83.7e6,
-    797_184,
-    294_912,
-    768,
-    {False: 1.13, True: 0.29},
-    0.03,
-    0.95,
-    0.68,
-    conv_weights=589.0e6,
-)
-SDXL_SIZE = FamilySize(
-    "SDXL",
-    1024,
-    2567.5e6,
-    817.7e6,
-    83.7e6,
-    5_806_080,
-    1_605_632,
-    2048,
-    {False: 2.9, True: 0.75},
-    0.16,
-    1.98,
-    1.98,
-    conv_weights=333.2e6,
-)
-FAMILY_SIZES = {"SD1.5": SD15_SIZE, "SDXL": SDXL_SIZE}
-TRAINABLE_BYTES = 16  # fp32 weight + gradient + AdamW's two moments
-# A full fine-tune's bytes per trained weight besides weight and gradient: AdamW's moments (8-bit: 2 B), EMA
-FULL_OPTIMIZER_BYTES = {False: 8, True: 2}
-EMA_BYTES = 4
-AUTOCAST_COPY_BYTES = 2  # autocast's fp16/bf16 copy of each fp32 weight, held while a step (or a sample) runs
-FP32_ACTIVATIONS = 2.0  # extrapolated
-ERROR = 0.25  # the model's stated accuracy
-CONTEXT_GIB = 0.75  # the CUDA context and PyTorch's cache on top of the allocated peak (README: 0.5-1 GB)
-
 PRECISIONS = ("fp16", "bf16", "no")
 ROW_LABELS = {"fp16": "fp16", "bf16": "bf16", "no": "fp32 (no)"}
 HINT = "If it does not fit: " + OUT_OF_MEMORY_HINT
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Predicted peak allocated GPU memory (GiB) of each phase of a run; `peak` is the largest."""
-
-    training: float
-    samples: float
-    class_images: float | None  # None: no class images are generated (TI, or no prior preservation)
-
-    @property
-    def peak(self) -> float:
-        return max(self.training, self.samples, self.class_images or 0.0)
-
-
-def predict_memory(
-    method: str = "lora",
-    resolution: int | None = None,
-    batch_size: int = 1,
-    train_text_encoder: bool = False,
-    precision: str = "fp16",
-    checkpointing: bool = False,
-    prior: bool | None = None,
-    family: str = "SD1.5",
-    use_8bit_adam: bool = False,
-    use_ema: bool = False,
-) -> Prediction:
-    """The predicted peak of a run of an SD1.5 or SDXL model on a CUDA GPU (GiB), phase by phase; see the module
-    docstring. `precision` is fp16, bf16 or no (fp32); `prior` defaults to the method's default (LoRA on, TI off);
-    `resolution` to the family's native size. `use_8bit_adam` and `use_ema` change the full fine-tune only (a
-    LoRA's optimizer state is a few MB)."""
-    size = FAMILY_SIZES[family]
-    if prior is None:
-        prior = method in ("lora", "full")
-    prior = prior and method in ("lora", "full")
-    weight_bytes = 4 if precision == "no" else 2
-    act = FP32_ACTIVATIONS if precision == "no" else 1.0
-    p = ((resolution or size.resolution) / size.resolution) ** 2
-    rows = batch_size * (2 if prior else 1)
-    unet = size.unet * weight_bytes / GIB
-    text = size.text_encoders * weight_bytes / GIB
-    vae_train = size.vae * (4 if precision == "fp16" else weight_bytes) / GIB  # fp16's VAE stays fp32
-    vae_class = size.vae * weight_bytes / GIB  # class images run every module in the training dtype
-    text_trains = method == "ti" or train_text_encoder
-    if method == "full":
-        return _predict_full(size, precision, p, rows, checkpointing, text_trains, use_8bit_adam, use_ema, prior)
-    if method == "ti":
-        trainable = size.ti_row
-    else:
-        trainable = size.lora_unet + (size.lora_text if train_text_encoder else 0)
-    state = trainable * TRAINABLE_BYTES / GIB
-    training = unet + state + rows * size.row_gib[checkpointing] * p * act
-    if text_trains:  # not cached, so they stay on the GPU and keep activations for their backward pass
-        training += text + rows * size.text_row_gib * act
-    samples = unet + text + vae_train + state + size.samples_gib * p * act
-    class_images = unet + text + vae_class + size.class_images_gib * p * act if prior else None
-    return Prediction(training, samples, class_images)
-
-
-def _predict_full(size, precision, p, rows, checkpointing, text_trains, use_8bit_adam, use_ema, prior) -> Prediction:
-    """predict_memory for the full fine-tune: every trained weight in fp32 with its gradient, optimizer state,
-    EMA and autocast copy (see the module docstring)."""
-    weight_bytes = 4 if precision == "no" else 2
-    act = FP32_ACTIVATIONS if precision == "no" else 1.0
-    trained = size.unet + (size.text_encoders if text_trains else 0.0)
-    kept = 4 + FULL_OPTIMIZER_BYTES[use_8bit_adam] + (EMA_BYTES if use_ema else 0)  # between steps too
-    copy = 0 if precision == "no" else AUTOCAST_COPY_BYTES
-    frozen_text = 0.0 if text_trains else size.text_encoders * weight_bytes / GIB
-    vae = size.vae * (4 if precision == "fp16" else weight_bytes) / GIB
-    training = trained * (kept + 4 + copy) / GIB + rows * size.row_gib[checkpointing] * p * act
-    if text_trains:
-        training += rows * size.text_row_gib * act
-    samples = trained * (kept + copy) / GIB + frozen_text + vae + size.samples_gib * p * act
-    class_images = None
-    if prior:  # made before training starts, with every module in the training dtype
-        class_images = (
-            size.unet + size.text_encoders + size.vae
-        ) * weight_bytes / GIB + size.class_images_gib * p * act
-    return Prediction(training, samples, class_images)
 
 
 def full_finetune_table(family: str = "SD1.5", resolution: int | None = None) -> list[dict]:
@@ -328,7 +149,7 @@ def _device() -> _Device:
         props = torch.cuda.get_device_properties(index)
         free, total = torch.cuda.mem_get_info(index)
         capability = torch.cuda.get_device_capability(index)
-        bf16 = torch.cuda.is_bf16_supported()
+        bf16 = gpu_has_bf16(index)
         count = torch.cuda.device_count()
         which = f"GPU {index} of {count}" if count > 1 else "GPU"
         lines = [
@@ -491,7 +312,17 @@ def doctor(
     out.append(f"  {what}, {resolution} px, {batch} = {rows} UNet row{'s' if rows > 1 else ''} per step")
 
     precision, precision_why = resolve_mixed_precision(mixed_precision, device.kind)
-    ckpt, ckpt_why = resolve_gradient_checkpointing(requested_ckpt, device.kind)
+    args = dict(
+        method=method,
+        resolution=resolution,
+        batch_size=batch_size,
+        train_text_encoder=train_text_encoder,
+        family=family,
+        use_8bit_adam=use_8bit_adam,
+        use_ema=use_ema,
+    )
+    run = dict(args, precision=precision) if family else None
+    ckpt, ckpt_why = resolve_gradient_checkpointing(requested_ckpt, device.kind, run, device.free_gib)
     tf32 = device.capability is not None and device.capability[0] >= 8
     tf32_why = "Ampere or newer" if tf32 else ("needs compute capability 8.0+" if device.kind == "cuda" else "no GPU")
     out += ["", "Settings DreamLoom would choose"]
@@ -509,8 +340,9 @@ def doctor(
         out.append(f"  CPU allocator           {cpu_malloc.describe()}")
     if device.kind != "cuda":
         out += _wrap(
-            "On a CUDA GPU, auto picks bf16 (fp16 where the GPU has no bf16) and turns gradient checkpointing on "
-            f"when less than {CHECKPOINTING_FREE_GIB:g} GiB is free.",
+            "On a CUDA GPU, auto picks bf16 (fp16 where the GPU has no bf16: compute capability under 8.0) and "
+            "turns gradient checkpointing on when the training steps would not fit the free memory without it "
+            f"(predicted as below, with a {ERROR:.0%} margin and the CUDA context).",
             "  ",
         )
 
@@ -519,15 +351,6 @@ def doctor(
         out.append(f"Memory: {base_model} is tiny: a run needs well under 1 GB on any device (not modelled).")
         return "\n".join(out)
 
-    args = dict(
-        method=method,
-        resolution=resolution,
-        batch_size=batch_size,
-        train_text_encoder=train_text_encoder,
-        family=family,
-        use_8bit_adam=use_8bit_adam,
-        use_ema=use_ema,
-    )
     where = "" if device.kind == "cuda" else ", on a GPU"
     out.append(
         f"Peak GPU memory of an {family} run (predicted, +-{ERROR:.0%}{where}; GiB allocated, without the CUDA context)"

@@ -155,12 +155,10 @@ class Trainer:
         events.enabled = events.enabled and self.acc.is_main_process
         cfg.check_device(self.acc.device.type)
         self.weight_dtype = weight_dtype(self.acc)
-        checkpointing, checkpointing_why = resolve_gradient_checkpointing(cfg.gradient_checkpointing, self.acc.device)
-        self.gradient_checkpointing = checkpointing
         self.cudnn_benchmark = CudnnBenchmark(cfg.cudnn_benchmark, self.acc.device)
         self.settings = {
             "mixed_precision": f"{precision} ({precision_why})",
-            "gradient_checkpointing": f"{'on' if checkpointing else 'off'} ({checkpointing_why})",
+            "gradient_checkpointing": "",  # decided once the model's family is known
             "tf32": "on" if enable_tf32(self.acc.device) else "off",
             "cudnn_benchmark": f"{'on' if self.cudnn_benchmark.on else 'off'} ({self.cudnn_benchmark.why})",
             # place_modules: SD1.5's and SDXL's VAEs overflow in fp16, so under fp16 it encodes and decodes in fp32
@@ -177,6 +175,11 @@ class Trainer:
         self.comps = self.comps or load_base_model(cfg.base_model, dtype=stored_dtype(cfg.base_model))
         if cfg.prediction_type != "auto":  # a fine-tune whose file does not say what it predicts
             self.comps.scheduler_config = {**self.comps.scheduler_config, "prediction_type": cfg.prediction_type}
+        checkpointing, checkpointing_why = resolve_gradient_checkpointing(
+            cfg.gradient_checkpointing, self.acc.device, self._memory_run(precision)
+        )
+        self.gradient_checkpointing = checkpointing
+        self.settings["gradient_checkpointing"] = f"{'on' if checkpointing else 'off'} ({checkpointing_why})"
         prediction = self.comps.scheduler_config.get("prediction_type", "epsilon")
         self.settings["prediction_type"] = f"{prediction} ({'set' if cfg.prediction_type != 'auto' else 'auto'})"
         self.half_frozen_convs, half_why = resolve_half_frozen_convs(
@@ -564,7 +567,7 @@ class Trainer:
                         unet,
                         self.noise_scheduler,
                         latents.to(device, dtype),
-                        to_device(noise[own], device).to(dtype),
+                        to_device(noise[own], device),  # fp32: the noisy input is made in fp32
                         to_device(timesteps[own], device),
                         hidden,
                         n_instance=len(picks),
@@ -582,6 +585,23 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
         self.cudnn_benchmark.after_step(tuple(latents.shape))
         self.loss_log.add(step, *losses)
+
+    def _memory_run(self, precision: str) -> dict | None:
+        """This run as memory.predict_memory takes it; None for a built-in model (not modelled)."""
+        if self.comps.kind == "tiny":
+            return None
+        cfg = self.cfg
+        return dict(
+            method=cfg.method,
+            resolution=cfg.resolution,
+            batch_size=cfg.train_batch_size,
+            train_text_encoder=cfg.train_text_encoder,
+            precision=precision,
+            prior=cfg.with_prior_preservation,
+            family=self.comps.family.name,
+            use_8bit_adam=cfg.use_8bit_adam,
+            use_ema=cfg.use_ema,
+        )
 
     def _prior_weight(self, picks: list[tuple[int, bool]]):
         """The prior loss weight: one number when every concept has the same, else one per class row (its

@@ -20,6 +20,17 @@ def min_snr_weights(noise_scheduler, timesteps, gamma: float):
     return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
 
 
+def noisy_latents_and_target(noise_scheduler, latents, noise, timesteps):
+    """(the UNet's input in the latents' dtype, the fp32 target). Both are computed in fp32: diffusers' add_noise
+    works in its inputs' dtype, and in bf16 sqrt(1 - alphas_cumprod) rounds to 0 at timesteps 0 and 1 (no noise at
+    all) and is off by more than 5% at a dozen more (fp16: 2)."""
+    noise = noise.float()
+    noisy = noise_scheduler.add_noise(latents.float(), noise, timesteps).to(latents.dtype)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noisy, noise_scheduler.get_velocity(latents.float(), noise, timesteps)
+    return noisy, noise
+
+
 def diffusion_loss(
     unet,
     noise_scheduler,
@@ -43,13 +54,9 @@ def diffusion_loss(
 
     Returns (loss, instance_loss, prior_loss or None), all 0-dim tensors.
     """
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy, target = noisy_latents_and_target(noise_scheduler, latents, noise, timesteps)
     pred = unet(noisy, timesteps, encoder_hidden_states, **(unet_kwargs or {})).sample
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    error = F.mse_loss(pred.float(), target.float(), reduction="none")
+    error = F.mse_loss(pred.float(), target, reduction="none")
     per_sample = error.mean(dim=(1, 2, 3))
     if instance_weights is not None:
         weights = instance_weights.to(error.device, error.dtype).expand_as(error[:n_instance])

@@ -11,6 +11,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from ..errors import DreamLoomError
 from .half_convs import keep_frozen_convs_half
+from .memory import GIB, checkpointing_for
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -46,32 +47,37 @@ def to_inference_device(pipe) -> torch.device:
     return device
 
 
-# Below this much free GPU memory, `auto` turns gradient checkpointing on. SD1.5 LoRA at 512 px needs about
-# 5 GiB without it and 3.5 GiB with it (tests/test_cuda.py budgets); the margin covers larger batches and
-# other programs on the card. Checkpointing costs about a third more time per step, so roomy GPUs skip it.
-CHECKPOINTING_FREE_GIB = 12.0
-
-
 def resolve_mixed_precision(requested: str, device_type: str) -> tuple[str, str]:
     """(precision, why): `auto` is bf16 on a GPU that has it, fp16 on other CUDA GPUs, and no on a CPU."""
     if requested != "auto":
         return requested, "set"
     if device_type != "cuda":
         return "no", "auto: fp32 on the CPU"
-    if torch.cuda.is_bf16_supported():
+    if gpu_has_bf16():
         return "bf16", "auto: the GPU supports bf16"
-    return "fp16", "auto: the GPU has no bf16"
+    return "fp16", "auto: the GPU has no bf16 (compute capability under 8.0)"
 
 
-def resolve_gradient_checkpointing(requested: bool | None, device) -> tuple[bool, str]:
-    """(on, why): None means on when the CUDA device has less than CHECKPOINTING_FREE_GIB free; off on a CPU."""
+def gpu_has_bf16(device=None) -> bool:
+    """The CUDA GPU computes in bf16 natively: Ampere (compute capability 8.0) and newer. torch's is_bf16_supported()
+    also says yes on older cards, where bf16 is emulated: much slower than fp16, and cuDNN has no bf16 convolutions
+    there ("unable to find an engine")."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_gradient_checkpointing(
+    requested: bool | None, device, run: dict | None = None, free_gib: float | None = None
+) -> tuple[bool, str]:
+    """(on, why): None (auto) is off on a CPU; on a CUDA GPU, on when the run's training steps would not fit its free
+    memory (`free_gib`, else asked of the device) without it, as memory.checkpointing_for predicts from `run`
+    (predict_memory's arguments). Checkpointing costs about a third more time per step, so runs that fit skip it."""
     if requested is not None:
         return requested, "set"
     if torch.device(device).type != "cuda":
         return False, "auto: off on the CPU, where memory is rarely the limit"
-    free, _ = torch.cuda.mem_get_info(device)
-    on = free / 2**30 < CHECKPOINTING_FREE_GIB
-    return on, f"auto: {free / 2**30:.1f} GiB free on the GPU ({'<' if on else '>='} {CHECKPOINTING_FREE_GIB:g})"
+    if free_gib is None:
+        free_gib = torch.cuda.mem_get_info(device)[0] / GIB
+    return checkpointing_for(free_gib, run)
 
 
 def enable_tf32(device) -> bool:
@@ -197,12 +203,14 @@ def make_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
-        except ImportError as err:
+
+            return bnb.optim.AdamW8bit(groups, **kw)
+        except Exception as err:  # not installed, or a build that does not match the CUDA or the OS it finds
             raise DreamLoomError(
-                f"use_8bit_adam is on but bitsandbytes cannot be imported ({err}).",
-                "pip install bitsandbytes (CUDA only), or turn use_8bit_adam off.",
+                f"use_8bit_adam is on but bitsandbytes does not work here ({type(err).__name__}: {err}).",
+                "pip install -U bitsandbytes (CUDA only; on Windows version 0.43 or newer), or turn use_8bit_adam off "
+                "(for a LoRA it saves almost nothing).",
             ) from None
-        return bnb.optim.AdamW8bit(groups, **kw)
     # The fused kernel (CPU and CUDA) does the whole update in one pass: measured 3x faster than the
     # per-tensor loop on the tiny model's 64 LoRA tensors.
     try:

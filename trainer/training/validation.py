@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..data.images import ImageSet
 from ..errors import DreamLoomError
+from .loss import noisy_latents_and_target
 
 TIMESTEPS_PER_IMAGE = 4  # the quantile midpoints of the schedule: 125, 375, 625, 875 of 1000
 NOISE_SEED_OFFSET = 104729  # the validation noise is independent of the training noise
@@ -83,15 +84,10 @@ class ValidationLoss:
         k, total = TIMESTEPS_PER_IMAGE, 0.0
         for sample, noise in zip(self.samples, self.noise):
             latents = sample.latent.to(device, dtype).unsqueeze(0).expand(k, -1, -1, -1)
-            noise = noise.to(device, dtype)
             timesteps = self.timesteps.to(device)
             embeddings = embed([sample.prompt] * k)
             hidden, kwargs = family.unet_conditioning(embeddings, sample.size_ids.expand(k, -1).to(device), dtype)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            noisy, target = noisy_latents_and_target(noise_scheduler, latents, noise.to(device), timesteps)
             pred = unet(noisy, timesteps, hidden, **kwargs).sample
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
-            total += F.mse_loss(pred.float(), target.float()).item()
+            total += F.mse_loss(pred.float(), target).item()
         return total / max(len(self.samples), 1)

@@ -79,8 +79,12 @@ class FullFineTuneMethod(Method):
 
     # -- parameters ------------------------------------------------------------------------------------
     def setup(self, comps) -> None:
-        for module in self.trainable_modules(comps).values():
+        for name, module in self.trainable_modules(comps).items():
             module.requires_grad_(True)
+            unused = tuple(m + "." for m in comps.family.unused_text_modules(name, module))
+            for key, param in module.named_parameters():
+                if unused and key.removeprefix("text_model.").startswith(unused):
+                    param.requires_grad_(False)  # its output is never used: no gradient would reach it
         if self.cfg.use_ema:
             self.ema = ParameterEMA(self.named_trainables(comps), self.cfg.ema_decay)
 

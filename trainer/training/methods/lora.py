@@ -52,14 +52,20 @@ def check_targets_exist(unet: torch.nn.Module, targets: list[str]) -> None:
 class LoRAMethod(Method):
     name = "lora"
 
-    def lora_config(self, targets) -> LoraConfig:
+    def lora_config(self, targets, exclude: list[str] | None = None) -> LoraConfig:
         return LoraConfig(
             r=self.cfg.rank,
             lora_alpha=self.cfg.alpha,
             init_lora_weights="gaussian",
             target_modules=list(targets),
+            exclude_modules=exclude or None,
             lora_dropout=0.0,
         )
+
+    def text_lora_config(self, comps, name: str) -> LoraConfig:
+        """TEXT_LORA_TARGETS of the text encoder `name`, except in the modules the family never uses."""
+        unused = comps.family.unused_text_modules(name, getattr(comps, name))
+        return self.lora_config(TEXT_LORA_TARGETS, [f"{m}.self_attn.{t}" for m in unused for t in TEXT_LORA_TARGETS])
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -68,8 +74,8 @@ class LoRAMethod(Method):
     def setup(self, comps) -> None:
         check_targets_exist(comps.unet, self.cfg.lora_targets)
         add_fp32_adapter(comps.unet, self.lora_config(self.cfg.lora_targets))
-        for text_encoder in self._text_encoders(comps).values():
-            add_fp32_adapter(text_encoder, self.lora_config(TEXT_LORA_TARGETS))
+        for name, text_encoder in self._text_encoders(comps).items():
+            add_fp32_adapter(text_encoder, self.text_lora_config(comps, name))
         for module in self.trainable_modules(comps).values():
             use_merged_weight_forward(module)  # fewer operators per layer on the CPU; PEFT's forward elsewhere
 
