@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from helpers.gpu_runs import GIB, fresh_gpu, run_config, train_with_peak, write_run_images
 from trainer.training.precision import gpu_has_bf16
@@ -121,32 +120,34 @@ def test_to_device_copies_without_waiting_and_exactly():
     assert to_device(cpu, "cpu") is cpu
 
 
-@sdpa_kernel(SDPBackend.MATH)
 def test_resume_equals_uninterrupted_run(sd15_checkpoint, data, tmp_path):
     """Bit-identical only where every kernel is deterministic: the flash and memory-efficient attention backward
     passes are not (warn_only lets them run), so attention runs in the math kernel here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        cfg = _config(sd15_checkpoint, data)
-        straight, _, _ = train_with_peak(cfg, tmp_path / "straight")
-        reference = _lora_state(straight)
-        del straight
-        calls = {"n": 0}
+        with sdpa_kernel(SDPBackend.MATH):
+            cfg = _config(sd15_checkpoint, data)
+            straight, _, _ = train_with_peak(cfg, tmp_path / "straight")
+            reference = _lora_state(straight)
+            del straight
+            calls = {"n": 0}
 
-        def stop_at_third_step():
-            calls["n"] += 1
-            return calls["n"] == 3
+            def stop_at_third_step():
+                calls["n"] += 1
+                return calls["n"] == 3
 
-        from trainer.errors import StopRequested
+            from trainer.errors import StopRequested
 
-        with pytest.raises(StopRequested):
-            train_with_peak(cfg, tmp_path / "resumed", should_stop=stop_at_third_step)
-        resumed, result, _ = train_with_peak(cfg, tmp_path / "resumed")
-        assert result.resumed_from == 3
-        state = _lora_state(resumed)
-        assert state.keys() == reference.keys()
-        worst = max(float((state[k] - reference[k]).abs().max()) for k in reference)
-        assert worst == 0.0, f"largest difference {worst}"
+            with pytest.raises(StopRequested):
+                train_with_peak(cfg, tmp_path / "resumed", should_stop=stop_at_third_step)
+            resumed, result, _ = train_with_peak(cfg, tmp_path / "resumed")
+            assert result.resumed_from == 3
+            state = _lora_state(resumed)
+            assert state.keys() == reference.keys()
+            worst = max(float((state[k] - reference[k]).abs().max()) for k in reference)
+            assert worst == 0.0, f"largest difference {worst}"
     finally:
         torch.use_deterministic_algorithms(False)
 

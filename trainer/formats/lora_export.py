@@ -110,9 +110,12 @@ def save_kohya(path, comps, unet_lora: dict, text_loras: dict, alpha: float, met
     return atomic_save(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata))
 
 
-def save_diffusers(path, comps, unet_lora: dict, text_loras: dict, unet_lora_config, text_lora_config=None) -> Path:
+def save_diffusers(
+    path, comps, unet_lora: dict, text_loras: dict, unet_lora_config, text_lora_configs: dict | None = None
+) -> Path:
     """Write diffusers' LoRA file (with the adapter configs, so load_lora_weights uses alpha/rank), through the
-    family's pipeline class (SDXL's adds text_encoder_2)."""
+    family's pipeline class (SDXL's adds text_encoder_2). `text_lora_configs`: each text encoder's LoraConfig, as it
+    was trained (diffusers builds the adapters from it, so one naming layers without weights in the file fails)."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
     pipeline_class = comps.family.pipeline_class()
@@ -129,7 +132,7 @@ def save_diffusers(path, comps, unet_lora: dict, text_loras: dict, unet_lora_con
             kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
                 {k: v.detach().cpu().contiguous() for k, v in lora.items()}
             )
-            kwargs[f"{name}_lora_adapter_metadata"] = text_lora_config.to_dict()
+            kwargs[f"{name}_lora_adapter_metadata"] = text_lora_configs[name].to_dict()
         pipeline_class.save_lora_weights(tmp, **kwargs)
         atomic_save(path, lambda dst: shutil.copyfile(Path(tmp) / DIFFUSERS_WEIGHT_NAME, dst))
     return path

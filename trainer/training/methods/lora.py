@@ -135,6 +135,6 @@ class LoRAMethod(Method):
             unet,
             texts,
             self.lora_config(self.cfg.lora_targets),
-            self.lora_config(TEXT_LORA_TARGETS) if texts else None,
+            {name: self.text_lora_config(comps, name) for name in texts},
         )
         return {"lora": str(kohya), "lora_diffusers": str(diffusers)}
