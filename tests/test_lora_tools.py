@@ -298,7 +298,7 @@ def test_fused_lora_equals_diffusers_load_lora_weights_and_fuse_lora(tiny_files,
     lora = tmp_path / "style.safetensors"
     save_file(_random_lora(layout, names, 3, 1.5, seed=7), str(lora), SD15_META)
     ours = build_tiny()
-    assert fuse_lora(ours, lora, 0.6, "tiny") == len(names)
+    assert fuse_lora(ours, lora, 0.6) == len(names)
     pipe = make_pipeline(build_tiny())
     pipe.load_lora_weights(str(tmp_path), weight_name=lora.name, adapter_name="style")
     pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=0.6, adapter_names=["style"])
@@ -324,7 +324,7 @@ def test_generate_refuses_a_lora_with_layers_the_model_lacks_and_changes_nothing
     comps = build_tiny()
     before = {k: v.clone() for k, v in comps.unet.state_dict().items()}
     with pytest.raises(DreamLoomError, match=r"odd.safetensors does not fit the base model tiny: 1 of its 4 modules"):
-        fuse_lora(comps, lora, 1.0, "tiny")
+        fuse_lora(comps, lora, 1.0)
     assert all(torch.equal(v, before[k]) for k, v in comps.unet.state_dict().items())
 
 

@@ -217,7 +217,7 @@ def pipeline_with_adapters(args):
     for path, _ in args.loras:  # every file checked before any is fused: a refusal leaves nothing half-applied
         check_lora_family(path, comps)
     for path, strength in args.loras:
-        fuse_lora(comps, path, strength, Path(comps.source).name)
+        fuse_lora(comps, path, strength)
     for path, token in args.embeddings:
         with embedding_fit(path, comps):
             load_embedding_into_pipeline(pipe, path, token)

@@ -42,12 +42,13 @@ def kohya_layer_table(comps) -> dict[str, torch.nn.Module]:
 
 
 @torch.no_grad()
-def fuse_lora(comps, path: str | Path, strength: float, model_name: str) -> int:
+def fuse_lora(comps, path: str | Path, strength: float) -> int:
     """Add the LoRA at `path` times `strength` into comps' layers (on their device, in their dtype; the sum is taken in
     float32). Returns the number of layers changed. Nothing is changed unless every module has a layer that fits."""
     path = Path(path)
     imported = load_lora_file(path)
     table = kohya_layer_table(comps)
+    model_name = Path(comps.source).name
     trained = trained_on(imported.metadata)
     trained_note = f"; it was trained on {trained}." if trained else "."
     fix = (
