@@ -260,6 +260,28 @@ def test_trained_modules_are_in_train_mode_with_checkpointing(fabric_dir, tmp_pa
         assert torch.equal(te(ids)[0], in_train_mode)
 
 
+def test_lora_setup_does_not_need_the_models_own_add_adapter(fabric_dir, tmp_path, monkeypatch):
+    """transformers 5.24 refuses its add_adapter with any peft older than 0.22 (none was out yet): pip paired them on
+    a fresh install and every text-encoder LoRA stopped at set-up. peft injects the adapters itself."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from trainer.base_models.builtin import build_tiny
+
+    def refuse(self, *args, **kwargs):
+        raise ValueError("The version of PEFT you are using is not compatible, please use a version >= 0.22.0")
+
+    monkeypatch.setattr(CLIPTextModel, "add_adapter", refuse)
+    monkeypatch.setattr(UNet2DConditionModel, "add_adapter", refuse)
+    cfg = tiny_config(fabric_dir, with_prior_preservation=False, train_text_encoder=True, max_train_steps=2)
+    trainer = Trainer(cfg, tmp_path / "run", comps=build_tiny())
+    trainer.set_up()
+    for module in (trainer.comps.unet, trainer.comps.text_encoder):
+        trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in name for name in trainable)
+        assert module.peft_config["default"].r == cfg.rank  # what saving and resuming read
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_min_snr_weights_are_finite_at_zero_terminal_snr(prediction):
     from diffusers import DDPMScheduler

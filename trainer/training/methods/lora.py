@@ -21,14 +21,18 @@ def add_fp32_adapter(module: torch.nn.Module, config: LoraConfig) -> None:
     """Add LoRA adapters to a UNet or text encoder with their initial weights exact in fp32, whatever dtype the
     model was loaded in. peft draws an adapter in fp32 and then casts it to its layer's weight dtype, so on a model
     loaded in fp16 it would start from rounded weights: the layers it wraps are made fp32 first (only those, a
-    part of the model for a moment), and place_modules casts their frozen weights to the weight dtype later."""
+    part of the model for a moment), and place_modules casts their frozen weights to the weight dtype later.
+
+    peft injects the adapters itself rather than through the model's add_adapter: transformers >= 5.24 refuses its
+    own add_adapter with any peft older than 0.22, a pairing pip installs (and ComfyUI users have)."""
+    from peft import inject_adapter_in_model
     from peft.tuners.tuners_utils import check_target_module_exists
 
     for name, layer in module.named_modules():
         weight = getattr(layer, "weight", None)
         if weight is not None and weight.dtype != torch.float32 and check_target_module_exists(config, name):
             layer.float()
-    module.add_adapter(config)
+    inject_adapter_in_model(config, module, adapter_name="default")
 
 
 def check_targets_exist(unet: torch.nn.Module, targets: list[str]) -> None:
