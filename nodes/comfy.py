@@ -65,12 +65,25 @@ def raise_interrupt() -> None:
     raise mm.InterruptProcessingException()
 
 
-def free_memory() -> None:
-    """Unload ComfyUI's models and empty the CUDA cache, so the training worker has the VRAM."""
+def free_memory() -> str | None:
+    """Unload ComfyUI's models and empty the CUDA cache, so the training worker has the VRAM. Returns a note when
+    ComfyUI keeps its models on the GPU anyway: with --highvram or --gpu-only, "unloading" moves them to the GPU."""
     import comfy.model_management as mm
 
     mm.unload_all_models()
     mm.soft_empty_cache()
+    if mm.vram_state != mm.VRAMState.HIGH_VRAM:
+        return None
+    import torch
+
+    held = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    if held < 0.25:
+        return None
+    return (
+        f"ComfyUI runs with --highvram or --gpu-only, so its models stay on the GPU while DreamLoom trains "
+        f"({held:.1f} GiB). Training chooses its settings for the VRAM left; start ComfyUI without those flags "
+        "to give it the whole card."
+    )
 
 
 # --------------------------------------------------------------------------- LoRA patching

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -99,7 +100,9 @@ def run_with_progress(run_dir: Path, total: int, node_id=None) -> dict:
     done = jobs.finished_outputs(run_dir)
     if done is not None:
         return done
-    comfy.free_memory()
+    note = comfy.free_memory()
+    if note:
+        logging.getLogger("DreamLoom").warning("[DreamLoom] %s", note)  # ComfyUI's console
     pbar = comfy.progress_bar(max(total, 1), node_id)
     state = {"step": 0, "total": max(total, 1)}
 

@@ -344,3 +344,49 @@ def test_training_settings_node_refuses_an_unknown_checkpointing_value():
 
     message = pack_node("DreamLoomTrainingSettings").VALIDATE_INPUTS(gradient_checkpointing="sometimes")
     assert "auto, on, off" in message and "'sometimes'" in message
+
+
+def _fake_model_management(monkeypatch, high_vram: bool):
+    """comfy.model_management as free_memory uses it: unloading and the VRAM state ComfyUI was started in."""
+    import enum
+    import types
+
+    mm = types.ModuleType("comfy.model_management")
+    mm.VRAMState = enum.Enum("VRAMState", "NORMAL_VRAM HIGH_VRAM")
+    mm.vram_state = mm.VRAMState.HIGH_VRAM if high_vram else mm.VRAMState.NORMAL_VRAM
+    mm.calls = []
+    mm.unload_all_models = lambda: mm.calls.append("unload")
+    mm.soft_empty_cache = lambda: mm.calls.append("empty")
+    package = types.ModuleType("comfy")
+    package.model_management = mm
+    monkeypatch.setitem(sys.modules, "comfy", package)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    return mm
+
+
+@pytest.mark.parametrize("high_vram", [False, True])
+def test_freeing_vram_says_when_comfyui_keeps_its_models_on_the_gpu(monkeypatch, high_vram):
+    """With --highvram or --gpu-only ComfyUI's "unload" keeps the weights in VRAM: the user is told, not left
+    wondering why training chose gradient checkpointing or ran out of memory."""
+    load_pack()
+    comfy_mod = sys.modules["dreamloom_pack.nodes.comfy"]
+    mm = _fake_model_management(monkeypatch, high_vram)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 5 * 2**30)
+    note = comfy_mod.free_memory()
+    assert mm.calls == ["unload", "empty"]
+    if high_vram:
+        assert "--highvram" in note and "5.0 GiB" in note
+    else:
+        assert note is None
+
+
+def test_the_runner_logs_the_vram_note_to_comfyuis_console(fake_comfy, monkeypatch, tmp_path, caplog):
+    jobs = importlib.import_module("dreamloom_pack.trainer.jobs.parent")
+    runner = sys.modules["dreamloom_pack.nodes.runner"]
+    monkeypatch.setattr(jobs, "finished_outputs", lambda run_dir: None)
+    monkeypatch.setattr(jobs, "run_job", lambda run_dir, **kw: {"result": "done"})
+    monkeypatch.setattr(sys.modules["dreamloom_pack.nodes.comfy"], "free_memory", lambda: "models stay on the GPU")
+    with caplog.at_level("WARNING", logger="DreamLoom"):
+        assert runner.run_with_progress(tmp_path, 4) == {"result": "done"}
+    assert "[DreamLoom] models stay on the GPU" in caplog.text

@@ -315,23 +315,49 @@ def test_sdxl_diffusers_folder_loads_and_a_refiner_folder_is_refused(tmp_path):
         load_base_model(str(tmp_path / "xl"))
 
 
-def test_large_images_decode_in_tiles_on_a_gpu_and_the_vae_is_restored():
-    """generate() decodes images above 512 px in 512 px tiles on CUDA (SDXL's fp32 VAE at 1024 px measured 11.6 ->
-    8.6 GiB whole-run peak on an H100); a CPU and small images decode whole, and the VAE's settings come back."""
-    from trainer.inference.pipelines import _decoding
+@pytest.mark.parametrize("free_gib, out_of_memory", [(12.0, False), (0.1, False), (12.0, True)])
+def test_large_images_decode_whole_where_the_gpu_has_room_else_in_tiles(monkeypatch, capsys, free_gib, out_of_memory):
+    """On CUDA an image above TILE_PIXELS decodes whole where the free memory holds the decode (tiles can leave tone
+    seams, and class images are trained on), in tiles where it does not (SDXL's fp32 VAE at 1024 px: 11.6 -> 8.6 GiB
+    whole-run peak on an H100), and in tiles again when a whole decode runs out of memory anyway. A CPU and small
+    images decode whole; the VAE's settings come back after. (Tiles of 128 px here, 512 in use: a CPU's sizes.)"""
+    from trainer.inference import pipelines
 
     vae = build_tiny_sdxl().vae
+    monkeypatch.setattr(pipelines, "TILE_PIXELS", 128)
+    monkeypatch.setattr(pipelines, "free_cuda_bytes", lambda device: free_gib * 2**30)
+    decoded_sizes = []
+    forward = vae.decoder.forward
+
+    def decoder(z, *args, **kwargs):
+        if out_of_memory and z.shape[-1] > 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        decoded_sizes.append(z.shape[-1])
+        return forward(z, *args, **kwargs)
+
+    monkeypatch.setattr(vae.decoder, "forward", decoder)
     before = (vae.use_slicing, vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
-    for device, resolution, tiled in (("cpu", 1024, False), ("cuda", 512, False), ("cuda", 1024, True)):
-        with _decoding(vae, resolution, device):
-            assert vae.use_slicing and vae.use_tiling == tiled
-            if tiled:
-                assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == (512, 64)
-                z = torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0))
-                with torch.no_grad():
-                    assert vae.decode(z).sample.shape == (1, 3, 1024, 1024)
+    need_gib = 768 * 256**2 * 4 / 2**30  # activations of a whole 256 px fp32 decode, as _decoding estimates them
+    tiled_up_front = free_gib < 1.25 * need_gib
+    for device, resolution, tiles in (("cpu", 256, False), ("cuda", 128, False), ("cuda", 256, tiled_up_front)):
+        decoded_sizes.clear()
+        with pipelines._decoding(vae, resolution, device):
+            assert vae.use_slicing and vae.use_tiling == tiles
+            z = torch.randn(1, 4, resolution // 8, resolution // 8, generator=torch.Generator().manual_seed(0))
+            if device == "cpu" and out_of_memory:
+                with pytest.raises(torch.cuda.OutOfMemoryError):  # no tiles on a CPU: the error is the user's
+                    vae.decode(z)
+                continue
+            with torch.no_grad():
+                assert vae.decode(z).sample.shape == (1, 3, resolution, resolution)
+            if device == "cpu" or resolution == 128 or not (tiled_up_front or out_of_memory):
+                assert decoded_sizes == [resolution // 8]  # whole
+            else:
+                assert len(decoded_sizes) == 9 and max(decoded_sizes) == 16  # 3 x 3 overlapping 128 px tiles
+                assert vae.use_tiling and (vae.tile_sample_min_size, vae.tile_latent_min_size) == (128, 16)
         assert (vae.use_slicing, vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size) == before
         assert "decode" not in vae.__dict__  # the class's decode again
+    assert ("ran out of memory" in capsys.readouterr().err) == out_of_memory
 
 
 @pytest.mark.slow

@@ -282,6 +282,25 @@ def test_lora_setup_does_not_need_the_models_own_add_adapter(fabric_dir, tmp_pat
         assert module.peft_config["default"].r == cfg.rank  # what saving and resuming read
 
 
+def test_the_lr_schedule_waits_on_steps_the_grad_scaler_skipped(fabric_dir, tmp_path, monkeypatch):
+    """In fp16 the GradScaler skips a step whose gradients overflow (the first few, while it finds its scale); the
+    LR schedule must not advance over steps that changed nothing (accelerate's own scheduler wrapper waits too)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from trainer.base_models.builtin import build_tiny
+
+    skipped_at = {2, 3}
+    steps = iter(range(1, 100))
+    monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: next(steps) in skipped_at))
+    cfg = tiny_config(fabric_dir, with_prior_preservation=False, max_train_steps=5, lr_scheduler="linear")
+    trainer = Trainer(cfg, tmp_path / "run", comps=build_tiny())
+    trainer.run()
+    assert trainer.lr_scheduler.last_epoch == 3  # 5 steps, 2 skipped
+    lr_by_step = [row["lr"] for row in trainer.loss_log.rows]
+    linear = [cfg.learning_rate * (5 - done) / 5 for done in (0, 1, 1, 1, 2)]  # held over steps 2 and 3
+    assert lr_by_step == pytest.approx(linear)
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_min_snr_weights_are_finite_at_zero_terminal_snr(prediction):
     from diffusers import DDPMScheduler

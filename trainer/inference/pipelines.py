@@ -10,6 +10,7 @@ import diffusers
 import torch
 
 from ..errors import DreamLoomError
+from ..training.memory import free_cuda_bytes
 
 SCHEDULERS = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
@@ -56,8 +57,7 @@ def generate(
     scale = pipe.vae_scale_factor
     images = []
     # Decode one image at a time: a batch of 512 px decodes needs several GB of activations at once. On a GPU, larger
-    # images decode in 512 px tiles too (blended at the seams): SDXL's VAE decodes in fp32 under fp16, and a whole
-    # 1024 px image then takes about 3 GiB of activations next to the UNet's weights.
+    # images decode whole where the free memory allows, else in 512 px tiles (see _decoding).
     with _decoding(pipe.vae, resolution, device):
         for start in range(0, len(prompts), batch_size):
             p = list(prompts[start : start + batch_size])
@@ -91,29 +91,54 @@ def generate(
     return images
 
 
-TILE_PIXELS = 512  # the VAE decodes images larger than this in tiles of this size on a GPU
+TILE_PIXELS = 512  # on a GPU short of memory the VAE decodes larger images in tiles of this size
 TILING_ATTRIBUTES = ("use_slicing", "use_tiling", "tile_sample_min_size", "tile_latent_min_size")
+# A whole decode's activations per pixel and byte of the VAE's dtype: SDXL's VAE decoding 1024 px in fp32 raised a
+# whole run's peak by about 3 GiB on an H100 (11.6 against 8.6 GiB tiled), 3 GiB / 1024^2 px / 4 bytes.
+DECODE_ACTIVATION_BYTES_PER_PIXEL_BYTE = 768
+
+
+def _tile(vae) -> None:
+    vae.use_tiling = True
+    vae.tile_latent_min_size = TILE_PIXELS * vae.tile_latent_min_size // vae.tile_sample_min_size
+    vae.tile_sample_min_size = TILE_PIXELS
 
 
 @contextlib.contextmanager
 def _decoding(vae, resolution: int, device):
-    """The VAE's decode while `generate` runs: sliced (and on CUDA above TILE_PIXELS tiled); outside autocast, in the
-    VAE's own dtype (a caller's autocast, as around the training samples, would run a VAE kept in fp32 for fp16 runs
-    in fp16, where SDXL's overflows into black pictures); and in fp32 from the first fp16/bf16 decode that gives
-    non-finite pixels (some SD1.5 VAEs overflow in fp16; diffusers upcasts only SDXL's). The VAE is given back as it
-    was."""
+    """The VAE's decode while `generate` runs, given back as it was after:
+    - sliced (one image at a time), and on CUDA above TILE_PIXELS whole only where the free memory holds the decode's
+      activations, else in tiles; a whole decode that runs out of memory anyway is done again in tiles. Tiles are
+      blended, but each normalises on its own, which can leave faint tone seams: class images are trained on, so
+      they are decoded whole where they can be (as ComfyUI decodes);
+    - outside autocast, in the VAE's own dtype (a caller's autocast, as around the training samples, would run a VAE
+      kept in fp32 for fp16 runs in fp16, where SDXL's overflows into black pictures);
+    - in fp32 from the first fp16/bf16 decode that gives non-finite pixels (some SD1.5 VAEs overflow in fp16;
+      diffusers upcasts only SDXL's)."""
     state = {k: getattr(vae, k) for k in TILING_ATTRIBUTES if hasattr(vae, k)}
     half = vae.dtype if vae.dtype in (torch.float16, torch.bfloat16) else None
     vae.use_slicing = True
-    if torch.device(device).type == "cuda" and resolution > TILE_PIXELS and "tile_sample_min_size" in state:
-        vae.use_tiling = True
-        vae.tile_latent_min_size = TILE_PIXELS * vae.tile_latent_min_size // vae.tile_sample_min_size
-        vae.tile_sample_min_size = TILE_PIXELS
+    can_tile = torch.device(device).type == "cuda" and resolution > TILE_PIXELS and "tile_sample_min_size" in state
+    if can_tile:
+        need = DECODE_ACTIVATION_BYTES_PER_PIXEL_BYTE * resolution**2 * vae.dtype.itemsize
+        if free_cuda_bytes(device) < 1.25 * need:
+            _tile(vae)
     decode = vae.decode
 
     def careful_decode(latents, *args, **kwargs):
         with torch.autocast(latents.device.type, enabled=False):
-            out = decode(latents.to(vae.dtype), *args, **kwargs)
+            out_of_memory = False
+            try:
+                out = decode(latents.to(vae.dtype), *args, **kwargs)
+            except torch.cuda.OutOfMemoryError:
+                if not can_tile or vae.use_tiling:
+                    raise
+                out_of_memory = True  # retried below, once the failed attempt's tensors are gone
+            if out_of_memory:
+                print("note: the VAE ran out of memory decoding whole images; decoding in tiles", file=sys.stderr)
+                torch.cuda.empty_cache()
+                _tile(vae)
+                out = decode(latents.to(vae.dtype), *args, **kwargs)
             pixels = out[0] if isinstance(out, tuple) else out.sample
             if vae.dtype == half and not bool(torch.isfinite(pixels).all()):
                 print(f"note: the VAE overflowed in {str(half)[6:]}; decoding in fp32 from here on", file=sys.stderr)

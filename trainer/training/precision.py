@@ -11,7 +11,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from ..errors import DreamLoomError
 from .half_convs import keep_frozen_convs_half
-from .memory import GIB, checkpointing_for
+from .memory import GIB, checkpointing_for, free_cuda_bytes
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -76,7 +76,7 @@ def resolve_gradient_checkpointing(
     if torch.device(device).type != "cuda":
         return False, "auto: off on the CPU, where memory is rarely the limit"
     if free_gib is None:
-        free_gib = torch.cuda.mem_get_info(device)[0] / GIB
+        free_gib = free_cuda_bytes(device) / GIB
     return checkpointing_for(free_gib, run)
 
 
