@@ -79,6 +79,15 @@ def match_text_model_level(state: dict, text_encoder) -> dict:
     return {k.removeprefix(TEXT_MODEL): v for k, v in state.items()}
 
 
+def diffusers_dtype(dtype) -> dict:
+    """The dtype keyword for diffusers' from_pretrained/from_single_file: `dtype` from diffusers 0.40, which warns
+    that `torch_dtype` goes in 1.0; `torch_dtype` before (our floor, 0.34, knows no other)."""
+    import diffusers
+
+    major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (0, 40) else "torch_dtype": dtype}
+
+
 def load_tokenizer(folder: str | os.PathLike | None = None):
     """The CLIP tokenizer shipped in trainer/assets (or one from a diffusers folder), never downloaded."""
     from transformers import CLIPTokenizer

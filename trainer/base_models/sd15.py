@@ -10,7 +10,7 @@ import torch
 
 from ..errors import DreamLoomError
 from ..files.safetensors_header import fingerprint_file
-from .components import ASSETS, Components, load_tokenizer
+from .components import ASSETS, Components, diffusers_dtype, load_tokenizer
 from .family import CLIP_POSITIONS, ModelFamily
 
 SD15_CONFIG_DIR = ASSETS / "sd15"
@@ -62,7 +62,7 @@ class SD15Family(ModelFamily):
                 feature_extractor=None,
                 requires_safety_checker=False,
                 local_files_only=True,
-                torch_dtype=dtype or torch.float32,
+                **diffusers_dtype(dtype or torch.float32),
             )
         except Exception as err:  # diffusers raises many types for a bad file
             raise DreamLoomError(
@@ -93,8 +93,9 @@ class SD15Family(ModelFamily):
         from transformers import CLIPTextModel
 
         dtype = dtype or torch.float32
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True, torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=dtype)
+        loading = dict(local_files_only=True, **diffusers_dtype(dtype))
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **loading)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **loading)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True, dtype=dtype)
         tokenizer = load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else None)
         tokenizer.model_max_length = min(tokenizer.model_max_length, CLIP_POSITIONS)  # pipelines read it too

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import DreamLoomError
 from ..files.safetensors_header import fingerprint_file
-from .components import ASSETS, Components, load_tokenizer
+from .components import ASSETS, Components, diffusers_dtype, load_tokenizer
 from .family import CLIP_POSITIONS, ModelFamily
 from .sd15 import folder_fingerprint
 
@@ -65,7 +65,7 @@ class SDXLFamily(ModelFamily):
                 tokenizer=load_tokenizer(),
                 tokenizer_2=load_tokenizer_2(),
                 local_files_only=True,
-                torch_dtype=dtype or torch.float32,
+                **diffusers_dtype(dtype or torch.float32),
                 add_watermarker=False,
             )
         except Exception as err:  # diffusers raises many types for a bad file
@@ -86,7 +86,7 @@ class SDXLFamily(ModelFamily):
             pipe = StableDiffusionXLPipeline.from_pretrained(
                 str(path),
                 local_files_only=True,
-                torch_dtype=dtype or torch.float32,
+                **diffusers_dtype(dtype or torch.float32),
                 add_watermarker=False,
                 **tokenizers,
             )
