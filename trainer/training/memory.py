@@ -198,14 +198,6 @@ def _predict_full(size, precision, p, rows, checkpointing, text_trains, use_8bit
     return Prediction(training, samples, class_images)
 
 
-def free_cuda_bytes(device) -> int:
-    """What a new allocation on the CUDA `device` can have: the driver's free memory and what torch holds unused."""
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
 def checkpointing_for(free_gib: float, run: dict | None) -> tuple[bool, str]:
     """(on, why) for `auto` gradient checkpointing on a CUDA GPU with `free_gib` free: on when the training steps
     without it would not fit with the model's error margin and the CUDA context. `run` holds predict_memory's

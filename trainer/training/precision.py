@@ -10,8 +10,9 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from ..errors import DreamLoomError
+from ..inference.pipelines import free_cuda_bytes
 from .half_convs import keep_frozen_convs_half
-from .memory import GIB, checkpointing_for, free_cuda_bytes
+from .memory import GIB, checkpointing_for
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
