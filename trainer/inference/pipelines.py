@@ -10,6 +10,7 @@ import diffusers
 import torch
 
 from ..errors import DreamLoomError
+from .gpu_memory import free_cuda_bytes
 
 SCHEDULERS = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
@@ -18,12 +19,6 @@ SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
 }
-
-
-def free_cuda_bytes(device) -> int:
-    """What a new allocation on the CUDA `device` can have: the driver's free memory and what torch holds unused."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def make_scheduler(name: str, base_config: dict):

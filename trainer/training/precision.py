@@ -10,7 +10,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from ..errors import DreamLoomError
-from ..inference.pipelines import free_cuda_bytes
+from ..inference.gpu_memory import free_cuda_bytes
 from .half_convs import keep_frozen_convs_half
 from .memory import GIB, checkpointing_for
 
