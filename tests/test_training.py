@@ -284,18 +284,26 @@ def test_lora_setup_does_not_need_the_models_own_add_adapter(fabric_dir, tmp_pat
 
 def test_the_lr_schedule_waits_on_steps_the_grad_scaler_skipped(fabric_dir, tmp_path, monkeypatch):
     """In fp16 the GradScaler skips a step whose gradients overflow (the first few, while it finds its scale); the
-    LR schedule must not advance over steps that changed nothing (accelerate's own scheduler wrapper waits too)."""
+    LR schedule must not advance over steps that changed nothing (accelerate's own scheduler wrapper waits too), nor
+    the method's hook (a full fine-tune's EMA would average an unchanged model in as a step)."""
     from accelerate.optimizer import AcceleratedOptimizer
 
     from trainer.base_models.builtin import build_tiny
+    from trainer.training.methods import METHODS
 
     skipped_at = {2, 3}
     steps = iter(range(1, 100))
     monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: next(steps) in skipped_at))
     cfg = tiny_config(fabric_dir, with_prior_preservation=False, max_train_steps=5, lr_scheduler="linear")
     trainer = Trainer(cfg, tmp_path / "run", comps=build_tiny())
+    hooked = []
+    lora_method = METHODS[cfg.method]
+    monkeypatch.setattr(
+        lora_method, "after_optimizer_step", lambda self, comps: hooked.append(trainer.lr_scheduler.last_epoch)
+    )
     trainer.run()
     assert trainer.lr_scheduler.last_epoch == 3  # 5 steps, 2 skipped
+    assert hooked == [1, 2, 3]  # after steps 1, 4 and 5, each once the schedule has moved
     lr_by_step = [row["lr"] for row in trainer.loss_log.rows]
     linear = [cfg.learning_rate * (5 - done) / 5 for done in (0, 1, 1, 1, 2)]  # held over steps 2 and 3
     assert lr_by_step == pytest.approx(linear)

@@ -615,9 +615,11 @@ class Trainer:
         """After an optimizer step: LR schedule, the method's hook, loss read-back, stop, samples, checkpoints."""
         cfg = self.cfg
         self.loss_log.end_step(step, self.lr_scheduler.get_last_lr()[0])
-        if not self.optimizer.step_was_skipped:  # fp16's GradScaler skipped an overflowing step: the schedule waits
+        # fp16's GradScaler skips a step whose gradients overflow: no weight moved, so the schedule and the method's
+        # hook (EMA, TI's norm clamp) wait with it
+        if not self.optimizer.step_was_skipped:
             self.lr_scheduler.step()
-        self.method.after_optimizer_step(self.comps)
+            self.method.after_optimizer_step(self.comps)
         if self.validation is not None and (step % cfg.validation_every == 0 or step == cfg.max_train_steps):
             self._validate(step)
         if self.timer is not None:
