@@ -503,8 +503,11 @@ def test_library_noise_is_hidden_and_other_warnings_are_kept():
     hide_known_noise()  # idempotent: one filter per message
     imports = logging.getLogger("transformers.utils.import_utils")
     models = logging.getLogger("diffusers.models.modeling_utils")
-    ours = [[f for f in logger.filters if type(f).__name__ == "_DropMessages"] for logger in (imports, models)]
-    assert [len(filters) for filters in ours] == [1, 1]  # diffusers adds a filter of its own
+    resizing = logging.getLogger("transformers.modeling_utils")
+    ours = [
+        [f for f in logger.filters if type(f).__name__ == "_DropMessages"] for logger in (imports, models, resizing)
+    ]
+    assert [len(filters) for filters in ours] == [1, 1, 1]  # diffusers adds a filter of its own
 
     def shown(logger, message: str) -> bool:  # the logger's own filters decide (diffusers does not propagate)
         return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 1, message, None, None)))
@@ -513,6 +516,9 @@ def test_library_noise_is_hidden_and_other_warnings_are_kept():
     assert not shown(models, "There are modules in AutoencoderKL that should be kept in float32: []. Casting")
     assert shown(models, "There are modules in UNet that should be kept in float32: ['norm']. Casting")
     assert shown(imports, "Some other warning")
+    resized = "The new embeddings will be initialized from a multivariate normal distribution that has old embeddings'"
+    assert not shown(resizing, resized + " mean and covariance. As described in this article: https://...")
+    assert shown(resizing, "Some weights of CLIPTextModel were not initialized from the model checkpoint")
     with warnings.catch_warnings(record=True) as seen:
         hide_known_noise()  # inside catch_warnings, whose filters it resets
         warnings.warn("Already found a `peft_config` attribute in the model.", UserWarning, stacklevel=1)

@@ -14,6 +14,9 @@ KNOWN_NOISE = (
     ("transformers.utils.import_utils", "requires torchvision (not installed); falling back"),
     # diffusers, casting a VAE to the training dtype: only with an empty list (no module to keep in fp32)
     ("diffusers.models.modeling_utils", "that should be kept in float32: []."),
+    # transformers, when diffusers' load_textual_inversion makes room for an embedding's tokens: the new rows it
+    # describes are overwritten with the embedding's vectors at once
+    ("transformers.modeling_utils", "The new embeddings will be initialized from a multivariate normal distribution"),
 )
 
 
