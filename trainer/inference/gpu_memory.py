@@ -1,4 +1,5 @@
-"""Free CUDA memory as an allocation sees it; torch only, so `doctor` and set-up can ask without loading diffusers."""
+"""Free CUDA memory as an allocation sees it (the decode policy, `auto` checkpointing, `doctor`); torch only, so
+`doctor` and set-up can ask without loading diffusers."""
 
 from __future__ import annotations
 

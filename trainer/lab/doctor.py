@@ -27,6 +27,7 @@ from ..base_models.load import (
 from ..config import BUILTIN_RESOLUTION
 from ..errors import OUT_OF_MEMORY_HINT, DreamLoomError
 from ..files.safetensors_header import read_safetensors_header
+from ..inference.gpu_memory import free_cuda_bytes
 from ..training.half_convs import HALF_DTYPES, resolve_half_frozen_convs
 from ..training.memory import (
     CONTEXT_GIB,
@@ -147,7 +148,7 @@ def _device() -> _Device:
     if torch.cuda.is_available():
         index = torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
-        free, total = torch.cuda.mem_get_info(index)
+        free, total = free_cuda_bytes(index), props.total_memory  # free as `auto` checkpointing sees it
         capability = torch.cuda.get_device_capability(index)
         bf16 = gpu_has_bf16(index)
         count = torch.cuda.device_count()
