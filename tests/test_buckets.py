@@ -170,6 +170,40 @@ def test_sdxl_size_ids_of_a_bucketed_image():
     assert source.latents([(0, False)], eps, [0], (96, 64)).shape == (1, 4, 8, 12)
 
 
+def test_the_latent_cache_stays_in_host_memory_and_each_step_sends_its_rows(monkeypatch):
+    """On a GPU the cache would otherwise hold every class image at every bucket in VRAM (about 100 MB per
+    bucket for 100 SDXL class images). A CPU cannot run CUDA, so the encoder's output stands in for the GPU's,
+    and the copy to the device is recorded."""
+    from trainer.base_models.builtin import build_tiny
+    from trainer.data import caches
+
+    vae = build_tiny().vae
+    images = [fabric_image(i, 96).crop((0, 0, 96, 64)) for i in range(3)]
+    real_encode = caches.LatentSource._encode
+    monkeypatch.setattr(caches.LatentSource, "_encode", lambda self, pixels: real_encode(self.cpu_twin, pixels))
+    sent = []
+
+    def record(tensor, device):
+        sent.append((tuple(tensor.shape), str(device)))
+        return tensor
+
+    monkeypatch.setattr(caches, "to_device", record)
+
+    class OnCuda(caches.LatentSource):  # the training device is CUDA; the encoding itself runs on the CPU twin
+        def __init__(self, *args, **kwargs):
+            self.cpu_twin = caches.LatentSource(vae, images, 64, True, True, False, "cpu", 1, buckets=[(96, 64)])
+            super().__init__(*args, **kwargs)
+
+    source = OnCuda(vae, images, 64, True, True, True, "cuda", 1, buckets=[(96, 64)])
+    assert len(source.cached) == 6  # 3 images, flipped and not
+    assert {str(t.device) for mean, std, _ in source.cached.values() for t in (mean, std)} == {"cpu"}
+    eps = torch.randn((2, 4, 8, 12), generator=torch.Generator().manual_seed(0))
+    latents = source.latents([(2, True), (0, False)], eps, [0, 1], (96, 64))
+    assert sent == [((2, 2, 4, 8, 12), "cuda")]  # mean and std of both rows, in one copy
+    mean, std, _ = source.cached[(2, (96, 64), True)]
+    assert torch.equal(latents[0], (mean + std * eps[0]) * vae.config.scaling_factor)
+
+
 @pytest.mark.slow
 def test_two_processes_with_buckets_equal_one_process(tmp_path):
     import os

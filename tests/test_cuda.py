@@ -111,13 +111,31 @@ def test_skipping_lora_input_casts_changes_nothing(precision):
 
 
 def test_to_device_copies_without_waiting_and_exactly():
-    from trainer.training.precision import to_device
+    from trainer.inference.gpu_memory import to_device
 
     cpu = torch.randn((2, 4, 64, 64), generator=torch.Generator().manual_seed(0))
     on_gpu = to_device(cpu[[1, 0]], torch.device("cuda"))
     assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), cpu[[1, 0]])
     assert to_device(on_gpu, "cuda") is on_gpu
     assert to_device(cpu, "cpu") is cpu
+
+
+def test_latent_cache_is_kept_in_host_memory_and_steps_get_cuda_rows():
+    from trainer.base_models.builtin import build_tiny
+    from trainer.data.caches import LatentSource
+    from trainer.data.sample_set import fabric_image
+
+    vae = build_tiny().vae.to("cuda")
+    images = [fabric_image(i, 64) for i in range(2)]
+    held_before = torch.cuda.memory_allocated()
+    source = LatentSource(vae, images, 64, True, True, True, torch.device("cuda"), 1)
+    assert {t.device.type for mean, std, _ in source.cached.values() for t in (mean, std)} == {"cpu"}
+    assert torch.cuda.memory_allocated() == held_before  # nothing of the cache is left on the GPU
+    eps = torch.randn((2, 4, 8, 8), device="cuda")
+    latents = source.latents([(1, True), (0, False)], eps, [0, 1])
+    mean, std, _ = source.cached[(1, (64, 64), True)]
+    expected = (mean.cuda() + std.cuda() * eps[0]) * vae.config.scaling_factor
+    assert latents.is_cuda and torch.allclose(latents[0], expected)
 
 
 def test_resume_equals_uninterrupted_run(sd15_checkpoint, data, tmp_path):

@@ -32,6 +32,7 @@ from ..errors import OUT_OF_MEMORY_HINT, DreamLoomError, StopRequested
 from ..events import Events
 from ..files.atomic import atomic_save, atomic_write_text
 from ..files.job_file import read_job_file
+from ..inference.gpu_memory import to_device
 from ..inference.pipelines import generate, make_pipeline
 from ..pictures.grid import labelled_grid
 from .checkpoint import (
@@ -57,7 +58,6 @@ from .precision import (
     place_trainable_module,
     resolve_gradient_checkpointing,
     resolve_mixed_precision,
-    to_device,
     weight_dtype,
 )
 from .timing import PhaseTimer, untimed

@@ -115,17 +115,6 @@ class CudnnBenchmark:
         torch.backends.cudnn.benchmark = self.previous
 
 
-def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """`tensor` on `device`. A CPU tensor bound for a CUDA device is copied from pinned memory without waiting:
-    a plain .to() from pageable memory makes the host wait for all queued GPU work, which on a step that is
-    bound by kernel launches keeps the next step's Python from running while the GPU finishes this one.
-    Elsewhere the same as tensor.to(device)."""
-    device = torch.device(device)
-    if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
 def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int, project_dir) -> Accelerator:
     # accelerate keeps a process-wide singleton; a second run in the same process (tests, API callers) may
     # use another precision. The distributed part (PartialState) is kept.
