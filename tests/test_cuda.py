@@ -9,6 +9,7 @@ the same offline path a user's checkpoint takes. Budgets are peak allocated CUDA
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,6 +137,29 @@ def test_latent_cache_is_kept_in_host_memory_and_steps_get_cuda_rows():
     mean, std, _ = source.cached[(1, (64, 64), True)]
     expected = (mean.cuda() + std.cuda() * eps[0]) * vae.config.scaling_factor
     assert latents.is_cuda and torch.allclose(latents[0], expected)
+
+
+@pytest.mark.parametrize("home", ["cuda", "cpu"])  # class images and `generate` / a training run's sample grid
+def test_frozen_text_encoders_wait_on_the_cpu_while_the_unet_runs(home):
+    from trainer.base_models.builtin import build_tiny_sdxl
+    from trainer.inference.pipelines import generate, make_pipeline
+
+    comps = build_tiny_sdxl()
+    pipe = make_pipeline(comps, "ddim")
+    pipe.to("cuda")
+    for encoder in comps.text_encoders().values():
+        encoder.to(home)
+    encoder_devices = []
+    comps.unet.register_forward_pre_hook(
+        lambda module, args: encoder_devices.append({e.device.type for e in comps.text_encoders().values()})
+    )
+    on_gpu = generate(pipe, ["a fabric pattern", "a red fabric"], [1, 2], 2, 4.0, 64, negative_prompt="blurry")
+    assert encoder_devices and all(devices == {"cpu"} for devices in encoder_devices)
+    assert {e.device.type for e in comps.text_encoders().values()} == {home}  # given back where they were
+    pipe.to("cpu")
+    on_cpu = generate(pipe, ["a fabric pattern", "a red fabric"], [1, 2], 2, 4.0, 64, negative_prompt="blurry")
+    for a, b in zip(on_gpu, on_cpu):  # the same pictures as on the CPU, up to kernel rounding
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean() < 2
 
 
 def test_resume_equals_uninterrupted_run(sd15_checkpoint, data, tmp_path):

@@ -195,27 +195,34 @@ def _generate_missing(comps, spec, missing, folder, batch_size, device, dtype, e
     }
     pipe = make_pipeline(comps, spec.sampler)
     pipe.to(device, dtype) if dtype is not None else pipe.to(device)
+
+    def write(start: int, images: list) -> None:
+        nonlocal done
+        idx = missing[start : start + len(images)]
+        for i, image in zip(idx, images):
+            atomic_save(folder / f"class_{i:05d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
+        done += len(idx)
+        if events:  # `latest`: the node shows the newest image while the set is made
+            latest = str(folder / f"class_{idx[-1]:05d}.png")
+            events.emit("progress", phase="class images", step=done, total=count, latest=latest)
+        if done < count and should_stop and should_stop():
+            raise InterruptedError(f"stopped after {done} of {count} class images")
+
     try:
-        for start in range(0, len(missing), batch_size):
-            if should_stop and should_stop():
-                raise InterruptedError(f"stopped after {done} of {count} class images")
-            idx = missing[start : start + batch_size]
-            images = generate(
-                pipe,
-                [spec.prompt] * len(idx),
-                [spec.image_seed(i) for i in idx],
-                spec.steps,
-                spec.guidance,
-                spec.resolution,
-                negative_prompt=spec.negative_prompt,
-                batch_size=batch_size,
-            )
-            for i, image in zip(idx, images):
-                atomic_save(folder / f"class_{i:05d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
-            done += len(idx)
-            if events:  # `latest`: the node shows the newest image while the set is made
-                latest = str(folder / f"class_{idx[-1]:05d}.png")
-                events.emit("progress", phase="class images", step=done, total=count, latest=latest)
+        if should_stop and should_stop():
+            raise InterruptedError(f"stopped after {done} of {count} class images")
+        # one call for the whole set: the prompt is encoded once, and the text encoders leave the GPU once
+        generate(
+            pipe,
+            [spec.prompt] * len(missing),
+            [spec.image_seed(i) for i in missing],
+            spec.steps,
+            spec.guidance,
+            spec.resolution,
+            negative_prompt=spec.negative_prompt,
+            batch_size=batch_size,
+            on_batch=write,
+        )
     finally:
         del pipe
         for name, module in comps.modules().items():

@@ -76,21 +76,24 @@ def render_morph(pipe, spec: MorphSpec, batch_size: int = 8, on_progress=None, n
     noise = morph_noise(pipe, spec) if noise is None else noise
     frames = []
     n = noise.shape[0]
-    for start in range(0, n, batch_size):
-        chunk = noise[start : start + batch_size]
-        frames += generate(
-            pipe,
-            [spec.prompt] * len(chunk),
-            [0] * len(chunk),
-            spec.steps,
-            spec.guidance,
-            spec.resolution,
-            negative_prompt=spec.negative_prompt,
-            batch_size=len(chunk),
-            latents=chunk,
-        )
+
+    def collect(_start: int, images: list) -> None:
+        frames.extend(images)
         if on_progress:
             on_progress(len(frames), n)
+
+    generate(
+        pipe,
+        [spec.prompt] * n,
+        [0] * n,
+        spec.steps,
+        spec.guidance,
+        spec.resolution,
+        negative_prompt=spec.negative_prompt,
+        batch_size=batch_size,
+        latents=noise,
+        on_batch=collect,
+    )
     return frames
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import diffusers
 import torch
@@ -43,11 +43,17 @@ def generate(
     negative_prompt: str = "",
     batch_size: int = 4,
     latents=None,
+    on_batch: Callable[[int, list], None] | None = None,
 ):
     """One image per (prompt, seed) pair, generated in batches; each image depends only on its seed.
 
     Initial noise is drawn on the CPU from `torch.Generator().manual_seed(seed)` so the same seed gives
-    the same image on any device.
+    the same image on any device. With `on_batch`, each batch's images go to `on_batch(start, images)` as soon as
+    they are made (a class-image set is written as it goes, without holding it all) instead of into the returned
+    list; an exception it raises stops the generation, with the modules given back as they were.
+
+    Every batch's prompts are encoded first; on a GPU the frozen text encoders then wait on the CPU while the UNet
+    and the VAE run (see _prompts_encoded_first).
     """
     if len(prompts) != len(seeds):
         raise ValueError("prompts and seeds must have the same length")
@@ -55,12 +61,16 @@ def generate(
     dtype = pipe.unet.dtype
     channels = pipe.unet.config.in_channels
     scale = pipe.vae_scale_factor
+    starts = range(0, len(prompts), batch_size)
+    batch_prompts = [list(prompts[start : start + batch_size]) for start in starts]
     images = []
     # Decode one image at a time: a batch of 512 px decodes needs several GB of activations at once. On a GPU, larger
     # images decode whole where the free memory allows, else in 512 px tiles (see _decoding).
-    with _decoding(pipe.vae, resolution, device):
-        for start in range(0, len(prompts), batch_size):
-            p = list(prompts[start : start + batch_size])
+    with (
+        _prompts_encoded_first(pipe, batch_prompts, negative_prompt, guidance, device) as encoded,
+        _decoding(pipe.vae, resolution, device),
+    ):
+        for start, prompt_kwargs in zip(starts, encoded):
             s = list(seeds[start : start + batch_size])
             if latents is not None:
                 init = latents[start : start + batch_size].to(device, dtype)
@@ -77,8 +87,7 @@ def generate(
             generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in s]
             with torch.no_grad():
                 out = pipe(
-                    prompt=p,
-                    negative_prompt=[negative_prompt] * len(p) if negative_prompt else None,
+                    **prompt_kwargs,
                     num_inference_steps=steps,
                     guidance_scale=guidance,
                     height=resolution,
@@ -87,8 +96,65 @@ def generate(
                     generator=generators,
                     output_type="pil",
                 )
-            images.extend(out.images)
+            if on_batch is None:
+                images.extend(out.images)
+            else:
+                on_batch(start, out.images)
     return images
+
+
+# The keyword arguments of a pipeline call that carry its prompts, in the order encode_prompt returns them (SD1.5
+# returns the first two; SDXL all four).
+PROMPT_EMBEDDING_ARGUMENTS = (
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+)
+
+
+@contextlib.contextmanager
+def _prompts_encoded_first(pipe, batch_prompts: list[list[str]], negative_prompt: str, guidance: float, device):
+    """Per batch, the pipeline call's prompt arguments, encoded up front by the pipeline's own `encode_prompt`
+    (the numbers its call would compute; a batch of the same prompts as one before is encoded once).
+
+    On a GPU the frozen text encoders are on it only while they encode, and wait on the CPU while the UNet and the
+    VAE run: SDXL's two are 1.5 GiB in fp16, which an 8 GB card needs for the sample grid and the class images
+    beside the UNet. They are given back where they were when the generation ends, however it ends. Text encoders
+    that train (textual inversion, text-encoder LoRA) stay where they are."""
+    encoders = text_encoders_to_move(pipe, device)
+    homes = [next(e.parameters()).device for e in encoders]
+    cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # as the pipeline's call decides
+    try:
+        for encoder in encoders:
+            encoder.to(device)
+        encoded: dict[tuple, dict] = {}
+        with torch.no_grad():
+            for prompts in batch_prompts:
+                if tuple(prompts) not in encoded:
+                    out = pipe.encode_prompt(
+                        prompt=prompts,
+                        device=device,
+                        num_images_per_prompt=1,
+                        do_classifier_free_guidance=cfg,
+                        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+                    )
+                    encoded[tuple(prompts)] = dict(zip(PROMPT_EMBEDDING_ARGUMENTS, out))
+        for encoder in encoders:
+            encoder.to("cpu")
+        yield [encoded[tuple(prompts)] for prompts in batch_prompts]
+    finally:
+        for encoder, home in zip(encoders, homes):
+            encoder.to(home)
+
+
+def text_encoders_to_move(pipe, device) -> list:
+    """The text encoders that visit `device` only to encode: all of the pipeline's on a CUDA device, when none of
+    them trains; none elsewhere (a CPU run has nowhere cheaper to keep them)."""
+    encoders = [e for e in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")) if e is not None]
+    if torch.device(device).type != "cuda" or any(p.requires_grad for e in encoders for p in e.parameters()):
+        return []
+    return encoders
 
 
 TILE_PIXELS = 512  # on a GPU short of memory the VAE decodes larger images in tiles of this size

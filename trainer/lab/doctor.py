@@ -359,7 +359,8 @@ def doctor(
     out += _table(args, (precision, ckpt), device)
     chosen = predict_memory(precision=precision, checkpointing=ckpt, **args)
     out += _wrap(
-        "phases: training = the training steps; samples = the sample grid (VAE and text encoders back on the GPU)"
+        "phases: training = the training steps; samples = the sample grid (the VAE back on the GPU; a frozen text "
+        "encoder only while it encodes)"
         f"{'; class img = making prior images' if prior else ''}.",
         "  ",
     )

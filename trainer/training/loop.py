@@ -424,10 +424,14 @@ class Trainer:
         self._put_away()
 
     def _bring_back(self) -> None:
+        """What a sample grid needs back: the VAE, and on a CPU the text encoders. On a GPU a frozen text encoder
+        stays on the CPU: generate() takes it to the GPU only to encode the prompts."""
         if self.parked is not None:
             self.parked.restore()
+        on_gpu = self.acc.device.type == "cuda"
         for name in self.offloaded:
-            getattr(self.comps, name).to(self.acc.device)
+            if name == "vae" or not on_gpu:
+                getattr(self.comps, name).to(self.acc.device)
 
     def _put_away(self) -> None:
         if self.parked is not None:

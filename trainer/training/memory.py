@@ -14,8 +14,13 @@ It is approximate: expect +-25% away from those settings (other GPUs, torch vers
 differ). A run goes through phases and its peak is the largest of them:
 
     training      = UNet weights + trainable state + rows x A x p          (+ text encoder, when it is on the GPU)
-    samples       = UNet + text encoder + VAE weights + trainable state + S x p
-    class images  = UNet + text encoder + VAE weights + C x p               (LoRA with prior preservation)
+    samples       = UNet + VAE weights + trainable state + max(text encoder, S x p)
+    class images  = UNet + VAE weights + max(text encoder, C x p)           (LoRA with prior preservation)
+
+The max: a frozen text encoder is on the GPU only while it encodes the prompts, and waits on the CPU while the UNet
+and the VAE run (inference/pipelines.py). A text encoder that trains stays, so it adds to S x p. The runs below
+were measured before that change, with every text encoder on the GPU throughout (text encoder + S x p); the
+constants are fitted to them that way (`text_encoders_leave=False`), and what the change saves is predicted.
 
 where p = (resolution / 512)^2 (activations grow with the pixel count), rows = batch size x 2 with prior
 preservation (LoRA's default) and x 1 without (TI), weights are counted as parameters x bytes: frozen weights in
@@ -143,11 +148,13 @@ def predict_memory(
     family: str = "SD1.5",
     use_8bit_adam: bool = False,
     use_ema: bool = False,
+    text_encoders_leave: bool = True,
 ) -> Prediction:
     """The predicted peak of a run of an SD1.5 or SDXL model on a CUDA GPU (GiB), phase by phase; see the module
     docstring. `precision` is fp16, bf16 or no (fp32); `prior` defaults to the method's default (LoRA on, TI off);
     `resolution` to the family's native size. `use_8bit_adam` and `use_ema` change the full fine-tune only (a
-    LoRA's optimizer state is a few MB)."""
+    LoRA's optimizer state is a few MB). `text_encoders_leave=False` predicts the code the constants were measured
+    on, whose frozen text encoders stayed on the GPU while the UNet sampled."""
     size = FAMILY_SIZES[family]
     if prior is None:
         prior = method in ("lora", "full")
@@ -162,7 +169,9 @@ def predict_memory(
     vae_class = size.vae * weight_bytes / GIB  # class images run every module in the training dtype
     text_trains = method == "ti" or train_text_encoder
     if method == "full":
-        return _predict_full(size, precision, p, rows, checkpointing, text_trains, use_8bit_adam, use_ema, prior)
+        return _predict_full(
+            size, precision, p, rows, checkpointing, text_trains, use_8bit_adam, use_ema, prior, text_encoders_leave
+        )
     if method == "ti":
         trainable = size.ti_row
     else:
@@ -171,12 +180,21 @@ def predict_memory(
     training = unet + state + rows * size.row_gib[checkpointing] * p * act
     if text_trains:  # not cached, so they stay on the GPU and keep activations for their backward pass
         training += text + rows * size.text_row_gib * act
-    samples = unet + text + vae_train + state + size.samples_gib * p * act
-    class_images = unet + text + vae_class + size.class_images_gib * p * act if prior else None
+    sampling, making_class_images = size.samples_gib * p * act, size.class_images_gib * p * act
+    samples = unet + vae_train + state + _beside(text, sampling, text_encoders_leave and not text_trains)
+    class_images = unet + vae_class + _beside(text, making_class_images, text_encoders_leave) if prior else None
     return Prediction(training, samples, class_images)
 
 
-def _predict_full(size, precision, p, rows, checkpointing, text_trains, use_8bit_adam, use_ema, prior) -> Prediction:
+def _beside(text: float, activations: float, text_leaves: bool) -> float:
+    """What the text encoders and a pipeline's activations hold at their peak: the larger of the two when the
+    text encoders wait on the CPU while the UNet runs, else both."""
+    return max(text, activations) if text_leaves else text + activations
+
+
+def _predict_full(
+    size, precision, p, rows, checkpointing, text_trains, use_8bit_adam, use_ema, prior, text_encoders_leave
+) -> Prediction:
     """predict_memory for the full fine-tune: every trained weight in fp32 with its gradient, optimizer state,
     EMA and autocast copy (see the module docstring)."""
     weight_bytes = 4 if precision == "no" else 2
@@ -189,12 +207,13 @@ def _predict_full(size, precision, p, rows, checkpointing, text_trains, use_8bit
     training = trained * (kept + 4 + copy) / GIB + rows * size.row_gib[checkpointing] * p * act
     if text_trains:
         training += rows * size.text_row_gib * act
-    samples = trained * (kept + copy) / GIB + frozen_text + vae + size.samples_gib * p * act
+    sampling = size.samples_gib * p * act
+    samples = trained * (kept + copy) / GIB + vae + _beside(frozen_text, sampling, text_encoders_leave)
     class_images = None
     if prior:  # made before training starts, with every module in the training dtype
-        class_images = (
-            size.unet + size.text_encoders + size.vae
-        ) * weight_bytes / GIB + size.class_images_gib * p * act
+        text = size.text_encoders * weight_bytes / GIB
+        activations = size.class_images_gib * p * act
+        class_images = (size.unet + size.vae) * weight_bytes / GIB + _beside(text, activations, text_encoders_leave)
     return Prediction(training, samples, class_images)
 
 
