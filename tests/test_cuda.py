@@ -162,6 +162,22 @@ def test_frozen_text_encoders_wait_on_the_cpu_while_the_unet_runs(home):
         assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean() < 2
 
 
+def test_generate_takes_at_most_2_images_a_call_at_1024_px():
+    from trainer.base_models.builtin import build_tiny
+    from trainer.inference.pipelines import generate, make_pipeline
+
+    comps = build_tiny()
+    pipe = make_pipeline(comps, "ddim")
+    pipe.to("cuda")
+    rows = []
+    comps.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    batches = []
+    generate(
+        pipe, ["a fabric"] * 3, [1, 2, 3], 1, 4.0, 1024, batch_size=4, on_batch=lambda s, ims: batches.append(len(ims))
+    )
+    assert batches == [2, 1] and rows == [4, 2]  # with the unconditional rows
+
+
 def test_resume_equals_uninterrupted_run(sd15_checkpoint, data, tmp_path):
     """Bit-identical only where every kernel is deterministic: the flash and memory-efficient attention backward
     passes are not (warn_only lets them run), so attention runs in the math kernel here."""

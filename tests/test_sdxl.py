@@ -471,12 +471,13 @@ def test_every_trained_text_encoder_parameter_gets_a_gradient(fabric_dir, method
     assert any(f"layers.{last}." in k for k, p in comps.text_encoder_2.named_parameters() if p.requires_grad)
 
 
-def test_class_images_are_made_at_most_2_at_a_time_at_1024_px_on_a_gpu():
-    from trainer.data.class_images import class_batch_for
+def test_pipelines_take_at_most_2_images_at_a_time_at_1024_px_on_a_gpu():
+    from trainer.inference.pipelines import gpu_batch_for
 
-    assert class_batch_for(4, 512, "cuda") == 4  # SD1.5's measured 2.67 GiB setting is unchanged
-    assert class_batch_for(4, 1024, "cuda") == 2 and class_batch_for(4, 2048, "cuda") == 1
-    assert class_batch_for(8, 1024, "cpu") == 8  # RAM, not a 12 GB card, is the limit there
+    assert gpu_batch_for(4, 512, "cuda") == 4  # SD1.5's measured 2.67 GiB setting is unchanged
+    assert gpu_batch_for(8, 512, "cuda") == 8  # morph's 8 frames a call at 512 px
+    assert gpu_batch_for(4, 1024, "cuda") == 2 and gpu_batch_for(4, 2048, "cuda") == 1
+    assert gpu_batch_for(8, 1024, "cpu") == 8  # RAM, not a 12 GB card, is the limit there
 
 
 def test_every_way_of_making_class_images_gets_the_gpu_cap(monkeypatch, tmp_path):

@@ -253,6 +253,16 @@ def embedding_fit(path: str, comps):
         ) from None
 
 
+def note_gpu_batch(requested: int, resolution: int, pipe, what: str) -> None:
+    """Say so when a GPU's per-call cap (inference/pipelines.py:gpu_batch_for) makes fewer at a time than asked."""
+    from ..inference.pipelines import gpu_batch_for
+
+    batch = gpu_batch_for(requested, resolution, pipe.unet.device.type)
+    if batch < requested:
+        note = f"note: {batch} {what} per pipeline call at {resolution} px on a GPU (--batch-size {requested})"
+        print(note, file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     check_sampling_args(args)
     check_adapter_args(args)
@@ -273,6 +283,7 @@ def cmd_generate(args) -> int:
     comps, pipe = pipeline_with_adapters(args)
     seeds = [args.seed] * len(prompts)
     resolution = args.resolution or comps.native_resolution
+    note_gpu_batch(args.batch_size, resolution, pipe, "images")
     images = generate(
         pipe,
         prompts,
@@ -330,6 +341,7 @@ def cmd_morph(args) -> int:
 
     comps, pipe = pipeline_with_adapters(args)
     spec.resolution = args.resolution or comps.native_resolution
+    note_gpu_batch(args.batch_size, spec.resolution, pipe, "frames")
     bar = TqdmListener("morph")
     frames = render_morph(
         pipe,

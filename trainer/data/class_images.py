@@ -12,7 +12,7 @@ import torch
 
 from ..errors import DreamLoomError
 from ..files.atomic import atomic_save, atomic_write_text
-from ..inference.pipelines import generate, make_pipeline
+from ..inference.pipelines import generate, gpu_batch_for, make_pipeline
 from .images import list_image_files, load_image_folder
 
 MANIFEST = "manifest.json"
@@ -85,7 +85,7 @@ def generate_class_images(
 
     Each image is written atomically as soon as its batch is done, so an interrupted run keeps what it
     made and the next call generates only the rest. A folder made for another spec is refused. On a GPU the batch
-    is capped (class_batch_for) for every caller: training, the Generate Class Images node and `class-images`.
+    is capped (gpu_batch_for) for every caller: training, the Generate Class Images node and `class-images`.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ def generate_class_images(
     if events:
         events.emit("progress", phase="class images", step=done, total=count)
     device = torch.device(device or "cpu")
-    batch = class_batch_for(batch_size, spec.resolution, device.type)
+    batch = gpu_batch_for(batch_size, spec.resolution, device.type)
     if missing and batch < batch_size and events:
         note = f"class images are made {batch} at a time at {spec.resolution} px (batch size {batch_size}) "
         events.log(note + "to stay within a 12 GB card")
@@ -128,18 +128,6 @@ def generate_class_images(
             count,
         )
     return [folder / f"class_{i:05d}.png" for i in range(count)]
-
-
-# On a GPU, at most this many pixels go through the pipeline at once: 4 images at 512 px, 2 at SDXL's 1024 px
-# (measured within 8.6 GiB for a whole SDXL run on an H100; tests/test_cuda_sdxl.py).
-CLASS_BATCH_PIXELS = 2 * 1024 * 1024
-
-
-def class_batch_for(requested: int, resolution: int, device_type: str) -> int:
-    """The class-image batch size: as requested on a CPU; on a GPU capped at CLASS_BATCH_PIXELS per batch."""
-    if device_type != "cuda":
-        return requested
-    return max(1, min(requested, CLASS_BATCH_PIXELS // (resolution * resolution)))
 
 
 def prepare_class_images(
