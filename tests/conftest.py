@@ -171,8 +171,12 @@ def pack_node(name):
 
 
 def pack_module(name):
-    """A module of the pack loaded as ComfyUI loads it, e.g. "nodes.runner"."""
-    return sys.modules[f"dreamloom_pack.{name}"]
+    """A module of the pack loaded as ComfyUI loads it, e.g. "nodes.runner"; imported now if no node has yet (a
+    lazily imported module is loaded only by the test that first needs it, whatever the order tests run in)."""
+    import importlib
+
+    load_pack()
+    return importlib.import_module(f"dreamloom_pack.{name}")
 
 
 def pack_error():
