@@ -73,3 +73,9 @@ def test_sdxl_whole_run_with_class_images_and_samples_fits_a_12gb_card(sdxl_chec
     print(f"\nSDXL 1024 px {precision} whole run, 2 class images and 2 sample grids: peak {peak:.2f} GiB")
     assert result.outputs["samples"]
     assert peak < TWELVE_GB_CARD_BUDGET_GIB
+    # The text encoders wait on the CPU while the UNet samples: measured 8.45 (bf16) and 8.61 GiB (fp16) while they
+    # stayed on the GPU; predicted 7.00 and 7.16 since. Within 15% of that, which a 10 GB card holds.
+    from trainer.training.memory import predict_memory
+
+    predicted = predict_memory(family="SDXL", precision=precision, checkpointing=True).peak
+    assert peak < 1.15 * predicted, (peak, predicted)
