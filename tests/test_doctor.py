@@ -333,3 +333,21 @@ def test_sdxl_checkpoint_is_described_and_sized_as_sdxl(cpu_only, tmp_path):
     report = doctor(base_model=str(path))
     assert "SDXL, single file" in report and "1024 px" in report and "of an SDXL run" in report
     assert "1024 px" in doctor(base_model="sdxl") and "the SDXL architecture" in doctor(base_model="sdxl")
+
+
+def test_phases_that_may_not_fit_are_warned_before_the_run_with_what_avoids_them():
+    """SDXL at 1024 px on an 8 GB card (about 7.5 GiB free): the steps fit with checkpointing, but the sample grids
+    and the class images are predicted not to; the run says so before it starts, not with an error mid-run."""
+    from trainer.training.memory import phase_warnings
+
+    run = dict(method="lora", resolution=1024, batch_size=1, precision="bf16", prior=True, family="SDXL")
+    notes = phase_warnings(7.5, run, checkpointing=True, sample_grids=True)
+    assert len(notes) == 2
+    assert notes[0].startswith("the sample grids need about 7.8 GiB and the GPU has 7.5 GiB free")
+    assert "sample_every 0" in notes[0]
+    assert notes[1].startswith("making class images needs about 7.7 GiB") and "class_batch_size 1" in notes[1]
+    assert len(phase_warnings(7.5, run, checkpointing=True, sample_grids=False)) == 1  # no grids: one less
+    steps = phase_warnings(7.5, run, checkpointing=False, sample_grids=False)[0]
+    assert steps.startswith("the training steps need about 11.4 GiB") and "gradient_checkpointing on" in steps
+    assert phase_warnings(9.3, run, checkpointing=True, sample_grids=True) == []  # a 10 GB card
+    assert phase_warnings(2.0, None, checkpointing=False, sample_grids=True) == []  # a built-in model

@@ -32,7 +32,7 @@ from ..errors import OUT_OF_MEMORY_HINT, DreamLoomError, StopRequested
 from ..events import Events
 from ..files.atomic import atomic_save, atomic_write_text
 from ..files.job_file import read_job_file
-from ..inference.gpu_memory import to_device
+from ..inference.gpu_memory import free_cuda_bytes, to_device
 from ..inference.pipelines import generate, make_pipeline
 from ..pictures.grid import labelled_grid
 from .checkpoint import (
@@ -46,6 +46,7 @@ from .checkpoint import (
 from .half_convs import free_buffers, resolve_half_frozen_convs
 from .loss import diffusion_loss
 from .loss_log import LossLog
+from .memory import GIB, phase_warnings
 from .methods import make_method
 from .parking import ParkedModules
 from .precision import (
@@ -180,6 +181,11 @@ class Trainer:
         )
         self.gradient_checkpointing = checkpointing
         self.settings["gradient_checkpointing"] = f"{'on' if checkpointing else 'off'} ({checkpointing_why})"
+        if self.acc.device.type == "cuda" and self.acc.is_main_process:
+            free_gib = free_cuda_bytes(self.acc.device) / GIB
+            run = self._memory_run(precision)
+            for note in phase_warnings(free_gib, run, checkpointing, cfg.sample_every > 0):
+                events.log(f"GPU memory: {note}", "warning")
         prediction = self.comps.scheduler_config.get("prediction_type", "epsilon")
         self.settings["prediction_type"] = f"{prediction} ({'set' if cfg.prediction_type != 'auto' else 'auto'})"
         self.half_frozen_convs, half_why = resolve_half_frozen_convs(
