@@ -345,7 +345,7 @@ def test_phases_that_may_not_fit_are_warned_before_the_run_with_what_avoids_them
     assert len(notes) == 2
     assert notes[0].startswith("the sample grids need about 7.8 GiB and the GPU has 7.5 GiB free")
     assert "sample_every 0" in notes[0]
-    assert notes[1].startswith("making class images needs about 7.7 GiB") and "class_batch_size 1" in notes[1]
+    assert notes[1].startswith("making class images needs about 7.7 GiB") and "class_dir" in notes[1]
     assert len(phase_warnings(7.5, run, checkpointing=True, sample_grids=False)) == 1  # no grids: one less
     steps = phase_warnings(7.5, run, checkpointing=False, sample_grids=False)[0]
     assert steps.startswith("the training steps need about 11.4 GiB") and "gradient_checkpointing on" in steps

@@ -256,6 +256,7 @@ def phase_warnings(free_gib: float, run: dict | None, checkpointing: bool, sampl
     if pred.class_images is not None and pred.class_images + CONTEXT_GIB > free_gib:
         notes.append(
             f"making class images needs about {pred.class_images + CONTEXT_GIB:.1f} GiB and the GPU has {fits}: "
-            "where they are not made yet, set class_batch_size 1, or give a folder of class images as class_dir"
+            "where they are not made yet, give a folder of class images as class_dir (photos of the class, or "
+            "pictures of the class prompt that ComfyUI's own sampler made with this model)"
         )
     return notes
