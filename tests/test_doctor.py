@@ -341,13 +341,14 @@ def test_phases_that_may_not_fit_are_warned_before_the_run_with_what_avoids_them
     from trainer.training.memory import phase_warnings
 
     run = dict(method="lora", resolution=1024, batch_size=1, precision="bf16", prior=True, family="SDXL")
-    notes = phase_warnings(7.5, run, checkpointing=True, sample_grids=True)
+    notes = phase_warnings(7.5, run, checkpointing=True, sample_grids=True, class_images=True)
     assert len(notes) == 2
-    assert notes[0].startswith("the sample grids need about 7.8 GiB and the GPU has 7.5 GiB free")
-    assert "sample_every 0" in notes[0]
+    assert notes[0].startswith("the sample grids need about 7.8 GiB (predicted, +-25%, the CUDA context included)")
+    assert "the GPU has 7.5 GiB free: set sample_every 0" in notes[0]
     assert notes[1].startswith("making class images needs about 7.7 GiB") and "class_dir" in notes[1]
-    assert len(phase_warnings(7.5, run, checkpointing=True, sample_grids=False)) == 1  # no grids: one less
-    steps = phase_warnings(7.5, run, checkpointing=False, sample_grids=False)[0]
+    assert len(phase_warnings(7.5, run, True, sample_grids=False, class_images=True)) == 1  # no grids: one less
+    assert len(phase_warnings(7.5, run, True, sample_grids=True, class_images=False)) == 1  # class_dir given
+    steps = phase_warnings(7.5, run, checkpointing=False, sample_grids=False, class_images=False)[0]
     assert steps.startswith("the training steps need about 11.4 GiB") and "gradient_checkpointing on" in steps
-    assert phase_warnings(9.3, run, checkpointing=True, sample_grids=True) == []  # a 10 GB card
-    assert phase_warnings(2.0, None, checkpointing=False, sample_grids=True) == []  # a built-in model
+    assert phase_warnings(9.3, run, checkpointing=True, sample_grids=True, class_images=True) == []  # a 10 GB card
+    assert phase_warnings(2.0, None, False, sample_grids=True, class_images=True) == []  # a built-in model

@@ -135,3 +135,28 @@ def test_on_a_gpu_only_frozen_text_encoders_wait_on_the_cpu():
     assert text_encoders_to_move(pipe, "cpu") == []  # nowhere cheaper to keep them
     comps.text_encoder_2.get_input_embeddings().weight.requires_grad_(True)  # textual inversion trains it
     assert text_encoders_to_move(pipe, "cuda") == []
+
+
+@pytest.mark.parametrize("pipeline_device", ["gpu", "cpu"])
+def test_text_encoders_stay_on_the_gpu_where_the_pipeline_would_follow_them_to_the_cpu(monkeypatch, pipeline_device):
+    """diffusers before 0.40 takes a pipeline's device from its first module by name, a text encoder: with the
+    encoders parked on the CPU it would make the UNet's inputs there. A CPU stands in for the GPU here: the
+    encoders' moves are recorded, and the pipeline's device is what that diffusers would report."""
+    from trainer.inference import pipelines
+
+    comps = build_tiny()
+    pipe = make_pipeline(comps, "ddim")
+    gpu = torch.device("cpu")  # the device generate() runs on
+    moves = []
+    record = lambda where: moves.append("gpu" if where is gpu else str(where)) or comps.text_encoder  # noqa: E731
+    monkeypatch.setattr(comps.text_encoder, "to", record)
+    monkeypatch.setattr(pipelines, "text_encoders_to_move", lambda pipe, device: [comps.text_encoder])
+    reported = gpu if pipeline_device == "gpu" else torch.device("meta")  # meta: "not where the UNet is"
+    monkeypatch.setattr(type(pipe), "_execution_device", property(lambda self: reported))
+    with pipelines._prompts_encoded_first(pipe, [["a fabric"]], "", 4.0, gpu) as encoded:
+        during = list(moves)
+    assert encoded[0]["prompt_embeds"].shape[0] == 1
+    if pipeline_device == "gpu":  # 0.40 and later: to encode, then waiting on the CPU; home (the CPU) at the end
+        assert during == ["gpu", "cpu"] and moves == ["gpu", "cpu", "cpu"]
+    else:  # before 0.40: back to the GPU before the UNet runs
+        assert during == ["gpu", "cpu", "gpu"] and moves == ["gpu", "cpu", "gpu", "cpu"]

@@ -415,3 +415,28 @@ def test_a_bitsandbytes_that_fails_to_start_is_a_clear_error(monkeypatch):
     with pytest.raises(DreamLoomError, match="bitsandbytes does not work here .RuntimeError: CUDA Setup failed") as err:
         make_optimizer(TrainConfig(use_8bit_adam=True), [{"params": params}])
     assert "turn use_8bit_adam off" in err.value.hint
+
+
+@pytest.mark.parametrize("class_dir", [None, "given"])
+def test_a_gpu_run_warns_before_it_starts_of_phases_predicted_not_to_fit(monkeypatch, tmp_path, class_dir):
+    """SDXL at 1024 px on an 8 GB card (7.5 GiB free): the set-up's log warns of the sample grids and, unless a class
+    folder is given, of making the class images. A CPU stands in for the GPU's side: the device and its free memory
+    are what an 8 GB card reports."""
+    from types import SimpleNamespace
+
+    from trainer.events import Events
+    from trainer.training import loop
+
+    cfg = tiny_config(tmp_path, resolution=1024, mixed_precision="bf16", sample_every=100)
+    trainer = Trainer(cfg, tmp_path / "run", class_dir=tmp_path / class_dir if class_dir else None)
+    trainer.acc = SimpleNamespace(device=torch.device("cuda"), is_main_process=True)
+    trainer.comps = SimpleNamespace(kind="file", family=SimpleNamespace(name="SDXL"))
+    (tmp_path / "run").mkdir(exist_ok=True)
+    trainer.events = Events(tmp_path / "run")
+    monkeypatch.setattr(loop, "free_cuda_bytes", lambda device: int(7.5 * 2**30))
+    trainer._warn_phases_that_may_not_fit("bf16", checkpointing=True)
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    warnings = [e["message"] for e in events if e.get("level") == "warning"]
+    assert any(w.startswith("GPU memory: the sample grids need about 7.8 GiB") for w in warnings), warnings
+    assert any("making class images" in w for w in warnings) == (class_dir is None)
+    assert not any("training steps" in w for w in warnings)  # with checkpointing the steps fit

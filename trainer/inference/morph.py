@@ -100,6 +100,8 @@ def render_morph(pipe, spec: MorphSpec, batch_size: int = 8, on_progress=None, n
 def bench_morph(pipe, spec: MorphSpec, n_frames: int, batch_size: int, repeats: int = 3) -> dict:
     """Frames per second of batched rendering against one pipeline call per frame (the tutorial's way),
     alternating the two in one process on the same frames."""
+    from .pipelines import gpu_batch_for
+
     noise = morph_noise(pipe, spec)[:n_frames]
     render_morph(pipe, spec, batch_size, noise=noise[:batch_size])  # warm-up
     times = {"batched": [], "per_frame": []}
@@ -111,7 +113,7 @@ def bench_morph(pipe, spec: MorphSpec, n_frames: int, batch_size: int, repeats: 
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     return {
         "frames": n_frames,
-        "batch_size": batch_size,
+        "batch_size": gpu_batch_for(batch_size, spec.resolution, pipe.unet.device.type),  # what generate() ran
         "batched_fps": n_frames / med["batched"],
         "per_frame_fps": n_frames / med["per_frame"],
         "ratio": med["per_frame"] / med["batched"],

@@ -156,6 +156,11 @@ def _prompts_encoded_first(pipe, batch_prompts: list[list[str]], negative_prompt
                     encoded[tuple(prompts)] = dict(zip(PROMPT_EMBEDDING_ARGUMENTS, out))
         for encoder in encoders:
             encoder.to("cpu")
+        if encoders and pipe._execution_device != torch.device(device):
+            # diffusers before 0.40 takes a pipeline's device from its first module by name, a text encoder: the
+            # UNet's inputs would be made on the CPU. There the encoders stay on the GPU, as before.
+            for encoder in encoders:
+                encoder.to(device)
         yield [encoded[tuple(prompts)] for prompts in batch_prompts]
     finally:
         for encoder, home in zip(encoders, homes):

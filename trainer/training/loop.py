@@ -181,11 +181,7 @@ class Trainer:
         )
         self.gradient_checkpointing = checkpointing
         self.settings["gradient_checkpointing"] = f"{'on' if checkpointing else 'off'} ({checkpointing_why})"
-        if self.acc.device.type == "cuda" and self.acc.is_main_process:
-            free_gib = free_cuda_bytes(self.acc.device) / GIB
-            run = self._memory_run(precision)
-            for note in phase_warnings(free_gib, run, checkpointing, cfg.sample_every > 0):
-                events.log(f"GPU memory: {note}", "warning")
+        self._warn_phases_that_may_not_fit(precision, checkpointing)
         prediction = self.comps.scheduler_config.get("prediction_type", "epsilon")
         self.settings["prediction_type"] = f"{prediction} ({'set' if cfg.prediction_type != 'auto' else 'auto'})"
         self.half_frozen_convs, half_why = resolve_half_frozen_convs(
@@ -223,6 +219,18 @@ class Trainer:
         # UNet and CLIP have no dropout, so the numbers are the same as in eval mode.
         for module in self.method.trainable_modules(self.comps).values():
             module.train()
+
+    def _warn_phases_that_may_not_fit(self, precision: str, checkpointing: bool) -> None:
+        """On a GPU, say before anything runs which phase is predicted not to fit its free memory (memory.py)."""
+        if self.acc.device.type != "cuda" or not self.acc.is_main_process:
+            return
+        cfg = self.cfg
+        # a class folder given (the node's or the CLI's, or each concept's) is used as it is: nothing to make
+        given = [self.class_dir] if not cfg.concepts else [c.class_dir for c in cfg.concept_list()]
+        free_gib = free_cuda_bytes(self.acc.device) / GIB
+        run = self._memory_run(precision)
+        for note in phase_warnings(free_gib, run, checkpointing, cfg.sample_every > 0, not all(given)):
+            self.events.log(f"GPU memory: {note}", "warning")
 
     def _class_sets(self) -> ClassSets:
         """Each concept's class images: its class_dir as given, or generated and cached for its class prompt. The

@@ -232,31 +232,40 @@ def checkpointing_for(free_gib: float, run: dict | None) -> tuple[bool, str]:
     )
 
 
-def phase_warnings(free_gib: float, run: dict | None, checkpointing: bool, sample_grids: bool) -> list[str]:
+def phase_warnings(
+    free_gib: float, run: dict | None, checkpointing: bool, sample_grids: bool, class_images: bool
+) -> list[str]:
     """Warnings, before anything runs, for the phases of a run on a CUDA GPU with `free_gib` free that its
     predicted peak (without the error margin, plus the CUDA context) does not fit, each with what avoids it. The
-    training steps fit or not as `auto` checkpointing decided; the sample grids and the class images can still run
-    out of memory after the steps would fit (SDXL at 1024 px on an 8 GB card). None for an unmodelled model."""
+    training steps fit or not as `auto` checkpointing decided; the sample grids and the class images (`class_images`:
+    the run may have to make them) can still run out of memory where the steps fit (SDXL at 1024 px on an 8 GB
+    card). None for an unmodelled model."""
     if run is None or run.get("family") not in FAMILY_SIZES:
         return []
     pred = predict_memory(**{**run, "checkpointing": checkpointing})
-    fits = f"{free_gib:.1f} GiB free (predicted, +-{ERROR:.0%}, with about {CONTEXT_GIB} GiB for the CUDA context)"
+
+    def need(phase: str, gib: float) -> str:
+        return (
+            f"{phase} about {gib + CONTEXT_GIB:.1f} GiB (predicted, +-{ERROR:.0%}, the CUDA context included) and the "
+            f"GPU has {free_gib:.1f} GiB free"
+        )
+
     notes = []
     if pred.training + CONTEXT_GIB > free_gib:
         notes.append(
-            f"the training steps need about {pred.training + CONTEXT_GIB:.1f} GiB and the GPU has {fits}: "
-            + ("lower the resolution or the batch size" if checkpointing else "turn gradient_checkpointing on")
+            need("the training steps need", pred.training)
+            + (": lower the resolution or the batch size" if checkpointing else ": turn gradient_checkpointing on")
             + ", or close other programs on the GPU"
         )
     if sample_grids and pred.samples + CONTEXT_GIB > free_gib:
         notes.append(
-            f"the sample grids need about {pred.samples + CONTEXT_GIB:.1f} GiB and the GPU has {fits}: set "
-            "sample_every 0 to train without them, or close other programs on the GPU"
+            need("the sample grids need", pred.samples)
+            + ": set sample_every 0 to train without them, or close other programs on the GPU"
         )
-    if pred.class_images is not None and pred.class_images + CONTEXT_GIB > free_gib:
+    if class_images and pred.class_images is not None and pred.class_images + CONTEXT_GIB > free_gib:
         notes.append(
-            f"making class images needs about {pred.class_images + CONTEXT_GIB:.1f} GiB and the GPU has {fits}: "
-            "where they are not made yet, give a folder of class images as class_dir (photos of the class, or "
+            need("making class images needs", pred.class_images)
+            + ": where they are not made yet, give a folder of class images as class_dir (photos of the class, or "
             "pictures of the class prompt that ComfyUI's own sampler made with this model)"
         )
     return notes
