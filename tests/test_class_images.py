@@ -90,6 +90,8 @@ def test_making_class_images_in_bf16_gives_the_model_back_bit_for_bit(tiny, tmp_
     there and back rounded it for good: a full fine-tune then started from, and exported, a bf16-rounded model."""
     import torch
 
+    # buffers too: `module.to` replaces a buffer with a new tensor, where a parameter keeps its object
+    tiny.text_encoder.register_buffer("probe", torch.linspace(0, 1, 7))
     before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in tiny.modules().items()}
     generate_class_images(
         tiny, _spec(tiny, steps=1), 1, tmp_path / "c", batch_size=1, device="cpu", dtype=torch.bfloat16

@@ -176,8 +176,10 @@ def _generate_missing(comps, spec, missing, folder, batch_size, device, dtype, e
     own tensors back (a round trip through bf16 would round a fp16 or fp32 model that a full fine-tune then trains
     and exports); the others are only moved back."""
     home = {name: (next(m.parameters()).device, next(m.parameters()).dtype) for name, m in comps.modules().items()}
+    # a parameter keeps its object through `module.to` (its data is swapped); a buffer is replaced, so it is put
+    # back by name
     originals = {
-        name: [(t, t.data) for t in (*m.parameters(), *m.buffers())]
+        name: ([(p, p.data) for p in m.parameters()], dict(m.named_buffers()))
         for name, m in comps.modules().items()
         if dtype is not None and any(p.dtype != dtype for p in m.parameters())
     }
@@ -215,8 +217,12 @@ def _generate_missing(comps, spec, missing, folder, batch_size, device, dtype, e
         del pipe
         for name, module in comps.modules().items():
             if name in originals:
-                for tensor, data in originals.pop(name):
-                    tensor.data = data
+                parameters, buffers = originals.pop(name)
+                for parameter, data in parameters:
+                    parameter.data = data
+                for key, buffer in buffers.items():
+                    owner, _, leaf = key.rpartition(".")
+                    module.get_submodule(owner)._buffers[leaf] = buffer
             else:
                 module.to(*home[name])
         if torch.device(device).type == "cuda":
