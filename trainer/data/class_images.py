@@ -186,6 +186,10 @@ def _generate_missing(comps, spec, missing, folder, batch_size, device, dtype, e
     pipe = make_pipeline(comps, spec.sampler)
     pipe.to(device, dtype) if dtype is not None else pipe.to(device)
 
+    def stop_if_asked() -> None:
+        if should_stop and should_stop():
+            raise InterruptedError(f"stopped after {done} of {count} class images")
+
     def write(start: int, images: list) -> None:
         nonlocal done
         idx = missing[start : start + len(images)]
@@ -195,12 +199,11 @@ def _generate_missing(comps, spec, missing, folder, batch_size, device, dtype, e
         if events:  # `latest`: the node shows the newest image while the set is made
             latest = str(folder / f"class_{idx[-1]:05d}.png")
             events.emit("progress", phase="class images", step=done, total=count, latest=latest)
-        if done < count and should_stop and should_stop():
-            raise InterruptedError(f"stopped after {done} of {count} class images")
+        if done < count:
+            stop_if_asked()
 
     try:
-        if should_stop and should_stop():
-            raise InterruptedError(f"stopped after {done} of {count} class images")
+        stop_if_asked()
         # one call for the whole set: the prompt is encoded once, and the text encoders leave the GPU once
         generate(
             pipe,
